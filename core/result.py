@@ -1,0 +1,63 @@
+"""What `invert` returns: the best latent, per-sample statistics and the per-iteration trace."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class SampleStats:
+    """One image's outcome. PSNR is of D(z) against the target image x, in dB; the residual is
+    ||E(D(z)) - E(x)|| / ||E(x)|| in dB (NaN where it was not computed)."""
+
+    psnr_initial: float  # D(E(x)): what the plain encoder gives
+    psnr_final: float  # the last iterate evaluated
+    psnr_best: float  # the returned latent
+    residual_db_initial: float
+    residual_db_final: float
+    residual_db_best: float
+    best_iteration: int
+    iterations: int  # updates applied before this sample stopped
+    stop_reason: str  # max_steps | tolerance | patience | diverged
+
+    @property
+    def gain_db(self) -> float:
+        return self.psnr_best - self.psnr_initial
+
+
+@dataclass
+class InversionResult:
+    latent: torch.Tensor  # (B, C, h, w) fp32, the best iterate per sample
+    samples: list[SampleStats]
+    trace_psnr: torch.Tensor  # (iterations + 1, B) on the CPU, NaN after a sample stopped
+    trace_residual_db: torch.Tensor  # same shape
+    seconds: float  # wall time of the whole batch
+    method: str
+    dtype: str
+    options: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line per image, for people."""
+        lines = []
+        for i, s in enumerate(self.samples):
+            res = "" if math.isnan(s.residual_db_best) else (
+                f", residual {s.residual_db_initial:.1f} -> {s.residual_db_best:.1f} dB")
+            lines.append(
+                f"image {i + 1}: PSNR {s.psnr_initial:.2f} -> {s.psnr_best:.2f} dB "
+                f"({s.gain_db:+.2f} dB){res}; best at iteration {s.best_iteration}/{s.iterations}, "
+                f"stop: {s.stop_reason}")
+        lines.append(f"{self.method}, {self.dtype}, {self.seconds:.2f} s for {len(self.samples)} image(s)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: stats, options and the trace as lists (NaN becomes None)."""
+        def clean(t):
+            return [[None if math.isnan(v) else round(v, 4) for v in row] for row in t.T.tolist()]
+        return {
+            "method": self.method, "dtype": self.dtype, "seconds": self.seconds,
+            "options": self.options,
+            "samples": [dict(asdict(s), gain_db=s.gain_db) for s in self.samples],
+            "trace": {"psnr": clean(self.trace_psnr), "residual_db": clean(self.trace_residual_db)},
+        }

@@ -1,0 +1,224 @@
+"""`invert`: find z with D(z) = x for a given image x, by one of several methods.
+
+Gradient-free methods (Hong et al., NeurIPS 2024) drive the latent residual
+g(z) = E(D(z)) - E(x) to zero without backpropagation: one decoder and one encoder forward per
+iteration, no activations kept. The gradient baseline minimises ||D(z) - x||^2 by autograd.
+Every iteration decodes z anyway, so the pixel error is free: the solver returns the best
+iterate by it, never worse than the plain encoder's z0 = E(x).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional
+
+import torch
+
+from .codec import Codec
+from .metrics import per_sample_mse, per_sample_norm, psnr_from_mse, ratio_db
+from .result import InversionResult, SampleStats
+from .steppers import Adam, Forward, InertialKM
+
+Tensor = torch.Tensor
+
+METHODS = ("adam", "forward", "km", "gradient")
+DEFAULT_LR = {"adam": 0.01, "gradient": 0.01, "forward": 0.5, "km": 0.5}
+
+
+@dataclass(frozen=True)
+class InversionOptions:
+    """Settings of one run. `lr` is relative: Adam-type methods (adam, gradient) step by about
+    lr x RMS(E(x)) per element; forward/km use it as the step rho on the residual. None picks
+    the method's default (DEFAULT_LR)."""
+
+    method: str = "adam"
+    steps: int = 100
+    lr: Optional[float] = None
+    tolerance: float = 0.0  # stop a sample once its relative residual falls to this (0: off)
+    patience: int = 0  # stop a sample after this many iterations without a new best (0: off)
+    momentum: float = 0.3  # km: inertia alpha
+    schedule: bool = True  # adam/gradient: the paper's warm-up + cosine schedule
+    divergence: float = 100.0  # stop a sample whose residual exceeds this x its initial one
+    track_residual: bool = True  # gradient: also encode each iterate to report the residual
+
+    def validate(self) -> "InversionOptions":
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0 (try {DEFAULT_LR[self.method]}); got {self.lr!r}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0 (0 turns it off); got {self.tolerance!r}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0 turns it off); got {self.patience!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1); got {self.momentum!r}")
+        if not self.divergence > 1:
+            raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
+        return self
+
+    @property
+    def step_size(self) -> float:
+        return DEFAULT_LR[self.method] if self.lr is None else float(self.lr)
+
+
+def _check_image(image: Tensor) -> None:
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be (B, 3, H, W); got shape {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("image batch is empty")
+    if not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or Inf pixels")
+
+
+def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
+           callback: Callable[[int, int, dict], None] | None = None, **overrides) -> InversionResult:
+    """Invert the decoder at `image` (B, 3, H, W) in [0, 1]; returns the best latent per sample.
+
+    `callback(k, steps, info)` runs after each evaluation (k = 0 is the plain encoder) with
+    info = {"psnr": [...], "residual_db": [...], "active": [...]}; raising from it aborts the run
+    (that is how a host cancels). Runs under torch.inference_mode except for the gradient method.
+
+    Example (a linear "autoencoder" whose encoder is not the decoder's inverse):
+        >>> import torch
+        >>> from core import Codec, invert
+        >>> w = torch.tensor([[1.0, 0.2, 0.1], [0.3, 0.9, 0.2], [0.1, 0.3, 1.1]])
+        >>> dec = lambda z: torch.einsum("ij,bjhw->bihw", w, z)
+        >>> enc = lambda x: torch.einsum("ij,bjhw->bihw", 0.9 * torch.eye(3), x)
+        >>> x = dec(torch.rand(1, 3, 4, 4) * 0.5)
+        >>> r = invert(Codec(enc, dec), x, method="forward", lr=0.8, steps=60)
+        >>> r.samples[0].psnr_best > r.samples[0].psnr_initial + 20
+        True
+    """
+    opts = replace(options or InversionOptions(), **overrides).validate()
+    _check_image(image)
+    if opts.method == "gradient":
+        return _run(codec, image, opts, callback)
+    with torch.inference_mode():
+        return _run(codec, image, opts, callback)
+
+
+def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
+                 opts: InversionOptions) -> str | None:
+    """Why one sample stops after this evaluation, or None."""
+    tracked = opts.method != "gradient" or opts.track_residual
+    if not math.isfinite(err) or (tracked and not math.isfinite(res_db)):
+        return "diverged"
+    if tracked and res_db > res0_db + 20 * math.log10(opts.divergence):
+        return "diverged"
+    if tracked and opts.tolerance > 0 and res_db <= 20 * math.log10(opts.tolerance):
+        return "tolerance"
+    if opts.patience > 0 and since_best >= opts.patience:
+        return "patience"
+    return None
+
+
+def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> InversionResult:
+    start = time.perf_counter()
+    device, dtype = codec.device, codec.dtype
+    x = image.to(device=device, dtype=torch.float32)
+    x_in = x.to(dtype)
+    with torch.inference_mode(opts.method != "gradient"):
+        e0 = codec.encode(x_in).float()
+    batch = e0.shape[0]
+    view = (batch,) + (1,) * (e0.ndim - 1)
+    e0_norm = per_sample_norm(e0).clamp_min(1e-12)
+    scale = (e0_norm / e0[0].numel() ** 0.5).clamp_min(1e-6).view(view)
+    eps = 1e-8 if dtype == torch.float32 else 1e-4
+
+    if opts.method == "gradient":
+        # Autograd needs ordinary tensors even when the host runs us under inference_mode.
+        with torch.inference_mode(False):
+            z = e0.clone()
+            x = x.clone()
+            scale = scale.clone()
+        decode_grad = codec.differentiable_decode()
+        stepper = Adam(z, scale, opts.step_size, opts.steps, eps, schedule=opts.schedule)
+    else:
+        z = e0.clone()
+        if opts.method == "adam":
+            stepper = Adam(z, scale, opts.step_size, opts.steps, eps, schedule=opts.schedule)
+        elif opts.method == "forward":
+            stepper = Forward(opts.step_size)
+        else:
+            stepper = InertialKM(z, opts.step_size, opts.momentum)
+
+    best_z = z.clone()
+    best_err = torch.full((batch,), float("inf"), device=device)
+    active = torch.ones(view, device=device)
+    act = [True] * batch
+    since_best = [0] * batch
+    stats: list[dict] = [dict(iterations=opts.steps, stop_reason="max_steps", best_iteration=0)
+                         for _ in range(batch)]
+    rows_err, rows_res = [], []
+
+    for k in range(opts.steps + 1):
+        if opts.method == "gradient":
+            with torch.inference_mode(False), torch.enable_grad():
+                zg = z.detach().requires_grad_(True)
+                xk = decode_grad(zg)
+                err = per_sample_mse(xk, x)
+                if k < opts.steps:
+                    (grad,) = torch.autograd.grad(err.sum(), zg)
+            err = err.detach()
+            xk = xk.detach()
+            if opts.track_residual or k == 0:
+                with torch.no_grad():
+                    res = ratio_db(per_sample_norm(codec.encode(xk.to(dtype)).float() - e0), e0_norm)
+            else:
+                res = torch.full_like(err, float("nan"))
+        else:
+            xk = codec.decode(z.to(dtype))
+            err = per_sample_mse(xk, x)
+            grad = codec.encode(xk).float().sub_(e0)
+            res = ratio_db(per_sample_norm(grad), e0_norm)
+        del xk
+
+        improved = err < best_err
+        best_err = torch.where(improved, err, best_err)
+        best_z.copy_(torch.where(improved.view(view), z, best_z))
+        host = torch.stack([err, res, improved.float()]).cpu()  # the one sync per iteration
+        rows_err.append(host[0].clone())
+        rows_res.append(host[1].clone())
+        for b in range(batch):
+            if not act[b]:
+                rows_err[-1][b] = rows_res[-1][b] = float("nan")
+                continue
+            improved_b = bool(host[2, b])
+            since_best[b] = 0 if improved_b else since_best[b] + 1
+            if improved_b:
+                stats[b]["best_iteration"] = k
+            reason = _stop_reason(host[0, b].item(), host[1, b].item(), rows_res[0][b].item(),
+                                  since_best[b], opts)
+            if reason is not None:
+                act[b] = False
+                active[b] = 0.0
+                stats[b].update(iterations=k, stop_reason=reason)
+        if callback is not None:
+            callback(k, opts.steps, {
+                "psnr": [float(psnr_from_mse(v)) for v in rows_err[-1].tolist()],
+                "residual_db": rows_res[-1].tolist(), "active": list(act)})
+        if k == opts.steps or not any(act):
+            break
+        stepper.step(z, grad, active)
+
+    trace_err = torch.stack(rows_err)
+    trace_psnr = psnr_from_mse(trace_err)
+    trace_res = torch.stack(rows_res)
+    samples = []
+    for b in range(batch):
+        last = stats[b]["iterations"]
+        best = stats[b]["best_iteration"]
+        samples.append(SampleStats(
+            psnr_initial=trace_psnr[0, b].item(), psnr_final=trace_psnr[last, b].item(),
+            psnr_best=trace_psnr[best, b].item(),
+            residual_db_initial=trace_res[0, b].item(), residual_db_final=trace_res[last, b].item(),
+            residual_db_best=trace_res[best, b].item(),
+            best_iteration=best, iterations=last, stop_reason=stats[b]["stop_reason"]))
+    return InversionResult(
+        latent=best_z.detach().clone() if opts.method == "gradient" else best_z,
+        samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
+        seconds=time.perf_counter() - start, method=opts.method,
+        dtype=str(dtype).replace("torch.", ""), options=asdict(opts))
