@@ -104,7 +104,7 @@ def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
                  opts: InversionOptions) -> str | None:
     """Why one sample stops after this evaluation, or None."""
     tracked = opts.method != "gradient" or opts.track_residual
-    if not math.isfinite(err) or (tracked and not math.isfinite(res_db)):
+    if not math.isfinite(err) or (tracked and (math.isnan(res_db) or res_db == math.inf)):
         return "diverged"
     if tracked and res_db > res0_db + 20 * math.log10(opts.divergence):
         return "diverged"
