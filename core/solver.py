@@ -106,7 +106,8 @@ def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
     tracked = opts.method != "gradient" or opts.track_residual
     if not math.isfinite(err) or (tracked and (math.isnan(res_db) or res_db == math.inf)):
         return "diverged"
-    if tracked and res_db > res0_db + 20 * math.log10(opts.divergence):
+    # A floor on the reference: an exact initial fixed point has a residual of -inf dB.
+    if tracked and res_db > max(res0_db, -120.0) + 20 * math.log10(opts.divergence):
         return "diverged"
     if tracked and opts.tolerance > 0 and res_db <= 20 * math.log10(opts.tolerance):
         return "tolerance"
@@ -202,6 +203,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
                 "residual_db": rows_res[-1].tolist(), "active": list(act)})
         if k == opts.steps or not any(act):
             break
+        if not all(act):  # a stopped sample may hold NaN: keep it out of its frozen state
+            grad = torch.where(active.bool(), grad, 0.0)
         stepper.step(z, grad, active)
 
     trace_err = torch.stack(rows_err)

@@ -1,0 +1,267 @@
+"""Unit tests of core/ with plain torch: no ComfyUI anywhere."""
+from __future__ import annotations
+
+import doctest
+import json
+import math
+
+import pytest
+import torch
+
+import core
+from core import Codec, InversionOptions, invert
+from core import codec as codec_mod, metrics, schedule, solver
+from core.schedule import paper_lr
+
+
+def linear_codec(dtype=torch.float32, enc_gain=0.9, mix=None):
+    """D(z) = M z per pixel after 2x nearest upsampling, E = enc_gain * 2x average pooling.
+    E(D(z)) - E(x) = enc_gain (M z - pool(x)): cocoercive when M is symmetric positive definite,
+    so the forward step converges for small rho; D(z) = x is solvable for x in D's range."""
+    m = mix if mix is not None else torch.tensor([[1.0, 0.2, 0.1], [0.2, 0.9, 0.2], [0.1, 0.2, 1.1]])
+    m = m.to(dtype)
+    up = torch.nn.Upsample(scale_factor=2)
+    pool = torch.nn.AvgPool2d(2)
+
+    def dec(z):
+        return up(torch.einsum("ij,bjhw->bihw", m, z.to(dtype)))
+
+    def enc(x):
+        return enc_gain * pool(x.to(dtype))
+
+    return Codec(encode=enc, decode=dec, dtype=dtype, grad_decode=lambda: dec), dec
+
+
+def target(batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    _, dec = linear_codec()
+    z = 0.2 + 0.5 * torch.rand(batch, 3, 4, 4, generator=g)
+    return dec(z).clamp(0, 1), z
+
+
+def test_docstring_examples_run():
+    for mod in (core, codec_mod, metrics, schedule, solver):
+        failed, attempted = doctest.testmod(mod)
+        assert failed == 0 and attempted > 0, mod.__name__
+
+
+def test_paper_schedule_warmup_cosine_and_freeze():
+    lrs = [paper_lr(k, 100, 1.0) for k in range(150)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[10:80], lrs[11:80]))  # cosine decay
+    assert lrs[79] == lrs[80] == lrs[149] > 0  # frozen after 80 % of the 100-step horizon
+    short = [paper_lr(k, 30, 1.0) for k in range(30)]
+    assert short[2] == pytest.approx(1.0) and short[23] == short[29]  # horizon = min(steps, 100)
+
+
+@pytest.mark.parametrize("method", ["forward", "km", "adam", "gradient"])
+def test_every_method_improves_a_solvable_problem(method):
+    codec, _ = linear_codec()
+    x, _ = target()
+    r = invert(codec, x, method=method, steps=60)
+    s = r.samples[0]
+    assert s.psnr_best > s.psnr_initial + 10, s
+    assert r.latent.dtype == torch.float32 and r.latent.shape == (1, 3, 4, 4)
+
+
+def test_forward_step_converges_to_the_exact_latent():
+    codec, _ = linear_codec()
+    x, z_true = target()
+    r = invert(codec, x, method="forward", lr=0.8, steps=200)
+    assert torch.allclose(r.latent, z_true, atol=1e-4)
+    assert r.samples[0].residual_db_best < -80
+
+
+def test_best_iterate_is_never_worse_than_the_encoder():
+    # An encoder that points the wrong way: every step makes D(z) worse.
+    codec, _ = linear_codec(enc_gain=-0.9)
+    x, _ = target()
+    z0 = codec.encode(x)
+    r = invert(codec, x, method="forward", steps=20)
+    assert torch.equal(r.latent, z0.float())
+    s = r.samples[0]
+    assert s.best_iteration == 0 and s.psnr_best == s.psnr_initial
+    assert s.psnr_final < s.psnr_initial
+
+
+def test_divergence_guard_stops_and_keeps_the_best():
+    codec, _ = linear_codec(enc_gain=-0.9)
+    x, _ = target()
+    r = invert(codec, x, method="forward", lr=5.0, steps=200, divergence=10.0)
+    s = r.samples[0]
+    assert s.stop_reason == "diverged" and s.iterations < 200
+    assert s.psnr_best == s.psnr_initial
+
+
+def test_nan_decode_is_treated_as_divergence():
+    codec, dec = linear_codec()
+    calls = {"n": 0}
+
+    def flaky(z):
+        calls["n"] += 1
+        out = dec(z)
+        return out * float("nan") if calls["n"] > 3 else out
+
+    x, _ = target()
+    r = invert(Codec(codec.encode, flaky), x, method="adam", steps=50)
+    s = r.samples[0]
+    assert s.stop_reason == "diverged" and s.iterations == 3
+    assert torch.isfinite(r.latent).all()
+
+
+def test_tolerance_and_patience_stop_early():
+    codec, _ = linear_codec()
+    x, _ = target()
+    r = invert(codec, x, method="forward", lr=0.8, steps=500, tolerance=1e-3)
+    s = r.samples[0]
+    assert s.stop_reason == "tolerance" and s.iterations < 500
+    assert s.residual_db_final <= -60
+    bad, _ = linear_codec(enc_gain=-0.9)
+    r = invert(bad, x, method="forward", steps=100, patience=5)
+    assert r.samples[0].stop_reason == "patience" and r.samples[0].iterations == 5
+
+
+def test_batch_gives_the_same_per_sample_result_as_single_runs():
+    codec, _ = linear_codec()
+    x, _ = target(batch=3)
+    opts = InversionOptions(method="adam", steps=40, tolerance=0.05)
+    batch = invert(codec, x, opts)
+    for i in range(3):
+        single = invert(codec, x[i:i + 1], opts)
+        assert torch.allclose(batch.latent[i], single.latent[0], atol=1e-6)
+        assert batch.samples[i] == single.samples[0]
+
+
+def test_a_stopped_sample_is_frozen_while_others_continue():
+    codec, dec = linear_codec()
+    calls = {"n": 0}
+
+    def second_sample_breaks(z):  # sample 1 decodes to NaN from the 4th call on
+        calls["n"] += 1
+        out = dec(z)
+        if calls["n"] > 3:
+            out[1] = float("nan")
+        return out
+
+    x, _ = target(batch=2)
+    r = invert(Codec(codec.encode, second_sample_breaks), x, method="forward", lr=0.8, steps=40)
+    a, b = r.samples
+    assert (a.stop_reason, a.iterations) == ("max_steps", 40)
+    assert (b.stop_reason, b.iterations) == ("diverged", 3)
+    assert r.trace_psnr.shape == (41, 2)
+    assert torch.isnan(r.trace_psnr[4:, 1]).all() and torch.isfinite(r.trace_psnr[:, 0]).all()
+    assert torch.isfinite(r.latent).all() and a.psnr_best > a.psnr_initial + 10
+
+
+def test_deterministic():
+    codec, _ = linear_codec()
+    x, _ = target(batch=2)
+    a, b = invert(codec, x, steps=30), invert(codec, x, steps=30)
+    assert torch.equal(a.latent, b.latent)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_codec_keeps_fp32_state(dtype):
+    codec, _ = linear_codec(dtype=dtype)
+    x, _ = target()
+    r = invert(codec, x, method="adam", steps=60)
+    ref = invert(linear_codec()[0], x, method="adam", steps=60)
+    assert r.latent.dtype == torch.float32 and r.dtype == str(dtype).replace("torch.", "")
+    assert r.samples[0].psnr_best > r.samples[0].psnr_initial + 10
+    # 16-bit passes cap the reachable accuracy, not the progress
+    assert r.samples[0].psnr_best > min(ref.samples[0].psnr_best, 45) - 5
+
+
+def test_gradient_method_works_inside_inference_mode_with_inference_weights():
+    with torch.inference_mode():
+        conv = torch.nn.Conv2d(3, 3, 1)  # parameters created here are inference tensors
+        conv.weight.copy_(torch.tensor([[1.0, 0.2, 0.1], [0.2, 0.9, 0.2], [0.1, 0.2, 1.1]]).view(3, 3, 1, 1))
+        conv.bias.zero_()  # E = pooling is not D's inverse, so E(x) is not the best latent
+        up = torch.nn.Upsample(scale_factor=2)
+        dec = lambda z: up(conv(z))
+
+        def grad_decode():
+            import copy
+            with torch.inference_mode(False):
+                c = copy.deepcopy(conv)
+            return lambda z: up(c(z))
+
+        codec = Codec(encode=torch.nn.AvgPool2d(2), decode=dec, grad_decode=grad_decode)
+        x = up(torch.rand(1, 3, 4, 4)) * 0.5
+        x[..., ::2, ::2] += 0.1  # not in D's range, so the encoder is not exact
+        r = invert(codec, x, method="gradient", steps=30)
+    assert r.samples[0].psnr_best >= r.samples[0].psnr_initial
+    assert r.samples[0].best_iteration > 0
+
+
+def test_gradient_method_needs_a_differentiable_decoder():
+    codec, dec = linear_codec()
+    x, _ = target()
+    with pytest.raises(ValueError, match="differentiable decoder"):
+        invert(Codec(codec.encode, dec), x, method="gradient", steps=2)
+
+
+def test_gradient_without_residual_tracking_reports_nan_residual():
+    codec, _ = linear_codec()
+    x, _ = target()
+    r = invert(codec, x, method="gradient", steps=5, track_residual=False)
+    assert math.isnan(r.samples[0].residual_db_final)
+    assert math.isfinite(r.samples[0].residual_db_initial)
+
+
+def test_callback_sees_every_iteration_and_can_cancel():
+    codec, _ = linear_codec()
+    x, _ = target()
+    seen = []
+
+    def cb(k, total, info):
+        seen.append((k, total, len(info["psnr"])))
+        if k == 4:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        invert(codec, x, steps=10, callback=cb)
+    assert seen == [(k, 10, 1) for k in range(5)]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
+    (dict(tolerance=-0.1), "tolerance"), (dict(method="newton"), "method"),
+    (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"),
+])
+def test_bad_options_are_rejected_with_the_name(kwargs, match):
+    codec, _ = linear_codec()
+    x, _ = target()
+    with pytest.raises(ValueError, match=match):
+        invert(codec, x, **kwargs)
+
+
+@pytest.mark.parametrize("image, match", [
+    (torch.rand(0, 3, 4, 4), "empty"), (torch.rand(1, 1, 4, 4), r"\(B, 3, H, W\)"),
+    (torch.full((1, 3, 4, 4), float("nan")), "NaN"),
+])
+def test_bad_images_are_rejected(image, match):
+    codec, _ = linear_codec()
+    with pytest.raises(ValueError, match=match):
+        invert(codec, image)
+
+
+def test_result_serialises_to_json_and_summarises():
+    codec, _ = linear_codec()
+    x, _ = target(batch=2)
+    r = invert(codec, x, steps=5)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert len(d["samples"]) == 2 and len(d["trace"]["psnr"]) == 2 and len(d["trace"]["psnr"][0]) == 6
+    assert "image 2: PSNR" in r.summary() and "adam" in r.summary()
+
+
+def test_metrics():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[1] += 0.1
+    mse = metrics.per_sample_mse(a, b)
+    assert mse.tolist() == pytest.approx([0.0, 0.01])
+    assert metrics.psnr_from_mse(mse)[1].item() == pytest.approx(20.0)
+    assert math.isinf(metrics.psnr_from_mse(mse)[0].item())
+    z = torch.ones(1, 4, 2, 2)
+    assert metrics.nmse_db(z * 1.1, z).item() == pytest.approx(-20.0, abs=1e-4)
