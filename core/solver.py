@@ -121,7 +121,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
     device, dtype = codec.device, codec.dtype
     x = image.to(device=device, dtype=torch.float32)
     x_in = x.to(dtype)
-    with torch.inference_mode(opts.method != "gradient"):
+    with torch.inference_mode():  # the encoder never needs autograd, not even for "gradient"
         e0 = codec.encode(x_in).float()
     batch = e0.shape[0]
     view = (batch,) + (1,) * (e0.ndim - 1)
@@ -166,7 +166,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
             err = err.detach()
             xk = xk.detach()
             if opts.track_residual or k == 0:
-                with torch.no_grad():
+                with torch.inference_mode():
                     res = ratio_db(per_sample_norm(codec.encode(xk.to(dtype)).float() - e0), e0_norm)
             else:
                 res = torch.full_like(err, float("nan"))

@@ -14,21 +14,21 @@ from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported
 def image_to_pixels(image: torch.Tensor, vae) -> torch.Tensor:
     """IMAGE (B, H, W, C) -> (B, 3, H, W), cropped like stock VAEEncode, or a clear error."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4:
-        raise ValueError(f"image: expected an IMAGE batch (B, H, W, C); got {getattr(image, 'shape', type(image))}")
+        raise ValueError(f"pixels: expected an IMAGE batch (B, H, W, C); got {getattr(image, 'shape', type(image))}")
     if image.shape[0] == 0:
-        raise ValueError("image: the batch is empty; connect a node that outputs at least one image.")
+        raise ValueError("pixels: the batch is empty; connect a node that outputs at least one image.")
     channels = image.shape[-1]
     if channels == 4:
         image = image[..., :3]  # drop alpha, as stock VAE Encode does
     elif channels != 3:
-        raise ValueError(f"image: has {channels} channel(s); VAE Exact Encode needs RGB. Convert it first "
+        raise ValueError(f"pixels: has {channels} channel(s); VAE Exact Encode needs RGB. Convert it first "
                          "(for a mask or grey image, 'Convert Mask to Image' gives RGB).")
     cell = latent_cell(vae)
     if image.shape[1] < cell or image.shape[2] < cell:
-        raise ValueError(f"image: {image.shape[2]}x{image.shape[1]} px is smaller than one latent cell of this "
+        raise ValueError(f"pixels: {image.shape[2]}x{image.shape[1]} px is smaller than one latent cell of this "
                          f"VAE ({cell}x{cell} px); upscale or pad it to at least {cell} px per side.")
     if not torch.isfinite(image).all():
-        raise ValueError("image: contains NaN or Inf pixels; fix the node that produced it.")
+        raise ValueError("pixels: contains NaN or Inf pixels; fix the node that produced it.")
     return vae.vae_encode_crop_pixels(image).movedim(-1, 1)
 
 

@@ -37,11 +37,13 @@ def stock(host):
     class Stock:
         @staticmethod
         def encode(vae, image):
-            return n.VAEEncode().encode(vae, image)[0]
+            with torch.inference_mode():
+                return n.VAEEncode().encode(vae, image)[0]
 
         @staticmethod
         def decode(vae, latent):
-            return n.VAEDecode().decode(vae, latent)[0]
+            with torch.inference_mode():
+                return n.VAEDecode().decode(vae, latent)[0]
 
     return Stock
 

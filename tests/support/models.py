@@ -32,9 +32,17 @@ def _random_kl_state_dict(z_channels: int, seed: int) -> dict:
     ddconfig = {"double_z": True, "z_channels": z_channels, "resolution": 256, "in_channels": 3,
                 "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
                 "attn_resolutions": [], "dropout": 0.0}
-    torch.manual_seed(seed)
     model = AutoencoderKL(ddconfig=ddconfig, embed_dim=z_channels)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    # ComfyUI's layers skip weight init (they expect a checkpoint): fill every tensor ourselves,
+    # fan-in scaled so activations stay finite through the full-depth network.
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if v.ndim > 1:
+            sd[k] = torch.randn(v.shape, generator=g) / (v[0].numel() ** 0.5)
+        else:
+            is_norm_scale = "norm" in k and k.endswith("weight")
+            sd[k] = torch.ones(v.shape) if is_norm_scale else torch.zeros(v.shape)
     if z_channels == 16:  # SD3 / FLUX.1 VAEs have no quant convs
         sd = {k: v for k, v in sd.items() if "quant_conv" not in k}
     return sd
