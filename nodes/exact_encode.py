@@ -5,7 +5,7 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..core import METHODS, InversionOptions, invert
 from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported
@@ -97,4 +97,6 @@ class VAEExactEncode(io.ComfyNode):
 
         result = invert(codec, image, options, callback=on_iteration)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)
-        return io.NodeOutput({"samples": samples}, result.summary())
+        summary = result.summary()
+        # ui.text reaches the browser in the "executed" message: web/ shows it on the node.
+        return io.NodeOutput({"samples": samples}, summary, ui=ui.PreviewText(summary))
