@@ -265,3 +265,18 @@ def test_metrics():
     assert math.isinf(metrics.psnr_from_mse(mse)[0].item())
     z = torch.ones(1, 4, 2, 2)
     assert metrics.nmse_db(z * 1.1, z).item() == pytest.approx(-20.0, abs=1e-4)
+
+
+def test_core_imports_without_comfyui():
+    """core/ is pure PyTorch: importing it in a fresh interpreter loads no comfy module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "import sys, core; print(sorted(m for m in sys.modules if m.split('.')[0].startswith('comfy')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    for path in (repo / "core").glob("*.py"):
+        text = path.read_text()
+        assert "import comfy" not in text and "from comfy" not in text, path

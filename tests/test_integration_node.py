@@ -111,10 +111,11 @@ def random_vaes(host):
     from tests.support import models
 
     with torch.inference_mode():
-        return {"sd_4ch": models.random_sd_vae(0), "flux_16ch": models.random_flux_vae(1)}
+        return {"sd_4ch": models.random_sd_vae(0), "flux_16ch": models.random_flux_vae(1),
+                "taesd_4ch": models.random_taesd_vae(2)}
 
 
-@pytest.mark.parametrize("name, channels", [("sd_4ch", 4), ("flux_16ch", 16)])
+@pytest.mark.parametrize("name, channels", [("sd_4ch", 4), ("flux_16ch", 16), ("taesd_4ch", 4)])
 def test_full_size_random_architectures_shapes_dtypes_devices(name, channels, random_vaes, photos64,
                                                               run_node, stock):
     """Seeded random weights: plumbing only (their PSNR means nothing)."""

@@ -23,6 +23,22 @@ def kl_f8_small_vae():
     return comfy.sd.VAE(sd=load_file(str(folder / "kl_f8_small.safetensors")), config=config)
 
 
+def seeded_weights(template: dict, seed: int) -> dict:
+    """Seeded random tensors shaped like `template`. ComfyUI's layers skip weight init (they
+    expect a checkpoint), so we fill every tensor: fan-in-scaled normals for weights, so
+    activations stay finite through full-depth networks; ones for norm scales; zeros elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in template.items():
+        if v.ndim > 1:
+            out[k] = torch.randn(v.shape, generator=g) / (v[0].numel() ** 0.5)
+        elif ("norm" in k and k.endswith("weight")) or k == "vae_scale":
+            out[k] = torch.ones(v.shape)
+        else:
+            out[k] = torch.zeros(v.shape)
+    return out
+
+
 def _random_kl_state_dict(z_channels: int, seed: int) -> dict:
     """A full-size KL-f8 VAE (ComfyUI's SD/SDXL/SD3/FLUX.1 layout) with seeded random weights,
     built with ComfyUI's own class and then read back as a state dict, so ComfyUI's detection
@@ -32,17 +48,7 @@ def _random_kl_state_dict(z_channels: int, seed: int) -> dict:
     ddconfig = {"double_z": True, "z_channels": z_channels, "resolution": 256, "in_channels": 3,
                 "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
                 "attn_resolutions": [], "dropout": 0.0}
-    model = AutoencoderKL(ddconfig=ddconfig, embed_dim=z_channels)
-    # ComfyUI's layers skip weight init (they expect a checkpoint): fill every tensor ourselves,
-    # fan-in scaled so activations stay finite through the full-depth network.
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in model.state_dict().items():
-        if v.ndim > 1:
-            sd[k] = torch.randn(v.shape, generator=g) / (v[0].numel() ** 0.5)
-        else:
-            is_norm_scale = "norm" in k and k.endswith("weight")
-            sd[k] = torch.ones(v.shape) if is_norm_scale else torch.zeros(v.shape)
+    sd = seeded_weights(AutoencoderKL(ddconfig=ddconfig, embed_dim=z_channels).state_dict(), seed)
     if z_channels == 16:  # SD3 / FLUX.1 VAEs have no quant convs
         sd = {k: v for k, v in sd.items() if "quant_conv" not in k}
     return sd
@@ -60,3 +66,11 @@ def random_flux_vae(seed: int = 0):
     import comfy.sd
 
     return comfy.sd.VAE(sd=_random_kl_state_dict(16, seed))
+
+
+def random_taesd_vae(seed: int = 0, latent_channels: int = 4):
+    """A TAESD-family tiny autoencoder as ComfyUI detects it from its keys (taesd_encoder/decoder)."""
+    import comfy.sd
+    from comfy.taesd.taesd import TAESD
+
+    return comfy.sd.VAE(sd=seeded_weights(TAESD(latent_channels=latent_channels).state_dict(), seed))
