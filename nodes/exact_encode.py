@@ -79,6 +79,11 @@ class VAEExactEncode(io.ComfyNode):
     def execute(cls, pixels, vae, steps, method, learning_rate=1.0, precision="auto",
                 tolerance=0.0) -> io.NodeOutput:
         check_supported(vae)
+        # V3 combos are not checked against their options by the 0.3.75 validator: do it here.
+        if method not in METHODS:
+            raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
         options = InversionOptions(method=method, steps=steps, tolerance=tolerance,

