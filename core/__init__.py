@@ -2,7 +2,7 @@
 
     >>> from core import Codec, invert, METHODS
     >>> METHODS
-    ('adam', 'forward', 'km', 'gradient')
+    ('adam', 'forward', 'km', 'anderson', 'gradient')
 """
 from .codec import Codec
 from .metrics import nmse_db, per_sample_mse, psnr_from_mse

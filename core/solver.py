@@ -18,12 +18,12 @@ import torch
 from .codec import Codec
 from .metrics import per_sample_mse, per_sample_norm, psnr_from_mse, ratio_db
 from .result import InversionResult, SampleStats
-from .steppers import Adam, Forward, InertialKM
+from .steppers import Adam, Anderson, Forward, InertialKM
 
 Tensor = torch.Tensor
 
-METHODS = ("adam", "forward", "km", "gradient")
-DEFAULT_LR = {"adam": 0.01, "gradient": 0.01, "forward": 0.5, "km": 0.5}
+METHODS = ("adam", "forward", "km", "anderson", "gradient")
+DEFAULT_LR = {"adam": 0.01, "gradient": 0.01, "forward": 0.5, "km": 0.5, "anderson": 0.5}
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class InversionOptions:
     tolerance: float = 0.0  # stop a sample once its relative residual falls to this (0: off)
     patience: int = 0  # stop a sample after this many iterations without a new best (0: off)
     momentum: float = 0.3  # km: inertia alpha
+    memory: int = 5  # anderson: how many past differences to mix (3-6 is typical)
     schedule: bool = True  # adam/gradient: the paper's warm-up + cosine schedule
     divergence: float = 100.0  # stop a sample whose residual exceeds this x its initial one
     track_residual: bool = True  # gradient: also encode each iterate to report the residual
@@ -55,6 +56,8 @@ class InversionOptions:
             raise ValueError(f"patience must be >= 0 (0 turns it off); got {self.patience!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1); got {self.momentum!r}")
+        if not 1 <= self.memory <= 20:
+            raise ValueError(f"memory must be in [1, 20]; got {self.memory!r}")
         if not self.divergence > 1:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
         return self
@@ -143,6 +146,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
             stepper = Adam(z, scale, opts.step_size, opts.steps, eps, schedule=opts.schedule)
         elif opts.method == "forward":
             stepper = Forward(opts.step_size)
+        elif opts.method == "anderson":
+            stepper = Anderson(z, opts.step_size, opts.memory)
         else:
             stepper = InertialKM(z, opts.step_size, opts.momentum)
 

@@ -74,3 +74,50 @@ class InertialKM:
         w = y - g * (active * self.rho)
         y.copy_(w).add_((w - self.w_prev) * (active * self.alpha))
         self.w_prev = w
+
+
+class Anderson:
+    """Safeguarded Anderson acceleration (type II) of the forward-step map N(z) = z - rho g(z).
+
+    With f_k = N(z_k) - z_k = -rho g_k and the last `memory` differences dF, dZ of f and z,
+    gamma = argmin ||f_k - dF gamma||^2 + reg ||gamma||^2 (Tikhonov; the Gram system is solved in
+    fp32 per sample, whatever dtype the VAE runs in), then
+    z_{k+1} = z_k + f_k - (dZ + dF) gamma.
+    Safeguard: a sample whose residual grew since its last step takes the plain forward step and
+    forgets its history (the solver still returns the best iterate).
+    """
+
+    def __init__(self, z0: Tensor, rho: float, memory: int = 5, reg: float = 1e-6):
+        self.rho, self.memory, self.reg = rho, memory, reg
+        self.zs: list[Tensor] = []  # flattened (B, N) iterates, newest last
+        self.fs: list[Tensor] = []
+        self.valid: list[Tensor] = []  # (B,) bool: entry usable for this sample
+        self.prev_norm: Tensor | None = None
+
+    def step(self, z: Tensor, g: Tensor, active: Tensor) -> None:
+        zf = z.flatten(1)
+        f = g.flatten(1) * -self.rho
+        norm = f.norm(dim=1)
+        keep = torch.ones_like(norm, dtype=torch.bool) if self.prev_norm is None else norm <= self.prev_norm
+        self.prev_norm = norm
+        for v in self.valid:  # safeguard: forget the history of samples whose residual grew
+            v &= keep
+        self.zs.append(zf.clone())
+        self.fs.append(f)
+        self.valid.append(torch.ones_like(keep))
+        if len(self.zs) > self.memory + 1:
+            self.zs.pop(0), self.fs.pop(0), self.valid.pop(0)
+        update = f.clone()
+        if len(self.zs) > 1:
+            d_f = torch.stack([b - a for a, b in zip(self.fs[:-1], self.fs[1:])], dim=2)  # (B, N, m)
+            d_z = torch.stack([b - a for a, b in zip(self.zs[:-1], self.zs[1:])], dim=2)
+            ok = torch.stack([a & b for a, b in zip(self.valid[:-1], self.valid[1:])], dim=1)  # (B, m)
+            d_f = d_f * ok[:, None, :]
+            d_z = d_z * ok[:, None, :]
+            gram = d_f.transpose(1, 2) @ d_f  # (B, m, m)
+            scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+            eye = torch.eye(gram.shape[1], device=gram.device, dtype=gram.dtype)
+            gamma = torch.linalg.solve(gram + (self.reg * scale)[:, None, None] * eye,
+                                       (d_f.transpose(1, 2) @ f[:, :, None]))  # (B, m, 1)
+            update -= ((d_z + d_f) @ gamma)[:, :, 0]
+        zf.add_(update * active.flatten(1))

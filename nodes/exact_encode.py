@@ -53,12 +53,13 @@ class VAEExactEncode(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default="adam",
                                tooltip="adam: the paper's method (Adam moments on the residual, warm-up + "
                                        "cosine schedule). forward: plain fixed-point step. km: inertial "
-                                       "Krasnoselskii-Mann (forward step with momentum). gradient: baseline "
+                                       "Krasnoselskii-Mann (forward step with momentum). anderson: safeguarded "
+                                       "Anderson acceleration of the forward step. gradient: baseline "
                                        "that backpropagates through the decoder (slower, far more memory)."),
                 io.Float.Input("learning_rate", default=1.0, min=0.0001, max=100.0, step=0.01, optional=True,
                                tooltip="(advanced) Multiplier on the method's tuned step: 1.0 = lr 0.01 x "
                                        "RMS of the latent for adam/gradient (the paper's 0.01 on SD-scaled "
-                                       "latents, for any VAE), step 0.5 for forward/km."),
+                                       "latents, for any VAE), step 0.5 for forward/km/anderson."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
                                tooltip="(advanced) Dtype of the encoder/decoder passes; optimizer state stays "
                                        "fp32. auto = the VAE's own dtype. fp16/bf16 halve memory and are "

@@ -54,7 +54,7 @@ def test_paper_schedule_warmup_cosine_and_freeze():
     assert short[2] == pytest.approx(1.0) and short[23] == short[29]  # horizon = min(steps, 100)
 
 
-@pytest.mark.parametrize("method", ["forward", "km", "adam", "gradient"])
+@pytest.mark.parametrize("method", ["forward", "km", "anderson", "adam", "gradient"])
 def test_every_method_improves_a_solvable_problem(method):
     codec, _ = linear_codec()
     x, _ = target()
@@ -70,6 +70,22 @@ def test_forward_step_converges_to_the_exact_latent():
     r = invert(codec, x, method="forward", lr=0.8, steps=200)
     assert torch.allclose(r.latent, z_true, atol=1e-4)
     assert r.samples[0].residual_db_best < -80
+
+
+def test_anderson_beats_the_plain_forward_step_on_a_linear_problem():
+    mix = torch.tensor([[1.0, 0.6, 0.3], [0.6, 1.0, 0.6], [0.3, 0.6, 1.0]])  # ill-conditioned
+    codec, _ = linear_codec(mix=mix)
+    x, _ = target()
+    plain = invert(codec, x, method="forward", steps=15)
+    fast = invert(codec, x, method="anderson", steps=15)
+    assert fast.samples[0].residual_db_best < plain.samples[0].residual_db_best - 20
+
+
+def test_anderson_safeguard_survives_a_bad_direction():
+    codec, _ = linear_codec(enc_gain=-0.9)  # residual grows under any plain step
+    x, _ = target()
+    r = invert(codec, x, method="anderson", steps=30)
+    assert r.samples[0].psnr_best == r.samples[0].psnr_initial and torch.isfinite(r.latent).all()
 
 
 def test_best_iterate_is_never_worse_than_the_encoder():
@@ -124,12 +140,14 @@ def test_tolerance_and_patience_stop_early():
 def test_batch_gives_the_same_per_sample_result_as_single_runs():
     codec, _ = linear_codec()
     x, _ = target(batch=3)
-    opts = InversionOptions(method="adam", steps=40, tolerance=0.05)
-    batch = invert(codec, x, opts)
-    for i in range(3):
-        single = invert(codec, x[i:i + 1], opts)
-        assert torch.allclose(batch.latent[i], single.latent[0], atol=1e-6)
-        assert batch.samples[i] == single.samples[0]
+    for method in ("adam", "anderson"):
+        opts = InversionOptions(method=method, steps=40, tolerance=0.05)
+        batch = invert(codec, x, opts)
+        for i in range(3):
+            single = invert(codec, x[i:i + 1], opts)
+            assert torch.allclose(batch.latent[i], single.latent[0], atol=1e-5)
+            assert batch.samples[i].stop_reason == single.samples[0].stop_reason
+            assert batch.samples[i].iterations == single.samples[0].iterations
 
 
 def test_a_stopped_sample_is_frozen_while_others_continue():
@@ -227,7 +245,7 @@ def test_callback_sees_every_iteration_and_can_cancel():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
     (dict(tolerance=-0.1), "tolerance"), (dict(method="newton"), "method"),
-    (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"),
+    (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"), (dict(memory=0), "memory"),
 ])
 def test_bad_options_are_rejected_with_the_name(kwargs, match):
     codec, _ = linear_codec()
