@@ -94,3 +94,11 @@ def test_image_smaller_than_a_latent_cell_fails_at_execution(server):
     assert "4x4" in message, message
     assert "6" not in entry["outputs"]  # nothing was saved
     assert not list(server.output_dir.glob("too_small*"))
+
+
+def test_web_extension_is_served(server):
+    scripts = server.get("/extensions")
+    ours = [s for s in scripts if s.endswith("/exact_encode.js")]
+    assert ours, scripts
+    status, body = server._request(ours[0])  # JS is not JSON: the raw text comes back
+    assert status == 200 and "exact_encode.summary" in str(body)

@@ -1,6 +1,7 @@
 // Shows VAE Exact Encode's per-image summary (PSNR before/after, gain, stop reason) on the node
 // itself after each run, like the stock preview nodes show their output.
 import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const NODE_TYPES = new Set(["VAEExactEncode"]);
 const WIDGET = "exact_encode_summary";
@@ -8,7 +9,7 @@ const WIDGET = "exact_encode_summary";
 function showSummary(node, text) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
   if (!widget) {
-    widget = app.widgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
+    widget = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.inputEl.readOnly = true;
     widget.inputEl.style.opacity = 0.85;
     widget.serialize = false; // display only: never saved into workflows or prompts
