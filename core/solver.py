@@ -128,6 +128,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
         e0 = codec.encode(x_in).float()
     batch = e0.shape[0]
     view = (batch,) + (1,) * (e0.ndim - 1)
+    e0 = e0.contiguous()  # conv outputs may be channels-last; the steppers expect plain layout
     e0_norm = per_sample_norm(e0).clamp_min(1e-12)
     scale = (e0_norm / e0[0].numel() ** 0.5).clamp_min(1e-6).view(view)
     eps = 1e-8 if dtype == torch.float32 else 1e-4

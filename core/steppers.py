@@ -120,4 +120,5 @@ class Anderson:
             gamma = torch.linalg.solve(gram + (self.reg * scale)[:, None, None] * eye,
                                        (d_f.transpose(1, 2) @ f[:, :, None]))  # (B, m, 1)
             update -= ((d_z + d_f) @ gamma)[:, :, 0]
-        zf.add_(update * active.flatten(1))
+        # reshape, not a view of z: a channels-last latent flattens to a copy
+        z.add_((update * active.flatten(1)).reshape(z.shape))

@@ -81,6 +81,15 @@ def test_anderson_beats_the_plain_forward_step_on_a_linear_problem():
     assert fast.samples[0].residual_db_best < plain.samples[0].residual_db_best - 20
 
 
+@pytest.mark.parametrize("method", ["forward", "km", "anderson", "adam"])
+def test_channels_last_latents_are_updated(method):
+    codec, dec = linear_codec()
+    enc = lambda x: codec.encode(x).contiguous(memory_format=torch.channels_last)
+    x, _ = target()
+    r = invert(Codec(enc, dec), x, method=method, steps=20)
+    assert r.samples[0].psnr_best > r.samples[0].psnr_initial + 5
+
+
 def test_anderson_safeguard_survives_a_bad_direction():
     codec, _ = linear_codec(enc_gain=-0.9)  # residual grows under any plain step
     x, _ = target()
