@@ -84,8 +84,16 @@ def load_taef2_vae(folder: Path):
     import comfy.model_patcher
     import comfy.sd
 
+    import logging
+
     stub = {"taesd_decoder.1.weight": torch.zeros(64, 32, 3, 3)}
-    vae = comfy.sd.VAE(sd=stub)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the stub is replaced below: its "Missing VAE keys" warning is noise
+    try:
+        vae = comfy.sd.VAE(sd=stub)
+    finally:
+        root.setLevel(level)
     model = load_taef2(folder).to(vae.vae_dtype)
     vae.first_stage_model = model
     vae.patcher = comfy.model_patcher.ModelPatcher(

@@ -1,0 +1,91 @@
+"""bench/run.py --quick end to end, in a subprocess: the documented keys and sane values.
+No timing assertions (CI machines are shared and slow)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+ROW_KEYS = {"method", "model", "size", "dtype", "image", "steps", "nmse_db", "psnr_db", "iters", "seconds",
+            "peak_mb", "residual_db", "peak_memory_method", "accuracy_meaningful"}
+SUMMARY_KEYS = {"speedup_to_grad100", "mem_ratio_vs_grad", "overhead_vs_floor", "bf16_mem_ratio",
+                "bf16_nmse_delta_db", "targets", "by_size", "grad_ref", "size"}
+META_KEYS = {"torch", "device", "cpu_count", "date", "quick", "steps", "sizes", "dtypes", "models",
+             "memory_method", "isolation", "configs"}
+TARGETS = {"speed_6x", "memory_10pct", "overhead_1p10", "bf16"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, list(out.iterdir())
+    return json.loads(files[0].read_text()), files[0].with_suffix(".md").read_text()
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def test_quick_json_has_the_documented_keys(quick):
+    result, _ = quick
+    assert set(result) == {"summary", "rows", "meta"}
+    meta = result["meta"]
+    assert META_KEYS <= set(meta), META_KEYS - set(meta)
+    assert meta["quick"] is True and meta["errors"] == 0
+    assert set(result["summary"]) == {"taef2", "kl_f8_small"}
+    for model, s in result["summary"].items():
+        assert SUMMARY_KEYS <= set(s), (model, SUMMARY_KEYS - set(s))
+        assert set(s["targets"]) == TARGETS
+        for t in s["targets"].values():
+            assert t["met"] in (True, False, None)
+    for r in result["rows"]:
+        assert not r.get("error"), r.get("error")
+        assert ROW_KEYS <= set(r), (r["method"], ROW_KEYS - set(r))
+
+
+def test_quick_has_a_row_for_every_method_and_model(quick):
+    result, _ = quick
+    methods = set(result["meta"]["configs"])  # encoder, paper, ours, forward, km, ..., 4 gradient settings
+    assert {"encoder", "paper", "ours", "forward", "km", "grad-lr0.1-cos", "grad-lr0.1-const",
+            "grad-lr0.01-cos", "grad-lr0.01-const"} <= methods
+    for model in ("taef2", "kl_f8_small"):
+        fp32 = {r["method"] for r in result["rows"] if r["model"] == model and r["dtype"] == "fp32"}
+        assert fp32 == methods, (model, methods - fp32)
+        bf16 = {r["method"] for r in result["rows"] if r["model"] == model and r["dtype"] == "bf16"}
+        assert "ours" in bf16
+
+
+def test_quick_values_are_sane(quick):
+    result, md = quick
+    steps = result["meta"]["steps"]
+    for r in result["rows"]:
+        assert finite(r["nmse_db"]) and r["nmse_db"] < 0, r  # real models: the latent is close to z_gt
+        assert finite(r["psnr_db"]) and r["psnr_db"] > 15, r
+        assert finite(r["seconds"]) and r["seconds"] > 0, r
+        assert finite(r["peak_mb"]), r
+        if r["method"] == "encoder":
+            assert r["iters"] == 0
+        else:
+            assert r["iters"] == steps and len(r["trace"]["nmse_db"]) == steps + 1, r["method"]
+            # the solver never returns worse than the plain encoder (by pixel error)
+            assert r["psnr_db"] >= r["psnr_encoder_db"] - 1e-4, r
+        if r["method"].startswith("grad-"):
+            assert [c["steps"] for c in r["checkpoints"]] == [2, 5, steps]
+    for model, s in result["summary"].items():
+        assert finite(s["mem_ratio_vs_grad"]) and s["mem_ratio_vs_grad"] >= 0
+        assert finite(s["overhead_vs_floor"]) and s["overhead_vs_floor"] > 0
+        assert finite(s["bf16_mem_ratio"])
+        assert finite(s["bf16_nmse_delta_db"]) and abs(s["bf16_nmse_delta_db"]) < 3, s
+        sp = s["speedup_to_grad100"]
+        assert (finite(sp) and sp > 0) or s["speedup_to_grad100_reason"], s
+    assert "## Targets" in md and "taef2" in md and "kl_f8_small" in md
