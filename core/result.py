@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 
@@ -21,6 +22,9 @@ class SampleStats:
     best_iteration: int
     iterations: int  # updates applied before this sample stopped
     stop_reason: str  # max_steps | tolerance | patience | diverged
+    # With options.record_every: the paper's assumption along the trajectory
+    # (core.diagnostics.cocoercivity: beta_min, beta_median, share_positive, points).
+    cocoercivity: Optional[dict] = None
 
     @property
     def gain_db(self) -> float:

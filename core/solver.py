@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from .codec import Codec
+from .diagnostics import cocoercivity
 from .metrics import per_sample_mse, per_sample_norm, psnr_from_mse, ratio_db
 from .result import InversionResult, SampleStats
 from .steppers import Adam, Anderson, Forward, InertialKM
@@ -42,6 +43,10 @@ class InversionOptions:
     schedule: bool = True  # adam/gradient: the paper's warm-up + cosine schedule
     divergence: float = 100.0  # stop a sample whose residual exceeds this x its initial one
     track_residual: bool = True  # gradient: also encode each iterate to report the residual
+    # Keep every n-th iterate and its residual (CPU, fp32) to test the paper's cocoercivity
+    # assumption along the trajectory (core.diagnostics.cocoercivity); 0 keeps none. Costs
+    # 2 x latent size per kept iterate in host memory and one device-to-host copy each.
+    record_every: int = 0
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHODS:
@@ -58,6 +63,10 @@ class InversionOptions:
             raise ValueError(f"momentum must be in [0, 1); got {self.momentum!r}")
         if not 1 <= self.memory <= 20:
             raise ValueError(f"memory must be in [1, 20]; got {self.memory!r}")
+        if self.record_every < 0:
+            raise ValueError(f"record_every must be >= 0 (0 turns it off); got {self.record_every!r}")
+        if self.record_every > 0 and self.method == "gradient" and not self.track_residual:
+            raise ValueError("record_every needs the residual: set track_residual=True for 'gradient'")
         if not self.divergence > 1:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
         return self
@@ -160,6 +169,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
     stats: list[dict] = [dict(iterations=opts.steps, stop_reason="max_steps", best_iteration=0)
                          for _ in range(batch)]
     rows_err, rows_res = [], []
+    kept: list[tuple[int, Tensor, Tensor]] = []  # (k, z_k, T z_k) when opts.record_every
 
     for k in range(opts.steps + 1):
         if opts.method == "gradient":
@@ -173,7 +183,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
             xk = xk.detach()
             if opts.track_residual or k == 0:
                 with torch.inference_mode():
-                    res = ratio_db(per_sample_norm(codec.encode(xk.to(dtype)).float() - e0), e0_norm)
+                    t_k = codec.encode(xk.to(dtype)).float() - e0
+                    res = ratio_db(per_sample_norm(t_k), e0_norm)
             else:
                 res = torch.full_like(err, float("nan"))
         else:
@@ -181,7 +192,11 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
             err = per_sample_mse(xk, x)
             grad = codec.encode(xk).float().sub_(e0)
             res = ratio_db(per_sample_norm(grad), e0_norm)
+            t_k = grad
         del xk
+        if opts.record_every and k % opts.record_every == 0:
+            kept.append((k, z.detach().to("cpu", torch.float32, copy=True),
+                         t_k.detach().to("cpu", torch.float32, copy=True)))
 
         improved = err < best_err
         best_err = torch.where(improved, err, best_err)
@@ -213,6 +228,12 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
             grad = torch.where(active.bool(), grad, 0.0)
         stepper.step(z, grad, active)
 
+    coco = [None] * batch
+    if kept:
+        ks = [k for k, _, _ in kept]
+        last = [max(i for i, k in enumerate(ks) if k <= stats[b]["iterations"]) for b in range(batch)]
+        coco = cocoercivity([z for _, z, _ in kept], [t for _, _, t in kept], best_z.detach().cpu(), last)
+        del kept
     trace_err = torch.stack(rows_err)
     trace_psnr = psnr_from_mse(trace_err)
     trace_res = torch.stack(rows_res)
@@ -225,7 +246,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> Inver
             psnr_best=trace_psnr[best, b].item(),
             residual_db_initial=trace_res[0, b].item(), residual_db_final=trace_res[last, b].item(),
             residual_db_best=trace_res[best, b].item(),
-            best_iteration=best, iterations=last, stop_reason=stats[b]["stop_reason"]))
+            best_iteration=best, iterations=last, stop_reason=stats[b]["stop_reason"],
+            cocoercivity=coco[b]))
     return InversionResult(
         latent=best_z.detach().clone() if opts.method == "gradient" else best_z,
         samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
