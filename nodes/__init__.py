@@ -3,9 +3,10 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .diagnostics import InversionDiagnostics
 from .exact_encode import VAEExactEncode
 
-NODES = [VAEExactEncode]
+NODES = [VAEExactEncode, InversionDiagnostics]
 
 
 class ExactEncodeExtension(ComfyExtension):

@@ -8,27 +8,61 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..core import METHODS, InversionOptions, invert
+from . import trace
 from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported
 
+PROGRESS_EVENT = "exact_encode.progress"  # web/exact_encode.js draws the live sparkline from it
+ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's kept iterates
 
-def image_to_pixels(image: torch.Tensor, vae) -> torch.Tensor:
+
+def record_every(steps: int, latent_numel: int) -> int:
+    """Keep every n-th iterate so that z_k and T z_k (fp32) fit ITERATE_BUDGET."""
+    per_iterate = 2 * 4 * latent_numel
+    return max(1, -(-(steps + 1) * per_iterate // ITERATE_BUDGET))
+
+
+def progress_sender(node_id):
+    """Sends each iteration's per-image PSNR and residual to the browser, keyed by node id
+    (a no-op outside a running server, e.g. when the node is called from a script)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return None
+    context = get_executing_context()
+    node_id = node_id if node_id is not None else getattr(context, "node_id", None)
+    server = getattr(PromptServer, "instance", None)
+    if server is None or node_id is None:
+        return None
+    prompt_id = getattr(context, "prompt_id", None)
+
+    def send(k, total, info):
+        server.send_sync(PROGRESS_EVENT, {
+            "node": str(node_id), "prompt_id": prompt_id, "iteration": k, "steps": total,
+            "psnr": [None if v != v or abs(v) == float("inf") else v for v in info["psnr"]],
+            "residual_db": [None if v != v or abs(v) == float("inf") else v for v in info["residual_db"]]},
+            server.client_id)
+    return send
+
+
+def image_to_pixels(image: torch.Tensor, vae, input_name: str = "pixels") -> torch.Tensor:
     """IMAGE (B, H, W, C) -> (B, 3, H, W), cropped like stock VAEEncode, or a clear error."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4:
-        raise ValueError(f"pixels: expected an IMAGE batch (B, H, W, C); got {getattr(image, 'shape', type(image))}")
+        raise ValueError(f"{input_name}: expected an IMAGE batch (B, H, W, C); got {getattr(image, 'shape', type(image))}")
     if image.shape[0] == 0:
-        raise ValueError("pixels: the batch is empty; connect a node that outputs at least one image.")
+        raise ValueError(f"{input_name}: the batch is empty; connect a node that outputs at least one image.")
     channels = image.shape[-1]
     if channels == 4:
         image = image[..., :3]  # drop alpha, as stock VAE Encode does
     elif channels != 3:
-        raise ValueError(f"pixels: has {channels} channel(s); VAE Exact Encode needs RGB. Convert it first "
+        raise ValueError(f"{input_name}: has {channels} channel(s); VAE Exact Encode needs RGB. Convert it first "
                          "(for a mask or grey image, 'Convert Mask to Image' gives RGB).")
     cell = latent_cell(vae)
     if image.shape[1] < cell or image.shape[2] < cell:
-        raise ValueError(f"pixels: {image.shape[2]}x{image.shape[1]} px is smaller than one latent cell of this "
+        raise ValueError(f"{input_name}: {image.shape[2]}x{image.shape[1]} px is smaller than one latent cell of this "
                          f"VAE ({cell}x{cell} px); upscale or pad it to at least {cell} px per side.")
     if not torch.isfinite(image).all():
-        raise ValueError("pixels: contains NaN or Inf pixels; fix the node that produced it.")
+        raise ValueError(f"{input_name}: contains NaN or Inf pixels; fix the node that produced it.")
     return vae.vae_encode_crop_pixels(image).movedim(-1, 1)
 
 
@@ -67,7 +101,12 @@ class VAEExactEncode(io.ComfyNode):
                 io.Float.Input("tolerance", default=0.0, min=0.0, max=1.0, step=0.0001, optional=True,
                                tooltip="(advanced) Stop an image early once ||E(D(z)) - E(x)|| / ||E(x)|| "
                                        "falls to this value. 0 runs all steps."),
+                io.Boolean.Input("check_assumption", default=True, optional=True,
+                                 tooltip="(advanced) Keep the iterates (host memory, at most 256 MB) to test "
+                                         "the paper's convergence assumption (cocoercivity) along the run; "
+                                         "Inversion Diagnostics reports it. Off saves that memory."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="Drop-in replacement for VAE Encode's LATENT."),
                 io.String.Output(display_name="summary",
@@ -78,7 +117,7 @@ class VAEExactEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, steps, method, learning_rate=1.0, precision="auto",
-                tolerance=0.0) -> io.NodeOutput:
+                tolerance=0.0, check_assumption=True) -> io.NodeOutput:
         check_supported(vae)
         # V3 combos are not checked against their options by the 0.3.75 validator: do it here.
         if method not in METHODS:
@@ -87,22 +126,29 @@ class VAEExactEncode(io.ComfyNode):
             raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
+        image = image_to_pixels(pixels, vae)
+        cell = latent_cell(vae)
+        latent_numel = image.shape[0] * vae.latent_channels * (image.shape[2] // cell) * (image.shape[3] // cell)
         options = InversionOptions(method=method, steps=steps, tolerance=tolerance,
-                                   lr=learning_rate * InversionOptions(method=method).step_size)
+                                   lr=learning_rate * InversionOptions(method=method).step_size,
+                                   record_every=record_every(steps, latent_numel) if check_assumption else 0)
         try:
             options.validate()
         except ValueError as e:
             raise ValueError(f"VAE Exact Encode: {e}") from None
-        image = image_to_pixels(pixels, vae)
         codec = vae_codec(vae, precision, tuple(image.shape))
         progress = comfy.utils.ProgressBar(steps)
+        send = progress_sender(getattr(getattr(cls, "hidden", None), "unique_id", None))
 
         def on_iteration(k, total, info):
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(k, total)
+            if send is not None:
+                send(k, total, info)
 
         result = invert(codec, image, options, callback=on_iteration)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)
+        trace.attach(samples, result)  # for Inversion Diagnostics; invisible to every other node
         summary = result.summary()
         # ui.text reaches the browser in the "executed" message: web/ shows it on the node.
         return io.NodeOutput({"samples": samples}, summary, ui=ui.PreviewText(summary))
