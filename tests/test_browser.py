@@ -1,0 +1,125 @@
+"""Browser end-to-end: headless Debian Chromium against the real ComfyUI frontend
+(comfyui-frontend-package, served by a real test server with the pack installed).
+
+The diagnostics workflow is opened the way a user opens it: from the Templates browser, where
+ComfyUI lists the pack's workflows/ folder. Then it is queued with the keyboard shortcut and the
+test waits for the live sparkline on VAE Exact Encode and the report on Inversion Diagnostics.
+The screenshot is kept in tests/artifacts/. The VAE is a seeded random TAESD file (plumbing, not
+quality): stock Load VAE cannot load the shared test VAEs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import ComfyServer
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TEST_VAE = "exact_encode_browser_taesd.safetensors"
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def server(host):
+    import torch
+    from safetensors.torch import save_file
+
+    from comfy.taesd.taesd import TAESD
+    from tests.support.models import seeded_weights
+
+    with ComfyServer() as s:
+        vae_dir = s.base / "models" / "vae"
+        vae_dir.mkdir(parents=True, exist_ok=True)
+        weights = seeded_weights(TAESD(latent_channels=4).state_dict(), seed=5)
+        save_file({k: v.contiguous().to(torch.float32) for k, v in weights.items()}, str(vae_dir / TEST_VAE))
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError("Debian chromium is missing: scripts/setup_env.sh installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_template(page, name: str) -> None:
+    """Open the pack's workflow from the Templates browser (it opens by itself on a first visit)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    card = page.get_by_text(name, exact=True).first
+    try:
+        card.wait_for(state="visible", timeout=30_000)
+    except PlaywrightTimeout:  # not a first visit: open the sidebar's Templates tab
+        page.get_by_role("button", name="Templates").first.click()
+        card.wait_for(state="visible", timeout=60_000)
+    card.click()
+    page.wait_for_function(
+        "() => window.app.graph._nodes.some(n => n.type === 'InversionDiagnostics')", timeout=60_000)
+
+
+def test_diagnostics_workflow_from_the_ui_shows_sparkline_and_report(server, browser):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    small = server.base / "browser_small.png"  # 96 px: the test is about the UI, not the solver
+    Image.open(server.image_source).convert("RGB").resize((96, 96)).save(small)
+    image = server.add_input(small, "browser.png")
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "exact_encode" in m.text else None)
+    try:
+        page.goto(server.url, timeout=120_000)
+        page.wait_for_function("() => window.app?.graph && window.LiteGraph", timeout=120_000)
+        open_template(page, "inversion_diagnostics")
+
+        shipped = json.loads((REPO / "workflows" / "inversion_diagnostics.json").read_text())
+        loaded = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
+        registered = page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)")
+        assert sorted(loaded) == sorted(n["type"] for n in shipped["nodes"])
+        assert [t for t in loaded if t not in registered] == []  # zero missing nodes
+        assert page.get_by_text("missing", exact=False).count() == 0 or not page.get_by_text(
+            "missing", exact=False).first.is_visible()
+
+        # The graph names sdxl_vae.safetensors and example.png; point them at the test files.
+        page.evaluate("""([vae, image, steps]) => {
+            const set = (type, name, value) => {
+                const node = window.app.graph._nodes.find(n => n.type === type);
+                node.widgets.find(w => w.name === name).value = value;
+            };
+            set("VAELoader", "vae_name", vae);
+            set("LoadImage", "image", image);
+            set("VAEExactEncode", "steps", steps);
+        }""", [TEST_VAE, image, STEPS])
+
+        page.locator("canvas#graph-canvas").click(position={"x": 700, "y": 900})  # focus the canvas
+        page.keyboard.press("Control+Enter")  # Queue Prompt
+
+        spark = page.locator(".exact-encode-sparkline")
+        spark.wait_for(state="attached", timeout=240_000)
+        page.wait_for_function(
+            f"() => Number(document.querySelector('.exact-encode-sparkline')?.dataset.points) === {STEPS + 1}",
+            timeout=240_000)
+        report = page.wait_for_function(
+            "() => [...document.querySelectorAll('textarea.exact-encode-summary')]"
+            ".map(t => t.value).find(v => v.startsWith('Inversion Diagnostics'))", timeout=240_000).json_value()
+        assert "gain" in report and "solver: adam" in report and "assumption" in report
+        points = page.evaluate("() => document.querySelector('.exact-encode-sparkline polyline')"
+                               ".getAttribute('points').trim().split(' ').length")
+        assert points == STEPS + 1
+        assert f"iteration {STEPS}/{STEPS}" in spark.inner_text()
+        page.wait_for_timeout(500)  # let the canvas repaint the previews before the picture
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "browser_diagnostics.png"))
+        page.close()
+    assert errors == []
