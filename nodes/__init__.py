@@ -4,8 +4,10 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .exact_encode import VAEExactEncode
+from .treering import TreeRingDetect, TreeRingKeyNode, TreeRingWatermarkedNoise
+from .diffusion_inversion import DiffusionInversion
 
-NODES = [VAEExactEncode]
+NODES = [VAEExactEncode, TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect]
 
 
 class ExactEncodeExtension(ComfyExtension):
