@@ -99,11 +99,22 @@ def test_workflow_has_no_missing_nodes_and_runs(path, server):
             assert previews and entry["outputs"][previews[0]]["text"][0].startswith("image 0:")
 
 
+CHAIN_CFG = 1.0
+
+
 def test_embed_then_check_on_the_server(server):
-    """treering_embed.json (tiny flow model, 10 euler steps) -> its PNG and printed key JSON ->
-    treering_check.json with the generation's prompt and cfg. Reports both verdicts."""
+    """treering_embed.json (tiny flow model, 10 euler steps, key on all channels, cfg 1) -> its PNG
+    and printed key JSON -> treering_check.json with the generation's prompt and cfg, 50 exact-encode
+    steps. With the random model, cfg > 1 amplifies its random cond/uncond difference and the key
+    does not survive the VAE round trip (measured in-process, stock encode + naive inversion:
+    p = 7e-14 at cfg 1, 3e-4 at cfg 3, 0.73..0.998 at cfg 7), hence cfg 1 here."""
     embed = json.loads((WORKFLOWS[0].parent / "treering_embed.json").read_text())
     overrides = overrides_for(embed, kind="flow", steps=10)
+    for n in embed["nodes"]:
+        if n["type"] == "TreeRingKey":
+            overrides[n["id"]]["channel"] = -1
+        elif n["type"] == "CFGGuider":  # the random model's cond/uncond difference, x7, swamps the key
+            overrides[n["id"]] = {"cfg": CHAIN_CFG}
     prompt, entry = run_graph(server, embed, overrides)
     saved = [f for n in prompt if prompt[n]["class_type"] == "SaveImage" for f in server.output_files(entry, n)]
     assert len(saved) == 1
@@ -118,7 +129,7 @@ def test_embed_then_check_on_the_server(server):
     image = server.add_input(saved[0], "embedded.png")
     overrides = overrides_for(check, image=image, kind="flow", steps=10, encode_steps=50, key_json=key_json)
     embed_text = next(n for n in embed["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
-    embed_cfg = next(n for n in embed["nodes"] if n["type"] == "CFGGuider")["widgets_values"][0]
+    embed_cfg = CHAIN_CFG
     for n in check["nodes"]:
         if n["type"] == "DiffusionInversion":
             overrides[n["id"]]["cfg"] = embed_cfg
@@ -134,4 +145,5 @@ def test_embed_then_check_on_the_server(server):
             print(f"\n{title}: {text}")
     assert len(verdicts) == 2
     p = {t: float(re.search(r"p = ([0-9.e+-]+)", v).group(1)) for t, v in verdicts.items()}
-    assert all(0.0 <= v <= 1.0 for v in p.values())
+    exact, plain = p["Verdict (exact encode)"], p["Verdict (stock encode)"]
+    assert exact < 1e-6 and exact <= plain  # measured: 1.2e-19 vs 3.2e-17
