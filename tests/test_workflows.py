@@ -147,3 +147,43 @@ def test_embed_then_check_on_the_server(server):
     p = {t: float(re.search(r"p = ([0-9.e+-]+)", v).group(1)) for t, v in verdicts.items()}
     exact, plain = p["Verdict (exact encode)"], p["Verdict (stock encode)"]
     assert exact < 1e-6 and exact <= plain  # measured: 1.2e-19 vs 3.2e-17
+
+
+def test_object_info_lists_the_treering_nodes(server):
+    info = server.get("/object_info")
+    assert info["TreeRingKey"]["output"] == ["WATERMARK_KEY", "STRING"]
+    assert info["TreeRingWatermarkedNoise"]["output"] == ["NOISE", "LATENT"]
+    assert info["TreeRingDetect"]["output"] == ["FLOAT", "FLOAT", "STRING", "IMAGE"]
+    assert info["DiffusionInversion"]["output"] == ["LATENT", "STRING"]
+    inv = info["DiffusionInversion"]["input"]
+    assert {"model", "positive", "negative", "cfg", "steps", "scheduler", "latent", "mode"} == set(inv["required"])
+    assert {"iterations", "tolerance", "sigmas"} == set(inv["optional"])
+    assert inv["required"]["steps"][1]["min"] == 1
+
+
+def test_diffusion_inversion_steps_zero_is_a_validation_error(server):
+    check = json.loads((WORKFLOWS[0].parent / "treering_check.json").read_text())
+    overrides = overrides_for(check)
+    nodes = [n["id"] for n in check["nodes"] if n["type"] == "DiffusionInversion"]
+    for node in nodes:  # both branches, else ComfyUI runs the valid one and reports the other
+        overrides[node]["steps"] = 0
+    reply = server.post_prompt(to_api(check, server.get("/object_info"), overrides, replace=REPLACE))
+    assert reply["http_status"] == 400, reply
+    for node in nodes:
+        errors = reply["node_errors"][str(node)]["errors"]
+        assert any(e["type"] == "value_smaller_than_min" and e["extra_info"]["input_name"] == "steps"
+                   for e in errors), errors
+
+
+def test_corrupt_key_json_fails_at_execution_naming_the_fix(server):
+    check = json.loads((WORKFLOWS[0].parent / "treering_check.json").read_text())
+    prompt = to_api(check, server.get("/object_info"), overrides_for(check, key_json='{"format": "tree-ring-key"'),
+                    replace=REPLACE)
+    reply = server.post_prompt(prompt)
+    assert reply["http_status"] == 200, reply
+    entry = server.wait_history(reply["prompt_id"], timeout=120)
+    from tests.support.server import execution_error
+
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "TreeRingDetect", entry["status"]
+    assert "key: not valid JSON" in error["exception_message"] and "paste the complete JSON" in error["exception_message"]
