@@ -147,6 +147,10 @@ class DiffusionInversion(io.ComfyNode):
         if not torch.isfinite(samples).all():
             raise ValueError("latent: contains NaN or Inf; fix the node that produced it.")
         kind = model_kind(model)
+        expected = getattr(model.get_model_object("latent_format"), "latent_channels", samples.shape[1])
+        if samples.shape[1] != expected:
+            raise ValueError(f"latent: has {samples.shape[1]} channels but this model works on {expected}; encode "
+                             "the image with the VAE that belongs to this model.")
         ms = model.get_model_object("model_sampling")
         if sigmas is None:
             sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)

@@ -196,6 +196,9 @@ def test_bad_input_names_the_input_and_the_fix(pack, tiny):
         pack("nodes.diffusion_inversion").DiffusionInversion.execute(
             model, tiny.positive, tiny.negative, CFG, 5, "nope", {"samples": out}, "naive")
 
+    with pytest.raises(ValueError, match="latent: has 16 channels but this model works on 4"):
+        invert(pack, model, tiny, "eps", torch.randn(1, 16, LATENT, LATENT), "naive")
+
     class X0Sampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.X0):
         pass
 
