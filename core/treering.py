@@ -352,9 +352,10 @@ def detect(latent: torch.Tensor, key: TreeRingKey, fpr: float = 0.01, sigma: str
     return results
 
 
-def spectrum_image(latent: torch.Tensor, key: TreeRingKey, cell: int = 8) -> torch.Tensor:
-    """IMAGE (B, H*cell, C*(W*cell + gap), 3) in [0, 1]: log |spectrum| of each channel side by side
-    (grey), the key's disc outlined in red on the key's channels.
+def spectrum_image(latent: torch.Tensor, key: TreeRingKey, cell: int | None = None) -> torch.Tensor:
+    """IMAGE (B, H*cell, C*W*cell + 2*(C-1), 3) in [0, 1]: log |spectrum| of each channel side by side
+    (grey, 2 px white gaps), the key's disc outlined in red on the key's channels. `cell` = pixels
+    per frequency bin; None = about 256 px per channel tile.
 
         >>> key = TreeRingKey((4, 16, 16), radius=3, channel=0)
         >>> spectrum_image(torch.zeros(1, 4, 16, 16), key, cell=2).shape
@@ -362,6 +363,8 @@ def spectrum_image(latent: torch.Tensor, key: TreeRingKey, cell: int = 8) -> tor
     """
     key.check_latent(latent)
     c, h, w = key.shape
+    if cell is None:
+        cell = max(1, round(256 / max(h, w)))
     mag = torch.log1p(spectrum(latent.detach().cpu()).abs())  # (B, C, H, W)
     top = mag.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None, None]
     grey = (mag / top).repeat_interleave(cell, -2).repeat_interleave(cell, -1)  # (B, C, Hc, Wc)
