@@ -1,13 +1,24 @@
-"""Exact VAE encoding by decoder inversion, in pure PyTorch (no ComfyUI import).
+"""Exact VAE encoding by decoder inversion, Tree-Ring watermarks and diffusion-sampler inversion,
+in pure PyTorch (no ComfyUI import).
 
     >>> from core import Codec, invert, METHODS
     >>> METHODS
     ('adam', 'forward', 'km', 'anderson', 'gradient')
+    >>> from core import TreeRingKey, inject, detect, invert_euler, INVERSION_MODES
+    >>> INVERSION_MODES
+    ('naive', 'exact')
 """
 from .codec import Codec
+from .diffusion_inversion import MODES as INVERSION_MODES
+from .diffusion_inversion import DiffusionInversionResult, invert_euler, noise_scale, sample_euler
 from .metrics import nmse_db, per_sample_mse, psnr_from_mse
 from .result import InversionResult, SampleStats
 from .solver import DEFAULT_LR, METHODS, InversionOptions, invert
+from .treering import (PATTERNS, SIGMA_ESTIMATORS, Detection, TreeRingKey, WatermarkKeyError, detect, inject,
+                       spectrum, spectrum_image)
 
 __all__ = ["Codec", "invert", "InversionOptions", "InversionResult", "SampleStats", "METHODS",
-           "DEFAULT_LR", "nmse_db", "per_sample_mse", "psnr_from_mse"]
+           "DEFAULT_LR", "nmse_db", "per_sample_mse", "psnr_from_mse",
+           "TreeRingKey", "WatermarkKeyError", "Detection", "PATTERNS", "SIGMA_ESTIMATORS", "inject", "detect",
+           "spectrum", "spectrum_image",
+           "INVERSION_MODES", "DiffusionInversionResult", "invert_euler", "sample_euler", "noise_scale"]

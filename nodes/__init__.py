@@ -5,8 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .diagnostics import InversionDiagnostics
 from .exact_encode import VAEExactEncode
+from .treering import TreeRingDetect, TreeRingKeyNode, TreeRingWatermarkedNoise
+from .diffusion_inversion import DiffusionInversion
 
-NODES = [VAEExactEncode, InversionDiagnostics]
+NODES = [VAEExactEncode, InversionDiagnostics,
+         TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect]
 
 
 class ExactEncodeExtension(ComfyExtension):

@@ -1,22 +1,33 @@
 """Every graph in workflows/ loads with zero missing node types on the real server and runs.
 
-The graphs name the models a user would have (e.g. sdxl_vae.safetensors); here the stock
-VAELoader is pointed at a seeded random TAESD-family VAE file written into the server's
-models/vae (auto-detected by ComfyUI from its keys), and steps are cut, so the test checks the
-plumbing of the graph as shipped, not quality.
+The graphs name the models a user would have (e.g. sdxl_vae.safetensors, an SD1.5 checkpoint);
+here the stock VAELoader is pointed at a seeded random TAESD-family VAE file written into the
+server's models/vae (auto-detected by ComfyUI from its keys), CheckpointLoaderSimple and
+CLIPTextEncode are swapped for the test kit's loader of the seeded tiny diffusion model (+ the
+kl_f8_small VAE) and its text encoder, images are 128 px and steps are cut, so the test checks the
+plumbing of the graphs as shipped, not quality. The last test chains the two Tree-Ring graphs:
+the image and key JSON the embed graph produces are what the check graph reads.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+import core
 from tests.support.server import ComfyServer
 from tests.support.workflow import missing_node_types, to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 TEST_VAE = "exact_encode_test_taesd.safetensors"
+SIZE = 128  # px: 16x16 latents for the 8x VAEs
+REPLACE = {"CheckpointLoaderSimple": "ExactEncodeTestCheckpointLoader",
+           "CLIPTextEncode": "ExactEncodeTestConditioning"}
+TEST_KEY = core.TreeRingKey((4, SIZE // 8, SIZE // 8), "ring", radius=5, channel=3, seed=12345)
+OUTPUT_NODES = {"SaveImage", "PreviewImage", "PreviewAny"}
 
 
 @pytest.fixture(scope="module")
@@ -32,29 +43,147 @@ def server(host):
         vae_dir.mkdir(parents=True, exist_ok=True)
         weights = seeded_weights(TAESD(latent_channels=4).state_dict(), seed=3)
         save_file({k: v.contiguous().to(torch.float32) for k, v in weights.items()}, str(vae_dir / TEST_VAE))
+        with Image.open(s.image_source) as img:  # a centred SIZE px square of the test photo
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img.convert("RGB").crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS) \
+                .save(s.input_dir / "example.png")
         yield s
+
+
+def overrides_for(ui: dict, image: str = "example.png", kind: str = "eps", steps: int = 3,
+                  encode_steps: int = 2, key_json: str | None = None) -> dict:
+    """Test models, small images and few steps for any shipped graph, by node type."""
+    by_type = {
+        "VAELoader": {"vae_name": TEST_VAE},
+        "LoadImage": {"image": image},
+        "VAEExactEncode": {"steps": encode_steps},
+        "CheckpointLoaderSimple": {"kind": kind},
+        "EmptyLatentImage": {"width": SIZE, "height": SIZE},
+        "BasicScheduler": {"steps": steps},
+        "DiffusionInversion": {"steps": steps},
+        "TreeRingKey": {"radius": TEST_KEY.radius},
+        "TreeRingDetect": {"key_json": key_json or TEST_KEY.to_json()},
+    }
+    return {n["id"]: dict(by_type[n["type"]]) for n in ui["nodes"] if n["type"] in by_type}
+
+
+def run_graph(server, ui, overrides):
+    info = server.get("/object_info")
+    prompt = to_api(ui, info, overrides, replace=REPLACE)
+    entry = server.run(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
+    return prompt, entry
 
 
 def test_there_are_workflows():
     assert WORKFLOWS, "workflows/ must ship at least one graph"
+    names = {p.name for p in WORKFLOWS}
+    assert {"treering_embed.json", "treering_check.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_has_no_missing_nodes_and_runs(path, server):
     ui = json.loads(path.read_text())
-    info = server.get("/object_info")
-    assert missing_node_types(ui, info) == []
-    small = server.add_input(server.image_source, "example.png")
-    overrides = {}
-    for node in ui["nodes"]:
-        if node["type"] == "VAELoader":
-            overrides[node["id"]] = {"vae_name": TEST_VAE}
-        elif node["type"] == "LoadImage":
-            overrides[node["id"]] = {"image": small}
-        elif node["type"] == "VAEExactEncode":
-            overrides[node["id"]] = {"steps": 2}
-    prompt = to_api(ui, info, overrides)
-    entry = server.run(prompt, timeout=300)
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert missing_node_types(ui, server.get("/object_info")) == []
+    assert any(n["type"] in ("Note", "MarkdownNote") for n in ui["nodes"]), "graphs explain themselves in a Note"
+    prompt, entry = run_graph(server, ui, overrides_for(ui))
+    outputs = [n for n in prompt if prompt[n]["class_type"] in OUTPUT_NODES]
+    assert outputs and all(n in entry["outputs"] for n in outputs), entry["outputs"]
     saved = [f for n in prompt if prompt[n]["class_type"] == "SaveImage" for f in server.output_files(entry, n)]
-    assert saved and all(f.exists() for f in saved)
+    assert all(f.exists() for f in saved)
+    for n in prompt:
+        if prompt[n]["class_type"] == "TreeRingDetect":
+            previews = [m for m in prompt if prompt[m]["class_type"] == "PreviewAny"
+                        and prompt[m]["inputs"]["source"] == [n, 2]]
+            assert previews and entry["outputs"][previews[0]]["text"][0].startswith("image 0:")
+
+
+CHAIN_CFG = 1.0
+
+
+def test_embed_then_check_on_the_server(server):
+    """treering_embed.json (tiny flow model, 10 euler steps, key on all channels, cfg 1) -> its PNG
+    and printed key JSON -> treering_check.json with the generation's prompt and cfg, 50 exact-encode
+    steps. With the random model, cfg > 1 amplifies its random cond/uncond difference and the key
+    does not survive the VAE round trip (measured in-process, stock encode + naive inversion:
+    p = 7e-14 at cfg 1, 3e-4 at cfg 3, 0.73..0.998 at cfg 7), hence cfg 1 here."""
+    embed = json.loads((WORKFLOWS[0].parent / "treering_embed.json").read_text())
+    overrides = overrides_for(embed, kind="flow", steps=10)
+    for n in embed["nodes"]:
+        if n["type"] == "TreeRingKey":
+            overrides[n["id"]]["channel"] = -1
+        elif n["type"] == "CFGGuider":  # the random model's cond/uncond difference, x7, swamps the key
+            overrides[n["id"]] = {"cfg": CHAIN_CFG}
+    prompt, entry = run_graph(server, embed, overrides)
+    saved = [f for n in prompt if prompt[n]["class_type"] == "SaveImage" for f in server.output_files(entry, n)]
+    assert len(saved) == 1
+    with Image.open(saved[0]) as img:
+        assert img.size == (SIZE, SIZE)
+    key_node = next(n for n in prompt if prompt[n]["class_type"] == "PreviewAny")
+    key_json = entry["outputs"][key_node]["text"][0]
+    key = core.TreeRingKey.from_json(key_json)
+    assert key.shape == (4, SIZE // 8, SIZE // 8) and key.radius == TEST_KEY.radius
+
+    check = json.loads((WORKFLOWS[0].parent / "treering_check.json").read_text())
+    image = server.add_input(saved[0], "embedded.png")
+    overrides = overrides_for(check, image=image, kind="flow", steps=10, encode_steps=50, key_json=key_json)
+    embed_text = next(n for n in embed["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
+    embed_cfg = CHAIN_CFG
+    for n in check["nodes"]:
+        if n["type"] == "DiffusionInversion":
+            overrides[n["id"]]["cfg"] = embed_cfg
+        elif n["type"] == "CLIPTextEncode" and n.get("title", "").startswith("Prompt"):
+            overrides[n["id"]] = {"text": embed_text}
+    prompt, entry = run_graph(server, check, overrides)
+    verdicts = {}
+    for n in prompt:
+        if prompt[n]["class_type"] == "PreviewAny":
+            text = entry["outputs"][n]["text"][0]
+            title = next(x.get("title", "") for x in check["nodes"] if str(x["id"]) == n)
+            verdicts[title] = text
+            print(f"\n{title}: {text}")
+    assert len(verdicts) == 2
+    p = {t: float(re.search(r"p = ([0-9.e+-]+)", v).group(1)) for t, v in verdicts.items()}
+    exact, plain = p["Verdict (exact encode)"], p["Verdict (stock encode)"]
+    assert exact < 1e-6 and exact <= plain  # measured: 1.2e-19 vs 3.2e-17
+
+
+def test_object_info_lists_the_treering_nodes(server):
+    info = server.get("/object_info")
+    assert info["TreeRingKey"]["output"] == ["WATERMARK_KEY", "STRING"]
+    assert info["TreeRingWatermarkedNoise"]["output"] == ["NOISE", "LATENT"]
+    assert info["TreeRingDetect"]["output"] == ["FLOAT", "FLOAT", "STRING", "IMAGE"]
+    assert info["DiffusionInversion"]["output"] == ["LATENT", "STRING"]
+    inv = info["DiffusionInversion"]["input"]
+    assert {"model", "positive", "negative", "cfg", "steps", "scheduler", "latent", "mode"} == set(inv["required"])
+    assert {"iterations", "tolerance", "sigmas"} == set(inv["optional"])
+    assert inv["required"]["steps"][1]["min"] == 1
+
+
+def test_diffusion_inversion_steps_zero_is_a_validation_error(server):
+    check = json.loads((WORKFLOWS[0].parent / "treering_check.json").read_text())
+    overrides = overrides_for(check)
+    nodes = [n["id"] for n in check["nodes"] if n["type"] == "DiffusionInversion"]
+    for node in nodes:  # both branches, else ComfyUI runs the valid one and reports the other
+        overrides[node]["steps"] = 0
+    reply = server.post_prompt(to_api(check, server.get("/object_info"), overrides, replace=REPLACE))
+    assert reply["http_status"] == 400, reply
+    for node in nodes:
+        errors = reply["node_errors"][str(node)]["errors"]
+        assert any(e["type"] == "value_smaller_than_min" and e["extra_info"]["input_name"] == "steps"
+                   for e in errors), errors
+
+
+def test_corrupt_key_json_fails_at_execution_naming_the_fix(server):
+    check = json.loads((WORKFLOWS[0].parent / "treering_check.json").read_text())
+    prompt = to_api(check, server.get("/object_info"), overrides_for(check, key_json='{"format": "tree-ring-key"'),
+                    replace=REPLACE)
+    reply = server.post_prompt(prompt)
+    assert reply["http_status"] == 200, reply
+    entry = server.wait_history(reply["prompt_id"], timeout=120)
+    from tests.support.server import execution_error
+
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "TreeRingDetect", entry["status"]
+    assert "key: not valid JSON" in error["exception_message"] and "paste the complete JSON" in error["exception_message"]

@@ -21,8 +21,12 @@ def _is_widget(spec) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
-def to_api(ui_workflow: dict, object_info: dict, overrides: dict | None = None) -> dict:
-    """`overrides` = {node_id: {input_name: value}} applied after conversion."""
+def to_api(ui_workflow: dict, object_info: dict, overrides: dict | None = None,
+           replace: dict | None = None) -> dict:
+    """`overrides` = {node_id: {input_name: value}} applied after conversion. `replace` =
+    {node_type: other_class_type} swaps a node for another with the same output slots (e.g. a
+    checkpoint loader for a test loader): the inputs the other type does not have are dropped,
+    then `overrides` can supply its own widget values."""
     links = {link[0]: link for link in ui_workflow["links"]}
     prompt = {}
     for node in ui_workflow["nodes"]:
@@ -43,7 +47,13 @@ def to_api(ui_workflow: dict, object_info: dict, overrides: dict | None = None) 
             inputs[name] = values.pop(0)
             if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
                 values.pop(0) if values else None
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+        class_type = node["type"]
+        if replace and class_type in replace:
+            class_type = replace[class_type]
+            other = object_info[class_type]["input"]
+            names = {**other.get("required", {}), **other.get("optional", {})}
+            inputs = {k: v for k, v in inputs.items() if k in names}
+        prompt[str(node["id"])] = {"class_type": class_type, "inputs": inputs}
     for node_id, changes in (overrides or {}).items():
         prompt[str(node_id)]["inputs"].update(changes)
     return prompt

@@ -1,4 +1,4 @@
-"""TEST-ONLY ComfyUI custom node pack: a loader for the shared test VAEs.
+"""TEST-ONLY ComfyUI custom node pack: loaders for the shared test VAEs and the tiny test diffusion model.
 
 Stock ComfyUI 0.3.75 cannot load either test VAE from models/vae: TAEF2 needs an architecture
 ComfyUI lacks (see tests/support/taef2.py) and kl_f8_small needs its config.json. The headless
@@ -45,6 +45,7 @@ def _support_models():
 
 
 models = _support_models()
+diffusion = importlib.import_module(models.__name__.rsplit(".", 1)[0] + ".diffusion")
 
 BUILDERS = {"taef2": models.taef2_vae, "kl_f8_small": models.kl_f8_small_vae}
 
@@ -67,7 +68,53 @@ class ExactEncodeTestVAELoader:
         return (BUILDERS[name](),)
 
 
-NODE_CLASS_MAPPINGS = {"ExactEncodeTestVAELoader": ExactEncodeTestVAELoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"ExactEncodeTestVAELoader": "Test VAE Loader (exact-encode tests)"}
+class TestCLIP:
+    """Stands in for a CLIP: only ExactEncodeTestConditioning accepts it."""
+
+
+class ExactEncodeTestCheckpointLoader:
+    """A checkpoint loader's three outputs for the tests: the seeded tiny random diffusion model
+    (tests/support/diffusion.py, a real ComfyUI MODEL), a stand-in CLIP and the kl_f8_small VAE."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (list(diffusion.KINDS), {"default": "eps"})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing/exact-encode"
+    DESCRIPTION = "TEST ONLY: a seeded tiny random diffusion model (eps/v/flow), a stand-in CLIP, kl_f8_small."
+
+    def load(self, kind):
+        if kind not in diffusion.KINDS:
+            raise ValueError(f"kind: one of {', '.join(diffusion.KINDS)}; got {kind!r}")
+        return (diffusion.tiny_model(kind), TestCLIP(), models.kl_f8_small_vae())
+
+
+class ExactEncodeTestConditioning:
+    """CLIPTextEncode for the stand-in CLIP: a seeded conditioning for the tiny model (seed = the text's CRC)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "text": ("STRING", {"multiline": True, "default": ""})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing/exact-encode"
+
+    def encode(self, clip, text):
+        import zlib
+
+        if not isinstance(clip, TestCLIP):
+            raise ValueError("clip: connect ExactEncodeTestCheckpointLoader's CLIP output")
+        return (diffusion.tiny_conditioning(seed=zlib.crc32(text.encode()))[0],)
+
+
+NODE_CLASS_MAPPINGS = {"ExactEncodeTestVAELoader": ExactEncodeTestVAELoader,
+                       "ExactEncodeTestCheckpointLoader": ExactEncodeTestCheckpointLoader,
+                       "ExactEncodeTestConditioning": ExactEncodeTestConditioning}
+NODE_DISPLAY_NAME_MAPPINGS = {"ExactEncodeTestVAELoader": "Test VAE Loader (exact-encode tests)",
+                              "ExactEncodeTestCheckpointLoader": "Test Checkpoint Loader (exact-encode tests)",
+                              "ExactEncodeTestConditioning": "Test Text Encode (exact-encode tests)"}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
