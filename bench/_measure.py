@@ -30,7 +30,6 @@ FREE_CONFIGS = {
     # The paper's gradient-free Adam: lr 0.01 (relative), warm-up + cosine schedule.
     "paper": dict(method="adam", lr=0.01, schedule=True),
     # Our default: exactly what core.invert does with no options (the node at learning_rate 1.0).
-    # Today that equals "paper"; it is its own row so it can diverge.
     OURS: dict(),
     "forward": dict(method="forward"),
     "km": dict(method="km"),
@@ -45,12 +44,12 @@ GRAD_CONFIGS = {
 CHECKPOINT_FRACTIONS = (0.2, 0.5)  # gradient rows also run 20 and 50 of 100 steps
 
 
-def method_configs(core_methods) -> dict:
+def method_configs(core_methods, default_method: str) -> dict:
     """name -> invert overrides (None for the plain encoder). Gradient-free methods that core
     offers beyond adam/forward/km (e.g. anderson) get a row of their own with core's defaults."""
     configs = {ENCODER: None, **FREE_CONFIGS}
-    for m in core_methods:
-        if m not in ("adam", "gradient") and m not in configs:
+    for m in core_methods:  # the default method already has its row: "ours"
+        if m not in ("adam", "gradient", default_method) and m not in configs:
             configs[m] = dict(method=m)
     configs.update(GRAD_CONFIGS)
     return configs

@@ -210,13 +210,13 @@ def device_info():
 def build_jobs(args, ctx, scratch: Path) -> tuple[list, list]:
     from tests.support.paths import image_paths
 
-    configs = _measure.method_configs(ctx.core.METHODS)
+    configs = _measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method)
     if args.methods:
         unknown = set(args.methods) - set(configs)
         if unknown:
             raise SystemExit(f"unknown --methods {sorted(unknown)}; rows are: {', '.join(configs)}")
         configs = {k: v for k, v in configs.items() if k in args.methods}
-    unknown = set(args.lp_methods or ()) - set(_measure.method_configs(ctx.core.METHODS))
+    unknown = set(args.lp_methods or ()) - set(_measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method))
     if unknown:
         raise SystemExit(f"unknown --lp-methods {sorted(unknown)}; rows are: {', '.join(configs)}")
     free = [m for m, c in configs.items() if not _measure.is_gradient(c)]  # encoder included
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         "models": args.models, "images": sorted({r["image"] for r in rows}),
         "repeats": args.repeats, "isolation": args.isolation, "memory_method": memory_method,
         "grad_ref": _measure.GRAD_REF, "ours": _measure.OURS,
-        "configs": _measure.method_configs(ctx.core.METHODS),
+        "configs": _measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "bench/run.py",
                                                       *(sys.argv[1:] if argv is None else argv)]),
         "git": _git(), "comfyui": _comfyui_version(),

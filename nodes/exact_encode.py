@@ -84,12 +84,13 @@ class VAEExactEncode(io.ComfyNode):
                 io.Int.Input("steps", default=100, min=1, max=10000,
                              tooltip="Iterations; each costs one decoder and one encoder pass. "
                                      "100 follows the paper; the best iterate is returned."),
-                io.Combo.Input("method", options=list(METHODS), default="adam",
-                               tooltip="adam: the paper's method (Adam moments on the residual, warm-up + "
-                                       "cosine schedule). forward: plain fixed-point step. km: inertial "
-                                       "Krasnoselskii-Mann (forward step with momentum). anderson: safeguarded "
-                                       "Anderson acceleration of the forward step. gradient: baseline "
-                                       "that backpropagates through the decoder (slower, far more memory)."),
+                io.Combo.Input("method", options=list(METHODS), default="anderson",
+                               tooltip="anderson (default): safeguarded Anderson acceleration of the "
+                                       "fixed-point step, the fastest here. adam: the paper's method (Adam "
+                                       "moments on the residual, warm-up + cosine schedule). forward: plain "
+                                       "fixed-point step. km: inertial Krasnoselskii-Mann (forward step with "
+                                       "momentum). gradient: baseline that backpropagates through the decoder "
+                                       "(slower, far more memory)."),
                 io.Float.Input("learning_rate", default=1.0, min=0.0001, max=100.0, step=0.01, optional=True,
                                tooltip="(advanced) Multiplier on the method's tuned step: 1.0 = lr 0.01 x "
                                        "RMS of the latent for adam/gradient (the paper's 0.01 on SD-scaled "

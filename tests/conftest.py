@@ -82,7 +82,11 @@ def photos64():
 def run_node(node_cls):
     """Execute VAE Exact Encode under inference_mode, as ComfyUI's executor does."""
 
-    def run(image, vae, steps=20, method="adam", **kwargs):
+    schema = node_cls.define_schema()
+    default_method = next(i.default for i in schema.inputs if i.id == "method")
+
+    def run(image, vae, steps=20, method=None, **kwargs):
+        method = default_method if method is None else method
         with torch.inference_mode():
             out = node_cls.execute(image, vae, steps, method, **kwargs)
         latent, summary = out.result
