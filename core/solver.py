@@ -68,8 +68,8 @@ class InversionOptions:
 
 
 def _check_image(image: Tensor) -> None:
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"image must be (B, 3, H, W); got shape {tuple(image.shape)}")
+    if image.ndim not in (4, 5) or image.shape[1] != 3:
+        raise ValueError(f"image must be (B, 3, H, W) or a video (B, 3, T, H, W); got shape {tuple(image.shape)}")
     if image.shape[0] == 0:
         raise ValueError("image batch is empty")
     if not torch.isfinite(image).all():
@@ -79,6 +79,9 @@ def _check_image(image: Tensor) -> None:
 def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
            callback: Callable[[int, int, dict], None] | None = None, **overrides) -> InversionResult:
     """Invert the decoder at `image` (B, 3, H, W) in [0, 1]; returns the best latent per sample.
+
+    Videos (B, 3, T, H, W) with 5-D latents work the same way: every per-sample measure (pixel
+    error, residual norm, RMS scale) flattens all non-batch dimensions, so one video is one sample.
 
     `callback(k, steps, info)` runs after each evaluation (k = 0 is the plain encoder) with
     info = {"psnr": [...], "residual_db": [...], "active": [...]}; raising from it aborts the run
