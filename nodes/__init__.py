@@ -4,8 +4,9 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .exact_encode import VAEExactEncode
+from .exact_encode_tiled import VAEExactEncodeTiled
 
-NODES = [VAEExactEncode]
+NODES = [VAEExactEncode, VAEExactEncodeTiled]
 
 
 class ExactEncodeExtension(ComfyExtension):

@@ -8,7 +8,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..core import METHODS, InversionOptions, invert
-from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported
+from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported, to_vae_layout
 
 
 def image_to_pixels(image: torch.Tensor, vae) -> torch.Tensor:
@@ -29,7 +29,7 @@ def image_to_pixels(image: torch.Tensor, vae) -> torch.Tensor:
                          f"VAE ({cell}x{cell} px); upscale or pad it to at least {cell} px per side.")
     if not torch.isfinite(image).all():
         raise ValueError("pixels: contains NaN or Inf pixels; fix the node that produced it.")
-    return vae.vae_encode_crop_pixels(image).movedim(-1, 1)
+    return to_vae_layout(vae.vae_encode_crop_pixels(image), vae)  # video VAEs: the batch is one clip
 
 
 class VAEExactEncode(io.ComfyNode):
@@ -46,7 +46,7 @@ class VAEExactEncode(io.ComfyNode):
                 "never worse than plain VAE Encode. Same LATENT format as VAE Encode."),
             inputs=[
                 io.Image.Input("pixels", tooltip="The image to encode (alpha is dropped, as VAE Encode does)."),
-                io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: any 2-D image VAE."),
+                io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: any image VAE, or a video VAE that decodes RGB frames (the batch is one clip, as in VAE Encode)."),
                 io.Int.Input("steps", default=100, min=1, max=10000,
                              tooltip="Iterations; each costs one decoder and one encoder pass. "
                                      "100 follows the paper; the best iterate is returned."),
@@ -94,14 +94,21 @@ class VAEExactEncode(io.ComfyNode):
         except ValueError as e:
             raise ValueError(f"VAE Exact Encode: {e}") from None
         image = image_to_pixels(pixels, vae)
-        codec = vae_codec(vae, precision, tuple(image.shape))
         progress = comfy.utils.ProgressBar(steps)
 
         def on_iteration(k, total, info):
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(k, total)
 
-        result = invert(codec, image, options, callback=on_iteration)
+        result = None
+        try:
+            result = invert(vae_codec(vae, precision, tuple(image.shape)), image, options, callback=on_iteration)
+        except comfy.model_management.OOM_EXCEPTION:
+            pass  # like stock VAE Encode: leave the except block first so the failed run's memory is freed
+        if result is None:
+            from .exact_encode_tiled import oom_fallback
+
+            result = oom_fallback(vae, image, options, precision)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)
         summary = result.summary()
         # ui.text reaches the browser in the "executed" message: web/ shows it on the node.
