@@ -73,6 +73,16 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default bench/results; --quick: a new temp dir)")
     p.add_argument("--tag", help="suffix of the output file names")
     p.add_argument("--note", help="free text recorded in meta and the markdown")
+    p.add_argument("--memory-scaling", action="store_true",
+                   help="separate mode (issue 7): peak memory against frames (random Wan 2.1) and megapixels "
+                        "(TAEF2) for gradient-free chunked/tiled, gradient-free whole and gradient-based; "
+                        "writes bench/results/memory-scaling-*.json/.md (see bench/memory_scaling.py)")
+    p.add_argument("--frames", type=int, nargs="+", help="--memory-scaling: clip lengths (1 + 4k)")
+    p.add_argument("--pixel-sizes", type=int, nargs="+", help="--memory-scaling: square sizes in px for TAEF2")
+    p.add_argument("--cap-frames", type=int, default=9,
+                   help="--memory-scaling: the memory cap is the gradient baseline's peak at this many frames")
+    p.add_argument("--mem-steps", type=int, default=2, help="--memory-scaling: iterations per row")
+    p.add_argument("--wan-dim", type=int, default=32, help="--memory-scaling: width of the random Wan 2.1 VAE")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one job as JSON (spawn isolation)
     p.add_argument("--job-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -259,6 +269,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.job:
         return job_main(args)
+    if args.memory_scaling:
+        import memory_scaling
+
+        memory_scaling.FRAMES = args.frames or memory_scaling.FRAMES
+        args.frames, args.pixel_sizes = memory_scaling.FRAMES, args.pixel_sizes or memory_scaling.SIZES
+        boot(args.threads)
+        _, slug, name = device_info()
+        return memory_scaling.main(args, name, slug)
     t0 = time.perf_counter()
     load0, pressure0 = os.getloadavg(), _cpu_pressure()
     ctx = boot(args.threads)

@@ -79,8 +79,8 @@ class InversionOptions:
 
 
 def _check_image(image: Tensor) -> None:
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"image must be (B, 3, H, W); got shape {tuple(image.shape)}")
+    if image.ndim not in (4, 5) or image.shape[1] != 3:
+        raise ValueError(f"image must be (B, 3, H, W) or a video (B, 3, T, H, W); got shape {tuple(image.shape)}")
     if image.shape[0] == 0:
         raise ValueError("image batch is empty")
     if not torch.isfinite(image).all():
@@ -88,12 +88,17 @@ def _check_image(image: Tensor) -> None:
 
 
 def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
-           callback: Callable[[int, int, dict], None] | None = None, **overrides) -> InversionResult:
+           callback: Callable[[int, int, dict], None] | None = None, *,
+           target_latent: Tensor | None = None, **overrides) -> InversionResult:
     """Invert the decoder at `image` (B, 3, H, W) in [0, 1]; returns the best latent per sample.
+
+    Videos (B, 3, T, H, W) with 5-D latents work the same way: every per-sample measure (pixel
+    error, residual norm, RMS scale) flattens all non-batch dimensions, so one video is one sample.
 
     `callback(k, steps, info)` runs after each evaluation (k = 0 is the plain encoder) with
     info = {"psnr": [...], "residual_db": [...], "active": [...]}; raising from it aborts the run
-    (that is how a host cancels). Runs under torch.inference_mode except for the gradient method.
+    (that is how a host cancels). `target_latent` replaces E(x) as the target and the start, for
+    callers whose codec cannot see all the pixels the target depends on (core.temporal's chunks). Runs under torch.inference_mode except for the gradient method.
 
     Example (a linear "autoencoder" whose encoder is not the decoder's inverse):
         >>> import torch
@@ -109,9 +114,9 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
     opts = replace(options or InversionOptions(), **overrides).validate()
     _check_image(image)
     if opts.method == "gradient":
-        return _run(codec, image, opts, callback)
+        return _run(codec, image, opts, callback, target_latent)
     with torch.inference_mode():
-        return _run(codec, image, opts, callback)
+        return _run(codec, image, opts, callback, target_latent)
 
 
 def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
@@ -130,13 +135,13 @@ def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
     return None
 
 
-def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback) -> InversionResult:
+def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None) -> InversionResult:
     start = time.perf_counter()
     device, dtype = codec.device, codec.dtype
     x = image.to(device=device, dtype=torch.float32)
     x_in = x.to(dtype)
     with torch.inference_mode():  # the encoder never needs autograd, not even for "gradient"
-        e0 = codec.encode(x_in).float()
+        e0 = (codec.encode(x_in) if target_latent is None else target_latent.to(device)).float()
     batch = e0.shape[0]
     view = (batch,) + (1,) * (e0.ndim - 1)
     e0 = e0.contiguous()  # conv outputs may be channels-last; the steppers expect plain layout

@@ -5,10 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .diagnostics import InversionDiagnostics
 from .exact_encode import VAEExactEncode
+from .exact_encode_tiled import VAEExactEncodeTiled
 from .treering import TreeRingDetect, TreeRingKeyNode, TreeRingWatermarkedNoise
 from .diffusion_inversion import DiffusionInversion
 
-NODES = [VAEExactEncode, InversionDiagnostics,
+NODES = [VAEExactEncode, VAEExactEncodeTiled, InversionDiagnostics,
          TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect]
 
 

@@ -28,10 +28,10 @@ def check_supported(vae) -> None:
         raise UnsupportedVAE("vae: this VAE is empty (the checkpoint holds no VAE weights). "
                              "Load a VAE file with 'Load VAE' and connect it instead.")
     kind = type(vae.first_stage_model).__name__
-    if getattr(vae, "latent_dim", 2) != 2:
+    if getattr(vae, "latent_dim", 2) not in (2, 3):
         raise UnsupportedVAE(
-            f"vae: {kind} has {vae.latent_dim}-D latents (a video or audio VAE). VAE Exact Encode "
-            "handles 2-D image VAEs for now; use the stock 'VAE Encode' for this one.")
+            f"vae: {kind} has {vae.latent_dim}-D latents (an audio or 3-D shape VAE). VAE Exact Encode "
+            "handles image VAEs and video VAEs that decode RGB frames; use the stock 'VAE Encode' for this one.")
     if getattr(vae, "extra_1d_channel", None) is not None or getattr(vae, "output_channels", 3) != 3:
         raise UnsupportedVAE(f"vae: {kind} does not decode to RGB images, so its decoder cannot be "
                              "inverted against an image; use the stock 'VAE Encode'.")
@@ -40,6 +40,57 @@ def check_supported(vae) -> None:
 def latent_cell(vae) -> int:
     """Pixels per latent cell along each side (8 for SD/FLUX VAEs)."""
     return int(vae.spacial_compression_encode())
+
+
+def is_video(vae) -> bool:
+    """A VAE that takes a frame batch as one clip (B, 3, T, H, W), as stock VAE Encode passes it.
+    3-D VAEs marked `not_video` (e.g. an image refiner with 3-D layers) take each image as a
+    one-frame clip instead."""
+    return getattr(vae, "latent_dim", 2) == 3 and not getattr(vae, "not_video", False)
+
+
+def temporal_factor(vae) -> int | None:
+    """Pixel frames per latent frame after the first (4 for Wan), None for image VAEs."""
+    return vae.temporal_compression_decode() if is_video(vae) else None
+
+
+def latent_frames(vae, frames: int) -> int:
+    """Latent frames for `frames` pixel frames, or an error naming `pixels` when the VAE cannot
+    decode back to that many frames (its decoder makes upscale(downscale(T)) frames)."""
+    down, up = vae.downscale_ratio[0], vae.upscale_ratio[0]
+    n = int(down(frames))
+    if n < 1 or int(up(n)) != frames:
+        factor = temporal_factor(vae) or 1
+        lo = 1 + (max(frames, 1) - 1) // factor * factor
+        hi = lo + factor
+        raise ValueError(
+            f"pixels: {frames} frames, but this video VAE ({type(vae.first_stage_model).__name__}) decodes "
+            f"1 + {factor}k frames, so no latent reproduces {frames} frames; trim the batch to {lo} frames "
+            f"or extend it to {hi}.")
+    return n
+
+
+def to_vae_layout(pixels: torch.Tensor, vae) -> torch.Tensor:
+    """Cropped IMAGE (B, H, W, 3) -> what stock VAE Encode hands the model: (B, 3, H, W) for image
+    VAEs, the batch as one clip (1, 3, T, H, W) for video VAEs (frame count checked), (B, 3, 1, H, W)
+    for 3-D VAEs that are not video."""
+    x = pixels.movedim(-1, 1)
+    if getattr(vae, "latent_dim", 2) != 3:
+        return x
+    if not is_video(vae):
+        return x.unsqueeze(2)
+    latent_frames(vae, x.shape[0])
+    return x.movedim(1, 0).unsqueeze(0)
+
+
+def latent_shape(vae, shape: tuple) -> tuple:
+    """Latent shape for a model input of `shape` (4-D or 5-D)."""
+    cell = latent_cell(vae)
+    spatial = (shape[-2] // cell, shape[-1] // cell)
+    if len(shape) == 5:
+        t = latent_frames(vae, shape[2]) if is_video(vae) else shape[2]
+        return (shape[0], vae.latent_channels, t) + spatial
+    return (shape[0], vae.latent_channels) + spatial
 
 
 def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) -> Codec:
@@ -53,10 +104,9 @@ def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) ->
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     dtype = PRECISIONS[precision] or vae.vae_dtype
     memory = 0
-    if image_shape is not None:  # (B, 3, H, W): ComfyUI's own estimates, encode + decode
-        cell = latent_cell(vae)
-        latent_shape = (image_shape[0], vae.latent_channels, image_shape[2] // cell, image_shape[3] // cell)
-        memory = vae.memory_used_encode(image_shape, dtype) + vae.memory_used_decode(latent_shape, dtype)
+    if image_shape is not None:  # model input shape: ComfyUI's own estimates, encode + decode
+        memory = (vae.memory_used_encode(image_shape, dtype)
+                  + vae.memory_used_decode(latent_shape(vae, tuple(image_shape)), dtype))
     comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
                                            force_full_load=vae.disable_offload)
     model = vae.first_stage_model

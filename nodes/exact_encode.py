@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..core import METHODS, InversionOptions, invert
 from . import trace
-from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported
+from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported, to_vae_layout
 
 PROGRESS_EVENT = "exact_encode.progress"  # web/exact_encode.js draws the live sparkline from it
 ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's kept iterates
@@ -63,7 +63,7 @@ def image_to_pixels(image: torch.Tensor, vae, input_name: str = "pixels") -> tor
                          f"VAE ({cell}x{cell} px); upscale or pad it to at least {cell} px per side.")
     if not torch.isfinite(image).all():
         raise ValueError(f"{input_name}: contains NaN or Inf pixels; fix the node that produced it.")
-    return vae.vae_encode_crop_pixels(image).movedim(-1, 1)
+    return to_vae_layout(vae.vae_encode_crop_pixels(image), vae)  # video VAEs: the batch is one clip
 
 
 class VAEExactEncode(io.ComfyNode):
@@ -80,7 +80,7 @@ class VAEExactEncode(io.ComfyNode):
                 "never worse than plain VAE Encode. Same LATENT format as VAE Encode."),
             inputs=[
                 io.Image.Input("pixels", tooltip="The image to encode (alpha is dropped, as VAE Encode does)."),
-                io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: any 2-D image VAE."),
+                io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: any image VAE, or a video VAE that decodes RGB frames (the batch is one clip, as in VAE Encode)."),
                 io.Int.Input("steps", default=100, min=1, max=10000,
                              tooltip="Iterations; each costs one decoder and one encoder pass. "
                                      "100 follows the paper; the best iterate is returned."),
@@ -128,8 +128,8 @@ class VAEExactEncode(io.ComfyNode):
         if not learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
         image = image_to_pixels(pixels, vae)
-        cell = latent_cell(vae)
-        latent_numel = image.shape[0] * vae.latent_channels * (image.shape[2] // cell) * (image.shape[3] // cell)
+        # upper bound (video VAEs also compress time): only sizes the assumption check's budget
+        latent_numel = image.numel() // 3 // latent_cell(vae) ** 2 * vae.latent_channels
         options = InversionOptions(method=method, steps=steps, tolerance=tolerance,
                                    lr=learning_rate * InversionOptions(method=method).step_size,
                                    record_every=record_every(steps, latent_numel) if check_assumption else 0)
@@ -137,7 +137,6 @@ class VAEExactEncode(io.ComfyNode):
             options.validate()
         except ValueError as e:
             raise ValueError(f"VAE Exact Encode: {e}") from None
-        codec = vae_codec(vae, precision, tuple(image.shape))
         progress = comfy.utils.ProgressBar(steps)
         send = progress_sender(getattr(getattr(cls, "hidden", None), "unique_id", None))
 
@@ -147,7 +146,15 @@ class VAEExactEncode(io.ComfyNode):
             if send is not None:
                 send(k, total, info)
 
-        result = invert(codec, image, options, callback=on_iteration)
+        result = None
+        try:
+            result = invert(vae_codec(vae, precision, tuple(image.shape)), image, options, callback=on_iteration)
+        except comfy.model_management.OOM_EXCEPTION:
+            pass  # like stock VAE Encode: leave the except block first so the failed run's memory is freed
+        if result is None:
+            from .exact_encode_tiled import oom_fallback
+
+            result = oom_fallback(vae, image, options, precision)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)
         trace.attach(samples, result)  # for Inversion Diagnostics; invisible to every other node
         summary = result.summary()

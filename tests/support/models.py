@@ -74,3 +74,32 @@ def random_taesd_vae(seed: int = 0, latent_channels: int = 4):
     from comfy.taesd.taesd import TAESD
 
     return comfy.sd.VAE(sd=seeded_weights(TAESD(latent_channels=latent_channels).state_dict(), seed))
+
+
+def random_wan21_vae(seed: int = 0, dim: int = 8):
+    """A Wan 2.1 video VAE as ComfyUI detects it from its keys (decoder.middle.0.residual.0.gamma,
+    no Wan 2.2 upsample keys), the real architecture with its width inferred by ComfyUI from
+    decoder.head.0.gamma: `dim` 8 instead of 96 keeps it small on CPU. Seeded random weights."""
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    model = WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                   temperal_downsample=[False, True, True])
+    return comfy.sd.VAE(sd=seeded_weights(model.state_dict(), seed))
+
+
+def random_taehv_vae(seed: int = 0):
+    """A TAEHV-family tiny video autoencoder (lighttaew2_1 layout, 16 channels, fp32 keys) as
+    ComfyUI detects it (decoder.22.bias). Seeded random weights."""
+    import comfy.sd
+    from comfy.taesd.taehv import TAEHV
+
+    return comfy.sd.VAE(sd=seeded_weights(TAEHV(latent_channels=16).state_dict(), seed))
+
+
+def random_audio_vae():
+    """Stable Audio's Oobleck VAE (a 1-D audio VAE), only to check that it is rejected."""
+    import comfy.sd
+    from comfy.ldm.audio.autoencoder import AudioOobleckVAE
+
+    return comfy.sd.VAE(sd=AudioOobleckVAE().state_dict())
