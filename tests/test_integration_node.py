@@ -69,12 +69,18 @@ def test_half_precisions_run_and_stay_within_half_a_db_of_fp32(precision, taef2,
     assert next(taef2.first_stage_model.parameters()).dtype == taef2.vae_dtype
 
 
-def test_batch_of_three_matches_three_single_runs(taef2, photos64, run_node):
+@pytest.mark.parametrize("method", [None, "adam"], ids=["default", "paper-adam"])
+def test_batch_of_three_matches_three_single_runs(method, taef2, photos64, run_node):
+    """Per-sample state and stopping: each image's result is its own. Batched convolutions round
+    differently from single ones, and Anderson's least-squares mixing amplifies that a little
+    (measured: max |difference| 3e-4 on latents of RMS ~1, PSNR equal to 1e-4 dB), hence atol 1e-3."""
     image = torch.cat([photos64[k] for k in ("astronaut", "chelsea", "rocket")])
-    batch, _ = run_node(image, taef2, steps=15)
+    batch, summary = run_node(image, taef2, steps=15, method=method)
     for i in range(3):
-        single, _ = run_node(image[i:i + 1], taef2, steps=15)
-        assert torch.allclose(batch["samples"][i], single["samples"][0], rtol=1e-3, atol=1e-4)
+        single, line = run_node(image[i:i + 1], taef2, steps=15, method=method)
+        assert torch.allclose(batch["samples"][i], single["samples"][0], rtol=1e-3, atol=1e-3)
+        # same PSNR (2 decimals) and best iteration in the summary line of that image
+        assert summary.splitlines()[i].split(":", 1)[1] == line.splitlines()[0].split(":", 1)[1]
 
 
 def test_latent_is_interchangeable_with_stock_vae_encode(kl_small, photos64, run_node, stock):
