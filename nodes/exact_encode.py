@@ -1,6 +1,8 @@
 """VAE Exact Encode (Gradient-Free): the latent whose decode reproduces the image."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 import comfy.model_management
@@ -66,6 +68,45 @@ def image_to_pixels(image: torch.Tensor, vae, input_name: str = "pixels") -> tor
     return to_vae_layout(vae.vae_encode_crop_pixels(image), vae)  # video VAEs: the batch is one clip
 
 
+def solver_inputs() -> list:
+    """method, learning_rate, precision: shared by VAE Exact Encode and its tiled variant."""
+    return [
+        io.Combo.Input("method", options=list(METHODS), default=InversionOptions().method,
+                       tooltip="anderson (default): safeguarded Anderson acceleration of the "
+                               "fixed-point step, the fastest here. adam: the paper's method (Adam "
+                               "moments on the residual, warm-up + cosine schedule). forward: plain "
+                               "fixed-point step. km: inertial Krasnoselskii-Mann (forward step with "
+                               "momentum). gradient: baseline that backpropagates through the decoder "
+                               "(slower, far more memory)."),
+        io.Float.Input("learning_rate", default=1.0, min=0.0001, max=100.0, step=0.01, optional=True,
+                       tooltip="(advanced) Multiplier on the method's tuned step: 1.0 = lr 0.01 x "
+                               "RMS of the latent for adam/gradient (the paper's 0.01 on SD-scaled "
+                               "latents, for any VAE), step 0.5 for forward/km/anderson."),
+        io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
+                       tooltip="(advanced) Dtype of the encoder/decoder passes; optimizer state stays "
+                               "fp32. auto = the VAE's own dtype. fp16/bf16 halve memory and are "
+                               "faster on GPUs; other than auto, a cast copy of the VAE is used."),
+    ]
+
+
+def solver_options(node: str, method: str, steps: int, learning_rate: float, precision: str,
+                   **extra) -> InversionOptions:
+    """Validated options from the node's inputs, or an error naming the input.
+    V3 combos are not checked against their options by the 0.3.75 validator: done here."""
+    if method not in METHODS:
+        raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
+    options = InversionOptions(method=method, steps=steps,
+                               lr=learning_rate * InversionOptions(method=method).step_size, **extra)
+    try:
+        return options.validate()
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from None
+
+
 class VAEExactEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -84,21 +125,7 @@ class VAEExactEncode(io.ComfyNode):
                 io.Int.Input("steps", default=100, min=1, max=10000,
                              tooltip="Iterations; each costs one decoder and one encoder pass. "
                                      "100 follows the paper; the best iterate is returned."),
-                io.Combo.Input("method", options=list(METHODS), default="anderson",
-                               tooltip="anderson (default): safeguarded Anderson acceleration of the "
-                                       "fixed-point step, the fastest here. adam: the paper's method (Adam "
-                                       "moments on the residual, warm-up + cosine schedule). forward: plain "
-                                       "fixed-point step. km: inertial Krasnoselskii-Mann (forward step with "
-                                       "momentum). gradient: baseline that backpropagates through the decoder "
-                                       "(slower, far more memory)."),
-                io.Float.Input("learning_rate", default=1.0, min=0.0001, max=100.0, step=0.01, optional=True,
-                               tooltip="(advanced) Multiplier on the method's tuned step: 1.0 = lr 0.01 x "
-                                       "RMS of the latent for adam/gradient (the paper's 0.01 on SD-scaled "
-                                       "latents, for any VAE), step 0.5 for forward/km/anderson."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
-                               tooltip="(advanced) Dtype of the encoder/decoder passes; optimizer state stays "
-                                       "fp32. auto = the VAE's own dtype. fp16/bf16 halve memory and are "
-                                       "faster on GPUs; other than auto, a cast copy of the VAE is used."),
+                *solver_inputs(),
                 io.Float.Input("tolerance", default=0.0, min=0.0, max=1.0, step=0.0001, optional=True,
                                tooltip="(advanced) Stop an image early once ||E(D(z)) - E(x)|| / ||E(x)|| "
                                        "falls to this value. 0 runs all steps."),
@@ -120,23 +147,12 @@ class VAEExactEncode(io.ComfyNode):
     def execute(cls, pixels, vae, steps, method, learning_rate=1.0, precision="auto",
                 tolerance=0.0, check_assumption=True) -> io.NodeOutput:
         check_supported(vae)
-        # V3 combos are not checked against their options by the 0.3.75 validator: do it here.
-        if method not in METHODS:
-            raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
+        options = solver_options("VAE Exact Encode", method, steps, learning_rate, precision, tolerance=tolerance)
         image = image_to_pixels(pixels, vae)
-        # upper bound (video VAEs also compress time): only sizes the assumption check's budget
-        latent_numel = image.numel() // 3 // latent_cell(vae) ** 2 * vae.latent_channels
-        options = InversionOptions(method=method, steps=steps, tolerance=tolerance,
-                                   lr=learning_rate * InversionOptions(method=method).step_size,
-                                   record_every=record_every(steps, latent_numel) if check_assumption else 0)
-        try:
-            options.validate()
-        except ValueError as e:
-            raise ValueError(f"VAE Exact Encode: {e}") from None
+        if check_assumption:
+            # upper bound (video VAEs also compress time): only sizes the assumption check's budget
+            latent_numel = image.numel() // 3 // latent_cell(vae) ** 2 * vae.latent_channels
+            options = replace(options, record_every=record_every(steps, latent_numel))
         progress = comfy.utils.ProgressBar(steps)
         send = progress_sender(getattr(getattr(cls, "hidden", None), "unique_id", None))
 

@@ -17,10 +17,11 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..core import METHODS, InversionOptions, invert
+from ..core import InversionOptions, invert
 from ..core.temporal import invert_chunked
 from ..core.tiling import check_tiling, tiled_codec
-from .adapter import PRECISIONS, check_supported, is_video, latent_cell, temporal_factor, vae_codec
+from .adapter import check_supported, is_video, latent_cell, temporal_factor, vae_codec
+from .exact_encode import image_to_pixels, solver_inputs, solver_options
 
 # Stock VAE Encode's own fallback sizes when it runs out of memory (comfy/sd.py VAE.encode).
 FALLBACK = {2: dict(tile_size=512, overlap=64), 3: dict(tile_size=256, overlap=64)}
@@ -112,8 +113,8 @@ class VAEExactEncodeTiled(io.ComfyNode):
                 "inversion, with every encoder and decoder pass run tile by tile (tile_size / overlap, as in "
                 "VAE Encode (Tiled)) so the VAE only ever sees one tile. Causal video VAEs (Wan 2.1/2.2) are "
                 "also solved in chunks of temporal_size frames, each with temporal_overlap frames of the "
-                "already-solved past in front. The result is exact for the tiled decoder and is checked "
-                "against the whole decoder in the tests (within 0.3 dB on a 512 px photo)."),
+                "already-solved past in front. The result is exact for the tiled decoder (VAEs with "
+                "GroupNorm, such as TAEF2, decode tiles differently from the whole image)."),
             inputs=[
                 io.Image.Input("pixels", tooltip="The image batch, or the frames of one video for a video VAE."),
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: image VAEs and RGB video VAEs."),
@@ -132,13 +133,7 @@ class VAEExactEncodeTiled(io.ComfyNode):
                 io.Int.Input("steps", default=100, min=1, max=10000,
                              tooltip="Iterations per tile grid / time chunk; each costs one tiled decoder and "
                                      "one tiled encoder pass."),
-                io.Combo.Input("method", options=list(METHODS), default="adam",
-                               tooltip="As in VAE Exact Encode: adam (the paper's), forward, km, anderson, or the "
-                                       "gradient baseline (backpropagates through the tiled decoder)."),
-                io.Float.Input("learning_rate", default=1.0, min=0.0001, max=100.0, step=0.01, optional=True,
-                               tooltip="(advanced) Multiplier on the method's tuned step, as in VAE Exact Encode."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
-                               tooltip="(advanced) Dtype of the VAE passes; auto = the VAE's own."),
+                *solver_inputs(),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="Same format as VAE Encode (Tiled)'s LATENT."),
@@ -150,21 +145,8 @@ class VAEExactEncodeTiled(io.ComfyNode):
     @classmethod
     def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap, steps, method,
                 learning_rate=1.0, precision="auto") -> io.NodeOutput:
-        from .exact_encode import image_to_pixels
-
         check_supported(vae)
-        if method not in METHODS:
-            raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
-        options = InversionOptions(method=method, steps=steps,
-                                   lr=learning_rate * InversionOptions(method=method).step_size)
-        try:
-            options.validate()
-        except ValueError as e:
-            raise ValueError(f"VAE Exact Encode (Tiled): {e}") from None
+        options = solver_options("VAE Exact Encode (Tiled)", method, steps, learning_rate, precision)
         x = image_to_pixels(pixels, vae)
         result = run_tiled(vae, x, options, precision, tile_size, overlap, temporal_size, temporal_overlap)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)
