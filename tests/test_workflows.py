@@ -32,17 +32,10 @@ OUTPUT_NODES = {"SaveImage", "PreviewImage", "PreviewAny"}
 
 @pytest.fixture(scope="module")
 def server(host):
-    import torch
-    from safetensors.torch import save_file
-
-    from tests.support.models import seeded_weights
-    from comfy.taesd.taesd import TAESD
+    from tests.support.models import write_random_taesd_file
 
     with ComfyServer() as s:
-        vae_dir = s.base / "models" / "vae"
-        vae_dir.mkdir(parents=True, exist_ok=True)
-        weights = seeded_weights(TAESD(latent_channels=4).state_dict(), seed=3)
-        save_file({k: v.contiguous().to(torch.float32) for k, v in weights.items()}, str(vae_dir / TEST_VAE))
+        write_random_taesd_file(s.base / "models", TEST_VAE, seed=3)
         with Image.open(s.image_source) as img:  # a centred SIZE px square of the test photo
             side = min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2

@@ -3,6 +3,7 @@ full-size architectures (random weights: shapes, dtypes and plumbing only, never
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -103,3 +104,15 @@ def random_audio_vae():
     from comfy.ldm.audio.autoencoder import AudioOobleckVAE
 
     return comfy.sd.VAE(sd=AudioOobleckVAE().state_dict())
+
+
+def write_random_taesd_file(models_dir, name: str, seed: int):
+    """A seeded random TAESD-family VAE saved as <models_dir>/vae/<name>, which stock Load VAE
+    detects by its keys: lets shipped workflows (that name a user's VAE) run on the test server."""
+    from safetensors.torch import save_file
+    from comfy.taesd.taesd import TAESD
+
+    vae_dir = Path(models_dir) / "vae"
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    weights = seeded_weights(TAESD(latent_channels=4).state_dict(), seed)
+    save_file({k: v.contiguous().to(torch.float32) for k, v in weights.items()}, str(vae_dir / name))
