@@ -7,9 +7,10 @@ from .diagnostics import InversionDiagnostics
 from .exact_encode import VAEExactEncode
 from .treering import TreeRingDetect, TreeRingKeyNode, TreeRingWatermarkedNoise
 from .diffusion_inversion import DiffusionInversion
+from .drift import VAERoundTripDrift
 
 NODES = [VAEExactEncode, InversionDiagnostics,
-         TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect]
+         TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect, VAERoundTripDrift]
 
 
 class ExactEncodeExtension(ComfyExtension):
