@@ -8,9 +8,11 @@ from .exact_encode import VAEExactEncode
 from .treering import TreeRingDetect, TreeRingKeyNode, TreeRingWatermarkedNoise
 from .diffusion_inversion import DiffusionInversion
 from .drift import VAERoundTripDrift
+from .inpaint import ImageMaskedError, VAEExactEncodeForInpaint
 
 NODES = [VAEExactEncode, InversionDiagnostics,
-         TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect, VAERoundTripDrift]
+         TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect, VAERoundTripDrift,
+         VAEExactEncodeForInpaint, ImageMaskedError]
 
 
 class ExactEncodeExtension(ComfyExtension):
