@@ -27,7 +27,8 @@ SIZE = 128  # px: 16x16 latents for the 8x VAEs
 REPLACE = {"CheckpointLoaderSimple": "ExactEncodeTestCheckpointLoader",
            "CLIPTextEncode": "ExactEncodeTestConditioning"}
 TEST_KEY = core.TreeRingKey((4, SIZE // 8, SIZE // 8), "ring", radius=5, channel=3, seed=12345)
-OUTPUT_NODES = {"SaveImage", "PreviewImage", "PreviewAny"}
+OUTPUT_NODES = {"SaveImage", "PreviewImage", "PreviewAny", "VAERoundTripDrift", "ImageMaskedError"}
+MASKED_IMAGE = "example_masked.png"  # for Load Image nodes whose MASK output is used
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,13 @@ def server(host):
         with Image.open(s.image_source) as img:  # a centred SIZE px square of the test photo
             side = min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2
-            img.convert("RGB").crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS) \
-                .save(s.input_dir / "example.png")
+            square = img.convert("RGB").crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS)
+        square.save(s.input_dir / "example.png")
+        masked = square.convert("RGBA")  # Load Image's MASK is 1 - alpha: a transparent centre to inpaint
+        alpha = Image.new("L", (SIZE, SIZE), 255)
+        alpha.paste(0, (SIZE // 4, SIZE // 4, SIZE * 3 // 4, SIZE * 3 // 4))
+        masked.putalpha(alpha)
+        masked.save(s.input_dir / MASKED_IMAGE)
         yield s
 
 
@@ -58,6 +64,10 @@ def overrides_for(ui: dict, image: str = "example.png", kind: str = "eps", steps
         "VAELoader": {"vae_name": TEST_VAE},
         "LoadImage": {"image": image},
         "VAEExactEncode": {"steps": encode_steps},
+        "VAEExactEncodeForInpaint": {"steps": encode_steps},
+        "VAERoundTripDrift": {"steps": encode_steps, "generations": 2},
+        "KSampler": {"steps": steps},
+        "ImageScaleBy": {"scale_by": 1.5},
         "CheckpointLoaderSimple": {"kind": kind},
         "EmptyLatentImage": {"width": SIZE, "height": SIZE},
         "BasicScheduler": {"steps": steps},
@@ -65,7 +75,12 @@ def overrides_for(ui: dict, image: str = "example.png", kind: str = "eps", steps
         "TreeRingKey": {"radius": TEST_KEY.radius},
         "TreeRingDetect": {"key_json": key_json or TEST_KEY.to_json()},
     }
-    return {n["id"]: dict(by_type[n["type"]]) for n in ui["nodes"] if n["type"] in by_type}
+    out = {n["id"]: dict(by_type[n["type"]]) for n in ui["nodes"] if n["type"] in by_type}
+    for n in ui["nodes"]:
+        if n["type"] == "LoadImage" and image == "example.png" and any(
+                o["name"] == "MASK" and o.get("links") for o in n["outputs"]):
+            out[n["id"]]["image"] = MASKED_IMAGE
+    return out
 
 
 def run_graph(server, ui, overrides):
