@@ -202,3 +202,34 @@ def test_corrupt_key_json_fails_at_execution_naming_the_fix(server):
     error = execution_error(entry)
     assert error is not None and error["node_type"] == "TreeRingDetect", entry["status"]
     assert "key: not valid JSON" in error["exception_message"] and "paste the complete JSON" in error["exception_message"]
+
+
+def drift_rows(report: str) -> dict[int, tuple[float, float]]:
+    """generation -> (stock dB, exact dB) from VAE Round-Trip Drift's report."""
+    return {int(line.split()[0]): (float(line.split()[1]), float(line.split()[2]))
+            for line in report.splitlines() if line.strip()[:1].isdigit()}
+
+
+def test_drift_workflow_on_real_taef2_exact_beats_stock_after_five_generations(server):
+    """round_trip_drift.json as shipped (5 generations), Load VAE swapped for the real TAEF2 weights,
+    the 128 px test photo, 5 exact-encode steps per generation to keep CI short."""
+    ui = json.loads((WORKFLOWS[0].parent / "round_trip_drift.json").read_text())
+    overrides = overrides_for(ui)
+    drift = next(n["id"] for n in ui["nodes"] if n["type"] == "VAERoundTripDrift")
+    loader = next(n["id"] for n in ui["nodes"] if n["type"] == "VAELoader")
+    overrides[drift] = {"steps": 5}  # generations stay as shipped
+    overrides[loader] = {"name": "taef2"}
+    prompt = to_api(ui, server.get("/object_info"), overrides,
+                    replace={**REPLACE, "VAELoader": "ExactEncodeTestVAELoader"})
+    assert prompt[str(drift)]["inputs"]["generations"] == 5
+    entry = server.run(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
+    report = entry["outputs"][str(drift)]["text"][0]
+    print("\n" + report)
+    rows = drift_rows(report)
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    stock, exact = rows[5]
+    assert exact > stock
+    assert all(rows[g][0] > rows[g + 1][0] for g in range(1, 5))  # stock drift compounds
+    images = [n for n in prompt if prompt[n]["class_type"] == "PreviewImage"]
+    assert all(entry["outputs"][n]["images"] for n in images)
