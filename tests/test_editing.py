@@ -163,3 +163,16 @@ def test_image_masked_error_node(pack_nodes, photos64):
         node.execute(ref, edited, "outside mask", 0, None)
     with pytest.raises(ValueError, match="image: 32x64 px but reference: 64x64 px"):
         node.execute(ref, edited[:, :, :32], "whole image", 0, None)
+
+
+def test_core_invert_weight_selects_by_the_weighted_error_and_checks_its_shape():
+    codec = _linear_codec()
+    x = codec.decode(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.4 + 0.2)
+    keep = torch.zeros(1, 1, 8, 8)
+    keep[..., :4] = 1.0
+    r = core.invert(codec, x, core.InversionOptions(method="forward", lr=0.8, steps=10), weight=keep)
+    z_keep = core.region_error(codec.decode(r.latent), x, keep)[0]["psnr"]
+    assert r.samples[0].psnr_best == pytest.approx(z_keep, abs=1e-3)  # PSNR reported over the weighted region
+    with pytest.raises(ValueError, match=r"weight must be \(B or 1, 1, H, W\)"):
+        core.invert(codec, x, steps=2, weight=torch.ones(1, 1, 4, 4))
+    assert core.region_error(x, x, torch.zeros(1, 1, 8, 8))[0] == {"psnr": None, "max_abs": None, "pixels": 0}
