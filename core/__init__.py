@@ -9,16 +9,18 @@ in pure PyTorch (no ComfyUI import).
     ('naive', 'exact')
 """
 from .codec import Codec
+from .drift import DriftResult, drift
 from .diffusion_inversion import MODES as INVERSION_MODES
 from .diffusion_inversion import DiffusionInversionResult, invert_euler, noise_scale, sample_euler
-from .metrics import nmse_db, per_sample_mse, psnr_from_mse
+from .metrics import nmse_db, per_sample_mse, per_sample_weighted_mse, psnr_from_mse, region_error
 from .result import InversionResult, SampleStats
 from .solver import DEFAULT_LR, METHODS, InversionOptions, invert
 from .treering import (PATTERNS, SIGMA_ESTIMATORS, Detection, TreeRingKey, WatermarkKeyError, detect, inject,
                        spectrum, spectrum_image)
 
 __all__ = ["Codec", "invert", "InversionOptions", "InversionResult", "SampleStats", "METHODS",
-           "DEFAULT_LR", "nmse_db", "per_sample_mse", "psnr_from_mse",
+           "DEFAULT_LR", "nmse_db", "per_sample_mse", "per_sample_weighted_mse", "psnr_from_mse", "region_error",
+           "drift", "DriftResult",
            "TreeRingKey", "WatermarkKeyError", "Detection", "PATTERNS", "SIGMA_ESTIMATORS", "inject", "detect",
            "spectrum", "spectrum_image",
            "INVERSION_MODES", "DiffusionInversionResult", "invert_euler", "sample_euler", "noise_scale"]

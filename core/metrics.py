@@ -37,3 +37,35 @@ def ratio_db(num: Tensor, den: Tensor) -> Tensor:
 def nmse_db(z: Tensor, z_ref: Tensor) -> Tensor:
     """The paper's latent error: 10 log10(||z - z_ref||^2 / ||z_ref||^2) per sample."""
     return ratio_db(per_sample_norm(z.float() - z_ref.float()), per_sample_norm(z_ref))
+
+
+def per_sample_weighted_mse(a: Tensor, b: Tensor, weight: Tensor | None) -> Tensor:
+    """MSE per batch item with per-pixel weights (B or 1, 1, H, W) in [0, 1] on (B, C, H, W) images:
+    sum(w (a - b)^2) / sum(w) over pixels and channels. A sample whose weights are all zero gets
+    the plain MSE (no region to weight). weight=None is per_sample_mse."""
+    if weight is None:
+        return per_sample_mse(a, b)
+    sq = (a.float() - b.float()).pow(2)
+    w = weight.float().to(sq.device).expand(sq.shape[0], 1, *sq.shape[2:])
+    total = w.flatten(1).sum(1) * sq.shape[1]
+    weighted = (sq * w).flatten(1).sum(1) / total.clamp_min(1e-12)
+    return torch.where(total > 0, weighted, sq.flatten(1).mean(1))
+
+
+def region_error(a: Tensor, b: Tensor, region: Tensor | None = None) -> list[dict]:
+    """PSNR (dB, +inf when identical) and max absolute error of a vs b (B, C, H, W) per sample,
+    over the pixels where `region` (B or 1, 1, H, W) > 0.5 (all pixels when None). A sample with
+    an empty region gets None values and pixels = 0."""
+    diff = (a.float() - b.float()).abs()
+    if region is None:
+        region = torch.ones_like(diff[:, :1])
+    sel = (region.float().to(diff.device) > 0.5).expand(diff.shape[0], 1, *diff.shape[2:])
+    out = []
+    for i in range(diff.shape[0]):
+        d = diff[i][:, sel[i, 0]]
+        if d.numel() == 0:
+            out.append({"psnr": None, "max_abs": None, "pixels": 0})
+            continue
+        out.append({"psnr": float(psnr_from_mse(float(d.pow(2).mean()))), "max_abs": float(d.max()),
+                    "pixels": int(sel[i, 0].sum())})
+    return out

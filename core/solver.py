@@ -17,7 +17,7 @@ import torch
 
 from .codec import Codec
 from .diagnostics import cocoercivity
-from .metrics import per_sample_mse, per_sample_norm, psnr_from_mse, ratio_db
+from .metrics import per_sample_mse, per_sample_norm, per_sample_weighted_mse, psnr_from_mse, ratio_db
 from .result import InversionResult, SampleStats
 from .steppers import Adam, Anderson, Forward, InertialKM
 
@@ -89,7 +89,8 @@ def _check_image(image: Tensor) -> None:
 
 def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
            callback: Callable[[int, int, dict], None] | None = None, *,
-           target_latent: Tensor | None = None, **overrides) -> InversionResult:
+           target_latent: Tensor | None = None, weight: Tensor | None = None,
+           **overrides) -> InversionResult:
     """Invert the decoder at `image` (B, 3, H, W) in [0, 1]; returns the best latent per sample.
 
     Videos (B, 3, T, H, W) with 5-D latents work the same way: every per-sample measure (pixel
@@ -99,6 +100,11 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
     info = {"psnr": [...], "residual_db": [...], "active": [...]}; raising from it aborts the run
     (that is how a host cancels). `target_latent` replaces E(x) as the target and the start, for
     callers whose codec cannot see all the pixels the target depends on (core.temporal's chunks). Runs under torch.inference_mode except for the gradient method.
+
+    `weight` (B or 1, 1, H, W) in [0, 1], optional: the pixel error that picks the best iterate
+    (and that PSNR reports) is weighted by it, e.g. 1 - inpaint mask to be exact where the image is
+    kept; the gradient-free iteration itself is unchanged (its residual is over the whole latent), the
+    gradient baseline minimises the weighted error.
 
     Example (a linear "autoencoder" whose encoder is not the decoder's inverse):
         >>> import torch
@@ -113,10 +119,14 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
     """
     opts = replace(options or InversionOptions(), **overrides).validate()
     _check_image(image)
+    if weight is not None and (weight.ndim != 4 or weight.shape[1] != 1 or weight.shape[2:] != image.shape[2:]
+                               or weight.shape[0] not in (1, image.shape[0])):
+        raise ValueError(f"weight must be (B or 1, 1, H, W) matching image {tuple(image.shape)}; "
+                         f"got {tuple(weight.shape)}")
     if opts.method == "gradient":
-        return _run(codec, image, opts, callback, target_latent)
+        return _run(codec, image, opts, callback, target_latent, weight)
     with torch.inference_mode():
-        return _run(codec, image, opts, callback, target_latent)
+        return _run(codec, image, opts, callback, target_latent, weight)
 
 
 def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
@@ -135,11 +145,14 @@ def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
     return None
 
 
-def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None) -> InversionResult:
+def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
+         weight=None) -> InversionResult:
     start = time.perf_counter()
     device, dtype = codec.device, codec.dtype
     x = image.to(device=device, dtype=torch.float32)
     x_in = x.to(dtype)
+    if weight is not None:
+        weight = weight.to(device=device, dtype=torch.float32)
     with torch.inference_mode():  # the encoder never needs autograd, not even for "gradient"
         e0 = (codec.encode(x_in) if target_latent is None else target_latent.to(device)).float()
     batch = e0.shape[0]
@@ -183,7 +196,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
             with torch.inference_mode(False), torch.enable_grad():
                 zg = z.detach().requires_grad_(True)
                 xk = decode_grad(zg)
-                err = per_sample_mse(xk, x)
+                err = per_sample_weighted_mse(xk, x, weight)
                 if k < opts.steps:
                     (grad,) = torch.autograd.grad(err.sum(), zg)
             err = err.detach()
@@ -196,7 +209,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
                 res = torch.full_like(err, float("nan"))
         else:
             xk = codec.decode(z.to(dtype))
-            err = per_sample_mse(xk, x)
+            err = per_sample_weighted_mse(xk, x, weight)
             grad = codec.encode(xk).float().sub_(e0)
             res = ratio_db(per_sample_norm(grad), e0_norm)
             t_k = grad

@@ -8,8 +8,11 @@ from .exact_encode import VAEExactEncode
 from .exact_encode_tiled import VAEExactEncodeTiled
 from .treering import TreeRingDetect, TreeRingKeyNode, TreeRingWatermarkedNoise
 from .diffusion_inversion import DiffusionInversion
+from .drift import VAERoundTripDrift
+from .inpaint import ImageMaskedError, VAEExactEncodeForInpaint
 
-NODES = [VAEExactEncode, VAEExactEncodeTiled, InversionDiagnostics,
+NODES = [VAEExactEncode, VAEExactEncodeTiled, InversionDiagnostics, VAERoundTripDrift,
+         VAEExactEncodeForInpaint, ImageMaskedError,
          TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect]
 
 

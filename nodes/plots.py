@@ -90,3 +90,28 @@ def error_map_plot(title: str, error_encoder: Optional[torch.Tensor], error_late
         ax.set_yticks([])
     fig.colorbar(im, ax=list(axes), shrink=0.8, extend="max", label="absolute error (0-1 scale)")
     return _render(fig)
+
+
+def drift_plot(title: str, psnr: dict[str, Sequence[float]], colors: Optional[dict[str, str]] = None) -> torch.Tensor:
+    """PSNR against the original per generation (1..G), one line per chain (e.g. stock VAE Encode vs
+    VAE Exact Encode), each labelled with its last value. +inf (a bit-exact chain) is drawn at the
+    top edge of the plot and labelled "exact"."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("generation (encode -> decode passes)")
+    ax.set_ylabel("PSNR vs original (dB)")
+    ax.grid(alpha=0.3)
+    finite = [v for vs in psnr.values() for v in vs if v is not None and math.isfinite(v)]
+    top = (max(finite) + 3.0) if finite else 60.0
+    palette = iter(["tab:red", "tab:blue", "tab:green", "tab:purple"])
+    for name, values in psnr.items():
+        gens = list(range(1, len(values) + 1))
+        ys = [top if (v is not None and v == math.inf) else v for v in values]
+        last = values[-1]
+        label = f"{name}: {'exact' if last == math.inf else f'{last:.2f} dB'} after {len(values)}"
+        ax.plot(gens, ys, "o-", lw=1.8, color=(colors or {}).get(name) or next(palette), label=label)
+    if psnr:
+        ax.set_xticks(list(range(1, max(len(v) for v in psnr.values()) + 1)))
+        ax.legend(loc="best", fontsize=9, framealpha=0.85)
+    return _render(fig)
