@@ -126,14 +126,16 @@ def random_vaes(host):
 @pytest.mark.parametrize("name, channels", [("sd_4ch", 4), ("flux_16ch", 16), ("taesd_4ch", 4)])
 def test_full_size_random_architectures_shapes_dtypes_devices(name, channels, random_vaes, photos64,
                                                               run_node, stock):
-    """Seeded random weights: plumbing only (their PSNR means nothing)."""
+    """Seeded random weights: plumbing only (their PSNR means nothing). bf16 runs on a 16 px crop:
+    CPUs without native bf16 emulate it, and a full-size decoder at 64 px then takes minutes."""
     vae = random_vaes[name]
     image = torch.cat([photos64["astronaut"], photos64["rocket"]])
-    theirs = stock.encode(vae, image)
-    for method, precision in (("adam", "auto"), ("km", "bf16"), ("gradient", "auto")):
-        ours, summary = run_node(image, vae, steps=2, method=method, precision=precision)
+    for method, precision, px in (("adam", "auto", 64), ("km", "bf16", 16), ("gradient", "auto", 64)):
+        crop = image[:, :px, :px]
+        theirs = stock.encode(vae, crop)
+        ours, summary = run_node(crop, vae, steps=2, method=method, precision=precision)
         s = ours["samples"]
-        assert s.shape == theirs["samples"].shape == (2, channels, 8, 8)
+        assert s.shape == theirs["samples"].shape == (2, channels, px // 8, px // 8)
         assert (s.dtype, s.device) == (torch.float32, theirs["samples"].device)
         assert torch.isfinite(s).all() and summary.count("image ") == 2
 
