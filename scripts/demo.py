@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="photo to encode (default: astronaut.png from the shared images, $EXACT_ENCODE_SHARED)")
     p.add_argument("--size", type=int, default=128, help="side of the centre-cropped square, px")
     p.add_argument("--steps", type=int, default=100, help="VAE Exact Encode iterations")
-    p.add_argument("--method", default="adam", help="VAE Exact Encode method")
+    p.add_argument("--method", default="anderson", help="VAE Exact Encode method (the node's default; adam = the paper's)")
     p.add_argument("--vae", choices=VAES, default="taef2", help="shared test VAE")
     p.add_argument("--out", type=Path, default=Path("output/demo"), help="where the PNGs are copied")
     p.add_argument("--timeout", type=float, default=None,
