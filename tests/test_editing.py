@@ -98,7 +98,7 @@ def inpaint_case(pack_nodes, taef2, photos64, host):
         stock_inpaint = n.VAEEncodeForInpaint().encode(taef2, image, mask, 6)[0]
         stock = n.SetLatentNoiseMask().set_mask(n.VAEEncode().encode(taef2, image)[0], mask)[0]
         full = core.invert(pack_nodes.adapter.vae_codec(taef2), image.movedim(-1, 1),
-                           core.InversionOptions(steps=20)).latent
+                           core.InversionOptions(method="adam", steps=20)).latent  # same method as the node
         decode = lambda lat: n.VAEDecode().decode(taef2, {"samples": lat})[0]  # noqa: E731
         decoded = {"exact": decode(exact["samples"]), "stock": decode(stock["samples"]),
                    "exact, unweighted selection": decode(full)}
