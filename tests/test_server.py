@@ -13,7 +13,7 @@ from tests.support.server import ComfyServer, execution_error
 
 SIZE = 64
 STEPS = 10
-ENCODER_INPUTS = {"pixels", "vae", "steps", "method", "learning_rate", "precision", "tolerance"}
+ENCODER_INPUTS = {"pixels", "vae", "steps", "method", "learning_rate", "precision", "tolerance", "check_assumption"}
 
 
 @pytest.fixture(scope="module")
@@ -101,4 +101,4 @@ def test_web_extension_is_served(server):
     ours = [s for s in scripts if s.endswith("/exact_encode.js")]
     assert ours, scripts
     status, body = server._request(ours[0])  # JS is not JSON: the raw text comes back
-    assert status == 200 and "exact_encode.summary" in str(body)
+    assert status == 200 and "exact_encode.feedback" in str(body) and "exact_encode.progress" in str(body)
