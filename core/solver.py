@@ -17,7 +17,7 @@ import torch
 
 from .codec import Codec
 from .diagnostics import cocoercivity
-from .metrics import per_sample_mse, per_sample_norm, per_sample_weighted_mse, psnr_from_mse, ratio_db
+from .metrics import per_sample_norm, per_sample_weighted_mse, psnr_from_mse, ratio_db
 from .result import InversionResult, SampleStats
 from .steppers import Adam, Anderson, Forward, InertialKM
 

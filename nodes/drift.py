@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..core import METHODS, InversionOptions, drift, invert
 from . import plots
 from .adapter import check_supported, vae_codec
-from .exact_encode import image_to_pixels
+from .exact_encode import image_to_pixels, solver_options
 
 STOCK, EXACT = "stock VAE Encode", "VAE Exact Encode"
 
@@ -56,11 +56,11 @@ class VAERoundTripDrift(io.ComfyNode):
             raise ValueError(f"generations: must be an integer >= 1 (5 shows the effect); got {generations!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: must be an integer >= 1 (100 follows the paper); got {steps!r}")
-        if method not in METHODS or method == "gradient":
+        if method == "gradient":
             raise ValueError(f"method: one of {', '.join(m for m in METHODS if m != 'gradient')}; got {method!r}")
+        options = solver_options("VAE Round-Trip Drift", method, steps, 1.0, "auto")
         pixels = image_to_pixels(image, vae, input_name="image")
         codec = vae_codec(vae, "auto", tuple(pixels.shape))
-        options = InversionOptions(method=method, steps=steps).validate()
         progress = comfy.utils.ProgressBar(2 * generations * (steps + 2))
         done = [0]
 

@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 
 from ..core import METHODS, InversionOptions, invert, region_error
 from .adapter import check_supported, latent_cell, vae_codec
-from .exact_encode import image_to_pixels, record_every
+from .exact_encode import image_to_pixels, solver_options
 
 MASKED_AREA = ("keep", "grey")
 REGIONS = ("outside mask", "inside mask", "whole image")
@@ -101,8 +101,7 @@ class VAEExactEncodeForInpaint(io.ComfyNode):
                 masked_area="keep") -> io.NodeOutput:
         method = InversionOptions().method if method is None else method
         check_supported(vae)
-        if method not in METHODS:
-            raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
+        options = solver_options("VAE Exact Encode (for Inpaint)", method, steps, 1.0, "auto")
         if masked_area not in MASKED_AREA:
             raise ValueError(f"masked_area: must be one of {', '.join(MASKED_AREA)}; got {masked_area!r}")
         if not isinstance(grow_mask_by, int) or not 0 <= grow_mask_by <= 64:
@@ -114,8 +113,6 @@ class VAEExactEncodeForInpaint(io.ComfyNode):
         noise_mask = grow(m, grow_mask_by)
         if masked_area == "grey":
             image = (image - 0.5) * (1.0 - m.round()) + 0.5
-        options = InversionOptions(method=method, steps=steps,
-                                   lr=InversionOptions(method=method).step_size).validate()
         codec = vae_codec(vae, "auto", tuple(image.shape))
         progress = comfy.utils.ProgressBar(steps)
 
