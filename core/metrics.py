@@ -69,3 +69,25 @@ def region_error(a: Tensor, b: Tensor, region: Tensor | None = None) -> list[dic
         out.append({"psnr": float(psnr_from_mse(float(d.pow(2).mean()))), "max_abs": float(d.max()),
                     "pixels": int(sel[i, 0].sum())})
     return out
+
+
+class PixelError:
+    """per_sample_weighted_mse against a fixed target `x`, computed in a buffer allocated once:
+    the solver calls it every iteration and must not allocate image-sized temporaries. Not for
+    autograd (it writes into its buffer); the gradient baseline uses per_sample_weighted_mse."""
+
+    def __init__(self, x: Tensor, weight: Tensor | None = None):
+        self.x = x.float()
+        self.buf = torch.empty_like(self.x)
+        self.w = None
+        if weight is not None:
+            self.w = weight.float().to(x.device).expand(x.shape[0], 1, *x.shape[2:])
+            self.total = self.w.flatten(1).sum(1) * x.shape[1]
+
+    def __call__(self, a: Tensor) -> Tensor:
+        sq = torch.sub(a, self.x, out=self.buf).square_()
+        plain = sq.flatten(1).mean(1)
+        if self.w is None:
+            return plain
+        weighted = sq.mul_(self.w).flatten(1).sum(1) / self.total.clamp_min(1e-12)
+        return torch.where(self.total > 0, weighted, plain)

@@ -17,7 +17,7 @@ import torch
 
 from .codec import Codec
 from .diagnostics import cocoercivity
-from .metrics import per_sample_norm, per_sample_weighted_mse, psnr_from_mse, ratio_db
+from .metrics import PixelError, per_sample_norm, per_sample_weighted_mse, psnr_from_mse, ratio_db
 from .result import InversionResult, SampleStats
 from .steppers import Adam, Anderson, Forward, InertialKM
 
@@ -49,6 +49,11 @@ class InversionOptions:
     # assumption along the trajectory (core.diagnostics.cocoercivity); 0 keeps none. Costs
     # 2 x latent size per kept iterate in host memory and one device-to-host copy each.
     record_every: int = 0
+    # The loop reads its per-sample stats back to the host only every `sync_every` iterations
+    # (and at least every 0.25 s): stop rules and the callback act at those points, so the device
+    # never idles waiting for the host in between. A batch whose samples all stopped early runs
+    # at most sync_every - 1 extra (zero-step) iterations; results are the same for any value.
+    sync_every: int = 8
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHODS:
@@ -69,6 +74,8 @@ class InversionOptions:
             raise ValueError(f"record_every must be >= 0 (0 turns it off); got {self.record_every!r}")
         if self.record_every > 0 and self.method == "gradient" and not self.track_residual:
             raise ValueError("record_every needs the residual: set track_residual=True for 'gradient'")
+        if int(self.sync_every) != self.sync_every or self.sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1; got {self.sync_every!r}")
         if not self.divergence > 1:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
         return self
@@ -129,20 +136,55 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
         return _run(codec, image, opts, callback, target_latent, weight)
 
 
-def _stop_reason(err: float, res_db: float, res0_db: float, since_best: int,
-                 opts: InversionOptions) -> str | None:
-    """Why one sample stops after this evaluation, or None."""
-    tracked = opts.method != "gradient" or opts.track_residual
-    if not math.isfinite(err) or (tracked and (math.isnan(res_db) or res_db == math.inf)):
-        return "diverged"
-    # A floor on the reference: an exact initial fixed point has a residual of -inf dB.
-    if tracked and res_db > max(res0_db, -120.0) + 20 * math.log10(opts.divergence):
-        return "diverged"
-    if tracked and opts.tolerance > 0 and res_db <= 20 * math.log10(opts.tolerance):
-        return "tolerance"
-    if opts.patience > 0 and since_best >= opts.patience:
-        return "patience"
-    return None
+STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience")  # codes 0..3 on the device
+SYNC_SECONDS = 0.25  # read the stats back at least this often, so progress and cancelling stay live
+
+
+class _Book:
+    """The per-sample bookkeeping of one run, kept on the device so the loop never waits for it:
+    the trace, the best iterate, and the stop rules (diverged > tolerance > patience)."""
+
+    def __init__(self, z: Tensor, opts: InversionOptions):
+        batch, device = z.shape[0], z.device
+        self.opts, self.view = opts, (batch,) + (1,) * (z.ndim - 1)
+        self.tracked = opts.method != "gradient" or opts.track_residual
+        self.best_z = z.clone()
+        self.best_err = torch.full((batch,), math.inf, device=device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self.active_f = torch.ones(self.view, device=device)  # the steppers' 0/1 mask
+        self.since_best = torch.zeros(batch, dtype=torch.long, device=device)
+        self.best_iteration = torch.zeros(batch, dtype=torch.long, device=device)
+        self.stopped_at = torch.full((batch,), opts.steps, dtype=torch.long, device=device)
+        self.reason = torch.zeros(batch, dtype=torch.long, device=device)
+        # rows: pixel MSE, residual dB, active after the stop rules; NaN once a sample stopped
+        self.trace = torch.full((3, opts.steps + 1, batch), math.nan, device=device)
+
+    def record(self, k: int, z: Tensor, err: Tensor, res: Tensor) -> None:
+        opts, active = self.opts, self.active
+        self.trace[0, k].copy_(err).masked_fill_(~active, math.nan)
+        self.trace[1, k].copy_(res).masked_fill_(~active, math.nan)
+        improved = (err < self.best_err) & active
+        torch.where(improved, err, self.best_err, out=self.best_err)
+        torch.where(improved.view(self.view), z, self.best_z, out=self.best_z)
+        self.best_iteration.masked_fill_(improved, k)
+        self.since_best.add_(1).masked_fill_(improved, 0)
+        code = torch.zeros_like(self.reason)
+        if opts.patience > 0:
+            code.masked_fill_(self.since_best >= opts.patience, 3)
+        if self.tracked and opts.tolerance > 0:
+            code.masked_fill_(res <= 20 * math.log10(opts.tolerance), 2)
+        bad = ~torch.isfinite(err)
+        if self.tracked:
+            # A floor on the reference: an exact initial fixed point has a residual of -inf dB.
+            limit = self.trace[1, 0].clamp_min(-120.0) + 20 * math.log10(opts.divergence)
+            bad |= res.isnan() | (res == math.inf) | (res > limit)
+        code.masked_fill_(bad, 1)
+        stop = active & (code > 0)
+        torch.where(stop, code, self.reason, out=self.reason)
+        self.stopped_at.masked_fill_(stop, k)
+        active &= ~stop
+        self.active_f.copy_(active.view(self.view))
+        self.trace[2, k].copy_(active)
 
 
 def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
@@ -172,6 +214,9 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         stepper = Adam(z, scale, opts.step_size, opts.steps, eps, schedule=opts.schedule)
     else:
         z = e0.clone()
+        pixel_error = PixelError(x, weight)
+        g = torch.empty_like(e0)  # the residual E(D(z)) - E(x), rewritten in place
+        z_in = z if dtype == torch.float32 else torch.empty_like(z, dtype=dtype)
         if opts.method == "adam":
             stepper = Adam(z, scale, opts.step_size, opts.steps, eps, schedule=opts.schedule)
         elif opts.method == "forward":
@@ -181,15 +226,9 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         else:
             stepper = InertialKM(z, opts.step_size, opts.momentum)
 
-    best_z = z.clone()
-    best_err = torch.full((batch,), float("inf"), device=device)
-    active = torch.ones(view, device=device)
-    act = [True] * batch
-    since_best = [0] * batch
-    stats: list[dict] = [dict(iterations=opts.steps, stop_reason="max_steps", best_iteration=0)
-                         for _ in range(batch)]
-    rows_err, rows_res = [], []
+    book = _Book(z, opts)
     kept: list[tuple[int, Tensor, Tensor]] = []  # (k, z_k, T z_k) when opts.record_every
+    synced, synced_at = -1, time.perf_counter()  # last iteration read back to the host, and when
 
     for k in range(opts.steps + 1):
         if opts.method == "gradient":
@@ -208,55 +247,47 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
             else:
                 res = torch.full_like(err, float("nan"))
         else:
-            xk = codec.decode(z.to(dtype))
-            err = per_sample_weighted_mse(xk, x, weight)
-            grad = codec.encode(xk).float().sub_(e0)
+            if z_in is not z:
+                z_in.copy_(z)
+            xk = codec.decode(z_in)
+            err = pixel_error(xk)
+            grad = t_k = torch.sub(codec.encode(xk), e0, out=g)
             res = ratio_db(per_sample_norm(grad), e0_norm)
-            t_k = grad
         del xk
         if opts.record_every and k % opts.record_every == 0:
             kept.append((k, z.detach().to("cpu", torch.float32, copy=True),
                          t_k.detach().to("cpu", torch.float32, copy=True)))
+        book.record(k, z, err, res)
 
-        improved = err < best_err
-        best_err = torch.where(improved, err, best_err)
-        best_z.copy_(torch.where(improved.view(view), z, best_z))
-        host = torch.stack([err, res, improved.float()]).cpu()  # the one sync per iteration
-        rows_err.append(host[0].clone())
-        rows_res.append(host[1].clone())
-        for b in range(batch):
-            if not act[b]:
-                rows_err[-1][b] = rows_res[-1][b] = float("nan")
-                continue
-            improved_b = bool(host[2, b])
-            since_best[b] = 0 if improved_b else since_best[b] + 1
-            if improved_b:
-                stats[b]["best_iteration"] = k
-            reason = _stop_reason(host[0, b].item(), host[1, b].item(), rows_res[0][b].item(),
-                                  since_best[b], opts)
-            if reason is not None:
-                act[b] = False
-                active[b] = 0.0
-                stats[b].update(iterations=k, stop_reason=reason)
-        if callback is not None:
-            callback(k, opts.steps, {
-                "psnr": [float(psnr_from_mse(v)) for v in rows_err[-1].tolist()],
-                "residual_db": rows_res[-1].tolist(), "active": list(act)})
-        if k == opts.steps or not any(act):
-            break
-        if not all(act):  # a stopped sample may hold NaN: keep it out of its frozen state
-            grad = torch.where(active.bool(), grad, 0.0)
-        stepper.step(z, grad, active)
+        # The stats reach the host only here, every sync_every iterations (or SYNC_SECONDS), and
+        # at the end: stop rules act and the callback sees each iteration at these points.
+        last = k == opts.steps
+        if last or k - synced >= opts.sync_every or time.perf_counter() - synced_at >= SYNC_SECONDS:
+            rows = book.trace[:, synced + 1:k + 1].cpu()
+            if callback is not None:
+                for j in range(rows.shape[1]):
+                    callback(synced + 1 + j, opts.steps, {
+                        "psnr": [float(psnr_from_mse(v)) for v in rows[0, j].tolist()],
+                        "residual_db": rows[1, j].tolist(), "active": [bool(a) for a in rows[2, j].tolist()]})
+            synced, synced_at = k, time.perf_counter()
+            if last or not rows[2, -1].any():
+                break
+        grad.masked_fill_(~book.active.view(view), 0.0)  # a stopped sample may hold NaN
+        stepper.step(z, grad, book.active_f)
 
+    stopped_at, best_it, reason = (t.tolist() for t in (book.stopped_at, book.best_iteration, book.reason))
+    stats = [dict(iterations=min(stopped_at[b], k), best_iteration=best_it[b], stop_reason=STOP_REASONS[reason[b]])
+             for b in range(batch)]
+    best_z = book.best_z
     coco = [None] * batch
     if kept:
         ks = [k for k, _, _ in kept]
         last = [max(i for i, k in enumerate(ks) if k <= stats[b]["iterations"]) for b in range(batch)]
         coco = cocoercivity([z for _, z, _ in kept], [t for _, _, t in kept], best_z.detach().cpu(), last)
         del kept
-    trace_err = torch.stack(rows_err)
-    trace_psnr = psnr_from_mse(trace_err)
-    trace_res = torch.stack(rows_res)
+    trace = book.trace[:, :max(s["iterations"] for s in stats) + 1].cpu()  # no rows after the last stop
+    trace_psnr = psnr_from_mse(trace[0])
+    trace_res = trace[1]
     samples = []
     for b in range(batch):
         last = stats[b]["iterations"]

@@ -1,7 +1,8 @@
 """Update rules behind `invert`: each turns the current point and a direction into the next point.
 
-All state is fp32 on the latent's device and every update is in place. `active` is a (B, 1, ...)
-0/1 mask: samples that have stopped get a zero step, so a batch behaves like separate runs.
+All state is fp32 on the latent's device, allocated once, and every update is in place (no
+latent-sized allocation per step). `active` is a (B, 1, ...) 0/1 float mask: samples that have
+stopped get a zero step, so a batch behaves like separate runs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Adam:
                  betas: tuple[float, float] = (0.9, 0.999), schedule: bool = True):
         self.m = torch.zeros_like(z0)
         self.v = torch.zeros_like(z0)
+        self.buf = torch.empty_like(z0)
         self.scale, self.lr, self.steps, self.betas, self.schedule = scale, lr, steps, betas, schedule
         self.eps = eps * scale
         self.t = 0
@@ -35,10 +37,9 @@ class Adam:
         self.t += 1
         self.m.mul_(b1).add_(g, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (self.v / (1 - b2**self.t)).sqrt_().add_(self.eps)
-        step = self.m / denom
-        step.mul_(self.scale * active * (lr / (1 - b1**self.t)))
-        z.sub_(step)
+        step = torch.div(self.v, 1 - b2**self.t, out=self.buf).sqrt_().add_(self.eps)  # denominator
+        torch.div(self.m, step, out=step).mul_(self.scale).mul_(active)
+        z.sub_(step, alpha=lr / (1 - b1**self.t))
 
 
 class Forward:
@@ -48,7 +49,7 @@ class Forward:
         self.rho = rho
 
     def step(self, z: Tensor, g: Tensor, active: Tensor) -> None:
-        z.sub_(g * (active * self.rho))
+        z.addcmul_(g, active, value=-self.rho)
 
 
 class InertialKM:
@@ -69,11 +70,14 @@ class InertialKM:
     def __init__(self, z0: Tensor, rho: float, alpha: float):
         self.rho, self.alpha = rho, alpha
         self.w_prev = z0.clone()
+        self.w = torch.empty_like(z0)
 
     def step(self, y: Tensor, g: Tensor, active: Tensor) -> None:
-        w = y - g * (active * self.rho)
-        y.copy_(w).add_((w - self.w_prev) * (active * self.alpha))
-        self.w_prev = w
+        w = torch.addcmul(y, g, active, value=-self.rho, out=self.w)
+        # w_prev <- alpha * active * (w - w_prev): the inertial term, in the old w_prev's storage
+        self.w_prev.sub_(w).mul_(active).mul_(-self.alpha)
+        y.copy_(w).add_(self.w_prev)
+        self.w_prev.copy_(w)
 
 
 class Anderson:
@@ -85,40 +89,49 @@ class Anderson:
     z_{k+1} = z_k + f_k - (dZ + dF) gamma.
     Safeguard: a sample whose residual grew since its last step takes the plain forward step and
     forgets its history (the solver still returns the best iterate).
+
+    The differences live in ring buffers (B, memory, N) allocated once; a forgotten or not yet
+    filled slot is all zeros, which the regularised solve maps to a zero coefficient.
     """
 
     def __init__(self, z0: Tensor, rho: float, memory: int = 5, reg: float = 1e-6):
         self.rho, self.memory, self.reg = rho, memory, reg
-        self.zs: list[Tensor] = []  # flattened (B, N) iterates, newest last
-        self.fs: list[Tensor] = []
-        self.valid: list[Tensor] = []  # (B,) bool: entry usable for this sample
+        b, n = z0.shape[0], z0[0].numel()
+        self.d_z = z0.new_zeros(b, memory, n)
+        self.d_f = z0.new_zeros(b, memory, n)
+        self.z_prev = z0.new_zeros(b, n)
+        self.f_prev = z0.new_zeros(b, n)
+        self.f = z0.new_empty(b, n)
+        self.update = z0.new_empty(b, 1, n)
+        self.eye = torch.eye(memory, device=z0.device, dtype=z0.dtype)
         self.prev_norm: Tensor | None = None
+        self.slot = 0
+        self.filled = 0  # differences written so far (host-side: testing the buffers would sync)
 
     def step(self, z: Tensor, g: Tensor, active: Tensor) -> None:
-        zf = z.flatten(1)
-        f = g.flatten(1) * -self.rho
-        norm = f.norm(dim=1)
-        keep = torch.ones_like(norm, dtype=torch.bool) if self.prev_norm is None else norm <= self.prev_norm
+        zf = z.view(z.shape[0], -1)  # z is the solver's own contiguous iterate
+        f = torch.mul(g.reshape(zf.shape), -self.rho, out=self.f)
+        norm = torch.linalg.vector_norm(f, dim=1)
+        if self.prev_norm is not None:
+            # safeguard: a sample whose residual grew forgets its history, including the newest
+            # difference (it spans the step that made things worse)
+            keep = (norm <= self.prev_norm).to(f.dtype)
+            self.d_z.mul_(keep[:, None, None])
+            self.d_f.mul_(keep[:, None, None])
+            s = self.slot
+            torch.sub(zf, self.z_prev, out=self.d_z[:, s]).mul_(keep[:, None])
+            torch.sub(f, self.f_prev, out=self.d_f[:, s]).mul_(keep[:, None])
+            self.slot = (s + 1) % self.memory
+            self.filled += 1
         self.prev_norm = norm
-        for v in self.valid:  # safeguard: forget the history of samples whose residual grew
-            v &= keep
-        self.zs.append(zf.clone())
-        self.fs.append(f)
-        self.valid.append(torch.ones_like(keep))
-        if len(self.zs) > self.memory + 1:
-            self.zs.pop(0), self.fs.pop(0), self.valid.pop(0)
-        update = f.clone()
-        if len(self.zs) > 1:
-            d_f = torch.stack([b - a for a, b in zip(self.fs[:-1], self.fs[1:])], dim=2)  # (B, N, m)
-            d_z = torch.stack([b - a for a, b in zip(self.zs[:-1], self.zs[1:])], dim=2)
-            ok = torch.stack([a & b for a, b in zip(self.valid[:-1], self.valid[1:])], dim=1)  # (B, m)
-            d_f = d_f * ok[:, None, :]
-            d_z = d_z * ok[:, None, :]
-            gram = d_f.transpose(1, 2) @ d_f  # (B, m, m)
+        self.z_prev.copy_(zf)
+        self.f_prev.copy_(f)
+        update = self.update
+        update[:, 0].copy_(f)
+        if self.filled:  # else no history yet: the plain forward step
+            gram = self.d_f @ self.d_f.transpose(1, 2)  # (B, m, m)
             scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-            eye = torch.eye(gram.shape[1], device=gram.device, dtype=gram.dtype)
-            gamma = torch.linalg.solve(gram + (self.reg * scale)[:, None, None] * eye,
-                                       (d_f.transpose(1, 2) @ f[:, :, None]))  # (B, m, 1)
-            update -= ((d_z + d_f) @ gamma)[:, :, 0]
-        # reshape, not a view of z: a channels-last latent flattens to a copy
-        z.add_((update * active.flatten(1)).reshape(z.shape))
+            gamma = torch.linalg.solve(gram + (self.reg * scale)[:, None, None] * self.eye,
+                                       self.d_f @ f[:, :, None]).transpose(1, 2)  # (B, 1, m)
+            update.baddbmm_(gamma, self.d_z, alpha=-1).baddbmm_(gamma, self.d_f, alpha=-1)
+        zf.addcmul_(update[:, 0], active.view(-1, 1))

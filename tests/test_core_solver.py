@@ -251,10 +251,73 @@ def test_callback_sees_every_iteration_and_can_cancel():
     assert seen == [(k, 10, 1) for k in range(5)]
 
 
+def test_host_reads_the_stats_only_every_sync_every_iterations(monkeypatch):
+    """The loop never waits for the device between sync points: the callback for iterations
+    k-3..k runs only once evaluation k is done, 4 at a time (decodes counted), and every k is still seen once."""
+    monkeypatch.setattr(solver, "SYNC_SECONDS", math.inf)  # only the iteration count triggers
+    codec, _ = linear_codec()
+    decodes = []
+    counting = Codec(codec.encode, lambda z: decodes.append(1) or codec.decode(z))
+    x, _ = target()
+    seen = []
+    invert(counting, x, steps=10, sync_every=4, callback=lambda k, total, info: seen.append((k, len(decodes))))
+    assert [k for k, _ in seen] == list(range(11))
+    assert [n for _, n in seen] == [4] * 4 + [8] * 4 + [11] * 3
+
+
+@pytest.mark.parametrize("method", ["adam", "forward", "km", "anderson"])
+def test_results_do_not_depend_on_sync_every(method):
+    codec, _ = linear_codec()
+    x, _ = target(batch=2)
+    runs = [invert(codec, x, method=method, steps=30, patience=3, tolerance=1e-3, sync_every=n) for n in (1, 7)]
+    assert torch.equal(runs[0].latent, runs[1].latent)
+    assert runs[0].samples == runs[1].samples
+    assert torch.equal(runs[0].trace_psnr.nan_to_num(), runs[1].trace_psnr.nan_to_num())
+
+
+@pytest.mark.parametrize("method", ["adam", "forward", "km", "anderson"])
+def test_the_loop_allocates_nothing_latent_sized_beyond_the_codec(method):
+    """Issue 4: in-place updates, no per-iteration allocation but the model's own. The profiler
+    records every CPU allocation; those of at least half a latent that happen outside the codec's
+    encode/decode must not grow with the number of steps (the codec's own do: not vacuous)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    up, pool = torch.nn.Upsample(scale_factor=8), torch.nn.AvgPool2d(8)
+
+    def in_codec(fn):
+        def run(t):
+            with record_function("codec"):
+                return fn(t)
+        return run
+
+    codec = Codec(in_codec(lambda x: 0.9 * pool(x)), in_codec(lambda z: up(z)))
+    x = torch.rand(1, 3, 128, 128)
+    latent_bytes = 3 * 16 * 16 * 4
+
+    def allocations(steps):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            invert(codec, x, method=method, steps=steps, sync_every=4)
+        inside = outside = 0
+        for e in prof.events():
+            if e.name == "codec" or e.cpu_memory_usage < latent_bytes // 2:
+                continue
+            parent = e.cpu_parent
+            while parent is not None and parent.name != "codec":
+                parent = parent.cpu_parent
+            inside += parent is not None
+            outside += parent is None
+        return inside, outside
+
+    (in_a, out_a), (in_b, out_b) = allocations(6), allocations(14)
+    assert in_b - in_a >= 8 * 2  # the codec's outputs: one image and one latent per iteration
+    assert out_b == out_a, (out_a, out_b)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
     (dict(tolerance=-0.1), "tolerance"), (dict(method="newton"), "method"),
     (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"), (dict(memory=0), "memory"),
+    (dict(sync_every=0), "sync_every"),
 ])
 def test_bad_options_are_rejected_with_the_name(kwargs, match):
     codec, _ = linear_codec()
