@@ -92,31 +92,42 @@ def loaded_types(page, name: str) -> tuple[list[str], list[str]]:
     return loaded, [t for t in loaded if t not in registered]
 
 
-def test_diagnostics_workflow_from_the_ui_shows_sparkline_and_report(server, page):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+def point_at_test_files(page, image: str, steps: int = STEPS) -> None:
+    """The shipped graph names sdxl_vae.safetensors and example.png; point it at the test files."""
+    page.evaluate("""([vae, image, steps]) => {
+        const set = (type, name, value) => {
+            const node = window.app.graph._nodes.find(n => n.type === type);
+            node.widgets.find(w => w.name === name).value = value;
+        };
+        set("VAELoader", "vae_name", vae);
+        set("LoadImage", "image", image);
+        set("VAEExactEncode", "steps", steps);
+    }""", [TEST_VAE, image, steps])
+
+
+def queue(page) -> None:
+    page.locator("canvas#graph-canvas").click(position={"x": 700, "y": 900})  # focus the canvas
+    page.keyboard.press("Control+Enter")  # Queue Prompt
+
+
+def small_test_image(server) -> str:
     from PIL import Image
 
-    small = server.base / "browser_small.png"  # 96 px: the test is about the UI, not the solver
+    small = server.base / "browser_small.png"  # 96 px: the tests are about the UI, not the solver
     Image.open(server.image_source).convert("RGB").resize((96, 96)).save(small)
-    image = server.add_input(small, "browser.png")
+    return server.add_input(small, "browser.png")
+
+
+def test_diagnostics_workflow_from_the_ui_shows_sparkline_and_report(server, page):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    image = small_test_image(server)
     try:
         open_template(page, "inversion_diagnostics")
 
         assert loaded_types(page, "inversion_diagnostics")[1] == []  # zero missing nodes
 
-        # The graph names sdxl_vae.safetensors and example.png; point them at the test files.
-        page.evaluate("""([vae, image, steps]) => {
-            const set = (type, name, value) => {
-                const node = window.app.graph._nodes.find(n => n.type === type);
-                node.widgets.find(w => w.name === name).value = value;
-            };
-            set("VAELoader", "vae_name", vae);
-            set("LoadImage", "image", image);
-            set("VAEExactEncode", "steps", steps);
-        }""", [TEST_VAE, image, STEPS])
-
-        page.locator("canvas#graph-canvas").click(position={"x": 700, "y": 900})  # focus the canvas
-        page.keyboard.press("Control+Enter")  # Queue Prompt
+        point_at_test_files(page, image)
+        queue(page)
 
         spark = page.locator(".exact-encode-sparkline")
         spark.wait_for(state="attached", timeout=240_000)
@@ -135,6 +146,32 @@ def test_diagnostics_workflow_from_the_ui_shows_sparkline_and_report(server, pag
     finally:
         page.screenshot(path=str(ARTIFACTS / "browser_diagnostics.png"))
     assert page.errors == []
+
+
+def test_sparkline_follows_the_node_into_a_subgraph(server, page):
+    """Inside a subgraph the server keys progress by execution id ("outer:inner"); the sparkline
+    must land on the inner VAE Exact Encode. The node is moved into a subgraph with the frontend's
+    own Convert to Subgraph, and the graph runs for real on the server (with its own step count:
+    ComfyUI would serve an identical graph from its cache, without progress events)."""
+    steps = STEPS - 3
+    image = small_test_image(server)
+    open_template(page, "inversion_diagnostics")
+    point_at_test_files(page, image, steps)
+    ids = page.evaluate("""() => {
+        const graph = window.app.graph;
+        const node = graph._nodes.find(n => n.type === "VAEExactEncode");
+        const {node: outer} = graph.convertToSubgraph(new Set([node]));
+        const inner = outer.subgraph._nodes.find(n => n.type === "VAEExactEncode");
+        return [outer.id, inner.id];
+    }""")
+    queue(page)
+    points = page.wait_for_function("""([outer, inner]) => {
+        const node = window.app.graph.getNodeById(outer)?.subgraph?.getNodeById(inner);
+        const points = Number(node?.widgets?.find(w => w.name === "exact_encode_sparkline")?.element.dataset.points);
+        return points === %d && points;
+    }""" % (steps + 1), arg=ids, timeout=240_000).json_value()
+    assert points == steps + 1
+    assert [e for e in page.errors if "exact_encode" in e] == []
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -92,9 +92,31 @@ function drawSparkline(el, steps) {
     (el.series.length > 1 ? ` · ${el.series.length} images` : "");
 }
 
+// The server keys a node inside a subgraph by its execution id, the path of node ids from the
+// root graph ("5:3" = node 3 inside subgraph node 5); a plain id is a node of the root graph.
+function nodeFromExecutionId(id) {
+  let graph = app.graph;
+  let node = null;
+  for (const part of String(id).split(":")) {
+    if (!graph) return null;
+    node = graph.getNodeById(Number(part)) ?? graph.getNodeById(part);
+    graph = node?.subgraph;
+  }
+  return node;
+}
+
+function* allNodes(graph, seen = new Set()) {
+  if (!graph || seen.has(graph)) return;
+  seen.add(graph);
+  for (const node of graph._nodes ?? []) {
+    yield node;
+    yield* allNodes(node.subgraph, seen);
+  }
+}
+
 function onProgress(event) {
   const d = event.detail;
-  const node = app.graph?.getNodeById(Number(d.node)) ?? app.graph?.getNodeById(d.node);
+  const node = nodeFromExecutionId(d.node);
   if (!node) return;
   const el = sparkline(node);
   if (d.iteration === 0 || el.dataset.prompt !== String(d.prompt_id)) {
@@ -113,7 +135,7 @@ app.registerExtension({
     api.addEventListener(EVENT, onProgress);
     // A new run clears the previous run's sparklines.
     api.addEventListener("execution_start", () => {
-      for (const node of app.graph?._nodes ?? []) if (node.type === "VAEExactEncode") clearSparkline(node);
+      for (const node of allNodes(app.graph)) if (node.type === "VAEExactEncode") clearSparkline(node);
     });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
