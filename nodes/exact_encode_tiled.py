@@ -113,8 +113,9 @@ class VAEExactEncodeTiled(io.ComfyNode):
                 "inversion, with every encoder and decoder pass run tile by tile (tile_size / overlap, as in "
                 "VAE Encode (Tiled)) so the VAE only ever sees one tile. Causal video VAEs (Wan 2.1/2.2) are "
                 "also solved in chunks of temporal_size frames, each with temporal_overlap frames of the "
-                "already-solved past in front. The result is exact for the tiled decoder (VAEs with "
-                "GroupNorm, such as TAEF2, decode tiles differently from the whole image)."),
+                "already-solved past in front. The result is exact for the tiled decoder: decode it with VAE "
+                "Decode (Exact Tiled) and the same tile_size / overlap (VAEs with GroupNorm, such as TAEF2, "
+                "decode tiles differently from the whole image)."),
             inputs=[
                 io.Image.Input("pixels", tooltip="The image batch, or the frames of one video for a video VAE."),
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: image VAEs and RGB video VAEs."),
