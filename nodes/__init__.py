@@ -6,12 +6,13 @@ from comfy_api.latest import ComfyExtension, io
 from .diagnostics import InversionDiagnostics
 from .exact_encode import VAEExactEncode
 from .exact_encode_tiled import VAEExactEncodeTiled
+from .decode_tiled import VAEDecodeExactTiled
 from .treering import TreeRingDetect, TreeRingKeyNode, TreeRingWatermarkedNoise
 from .diffusion_inversion import DiffusionInversion
 from .drift import VAERoundTripDrift
 from .inpaint import ImageMaskedError, VAEExactEncodeForInpaint
 
-NODES = [VAEExactEncode, VAEExactEncodeTiled, InversionDiagnostics, VAERoundTripDrift,
+NODES = [VAEExactEncode, VAEExactEncodeTiled, VAEDecodeExactTiled, InversionDiagnostics, VAERoundTripDrift,
          VAEExactEncodeForInpaint, ImageMaskedError,
          TreeRingKeyNode, TreeRingWatermarkedNoise, DiffusionInversion, TreeRingDetect]
 

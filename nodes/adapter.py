@@ -65,8 +65,8 @@ def latent_frames(vae, frames: int) -> int:
         hi = lo + factor
         raise ValueError(
             f"pixels: {frames} frames, but this video VAE ({type(vae.first_stage_model).__name__}) decodes "
-            f"1 + {factor}k frames, so no latent reproduces {frames} frames; trim the batch to {lo} frames "
-            f"or extend it to {hi}.")
+            f"1 + {factor}k frames (1, {1 + factor}, {1 + 2 * factor}, ...), so no latent reproduces {frames} "
+            f"frames; trim the batch to {lo} frames or extend it to {hi}.")
     return n
 
 

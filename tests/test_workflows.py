@@ -58,6 +58,8 @@ def overrides_for(ui: dict, image: str = "example.png", kind: str = "eps", steps
         "LoadImage": {"image": image},
         "VAEExactEncode": {"steps": encode_steps},
         "VAEExactEncodeForInpaint": {"steps": encode_steps},
+        "VAEExactEncodeTiled": {"steps": encode_steps, "tile_size": 64, "overlap": 32},  # 3 x 3 tiles at 128 px
+        "VAEDecodeExactTiled": {"tile_size": 64, "overlap": 32},
         "VAERoundTripDrift": {"steps": encode_steps, "generations": 2},
         "KSampler": {"steps": steps},
         "ImageScaleBy": {"scale_by": 1.5},
