@@ -299,8 +299,9 @@ def run_row(job: dict, ctx) -> dict:
                 _sync(device)
                 times.append(time.perf_counter() - t)
         z = z.float()
-        with torch.inference_mode():
+        with PeakMemory(device) as dec_mem, torch.inference_mode():  # one bare decoder pass
             xz = codec.decode(z.to(dtype))
+        row["decode_peak_mb"] = dec_mem.peak_mb
         row.update(seconds=_median(times), iters=0, best_iteration=0, stop_reason="n/a",
                    psnr_db=float(metrics.psnr_from_mse(metrics.per_sample_mse(xz, x))[0]),
                    bookkeeping_s=0.0)

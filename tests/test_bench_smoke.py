@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"method", "model", "size", "dtype", "image", "steps", "nmse_db", "psnr_db", "iters", "seconds",
             "peak_mb", "residual_db", "peak_memory_method", "accuracy_meaningful"}
 SUMMARY_KEYS = {"speedup_to_grad100", "mem_ratio_vs_grad", "overhead_vs_floor", "bf16_mem_ratio",
-                "bf16_nmse_delta_db", "targets", "by_size", "grad_ref", "size"}
+                "bf16_nmse_delta_db", "targets", "by_size", "grad_ref", "size", "floor_peak_mb", "loop_extra_mb"}
 META_KEYS = {"torch", "device", "cpu_count", "date", "quick", "steps", "sizes", "dtypes", "models",
              "memory_method", "isolation", "configs"}
 TARGETS = {"speed_6x", "memory_10pct", "overhead_1p10", "bf16"}
@@ -74,7 +74,7 @@ def test_quick_values_are_sane(quick):
         assert finite(r["seconds"]) and r["seconds"] > 0, r
         assert finite(r["peak_mb"]), r
         if r["method"] == "encoder":
-            assert r["iters"] == 0
+            assert r["iters"] == 0 and finite(r["decode_peak_mb"])
         else:
             assert r["iters"] == steps and len(r["trace"]["nmse_db"]) == steps + 1, r["method"]
             # the solver never returns worse than the plain encoder (by pixel error)
