@@ -47,7 +47,8 @@ class InversionOptions:
     track_residual: bool = True  # gradient: also encode each iterate to report the residual
     # Keep every n-th iterate and its residual (CPU, fp32) to test the paper's cocoercivity
     # assumption along the trajectory (core.diagnostics.cocoercivity); 0 keeps none. Costs
-    # 2 x latent size per kept iterate in host memory and one device-to-host copy each.
+    # 2 x latent size per kept iterate in host memory; from a GPU the copies go to pinned memory
+    # without blocking the loop.
     record_every: int = 0
     # The loop reads its per-sample stats back to the host only every `sync_every` iterations
     # (and at least every 0.25 s): stop rules and the callback act at those points, so the device
@@ -134,6 +135,14 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
         return _run(codec, image, opts, callback, target_latent, weight)
     with torch.inference_mode():
         return _run(codec, image, opts, callback, target_latent, weight)
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """A float32 CPU copy of `t` that does not make the host wait: from a GPU it goes into pinned
+    memory without blocking, ordered on the stream before the in-place updates that follow."""
+    pinned = t.device.type == "cuda"
+    out = torch.empty(t.shape, dtype=torch.float32, pin_memory=pinned)
+    return out.copy_(t.detach(), non_blocking=pinned)
 
 
 STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience")  # codes 0..3 on the device
@@ -255,8 +264,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
             res = ratio_db(per_sample_norm(grad), e0_norm)
         del xk
         if opts.record_every and k % opts.record_every == 0:
-            kept.append((k, z.detach().to("cpu", torch.float32, copy=True),
-                         t_k.detach().to("cpu", torch.float32, copy=True)))
+            kept.append((k, _to_host(z), _to_host(t_k)))
         book.record(k, z, err, res)
 
         # The stats reach the host only here, every sync_every iterations (or SYNC_SECONDS), and
@@ -281,6 +289,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     best_z = book.best_z
     coco = [None] * batch
     if kept:
+        if z.device.type == "cuda":
+            torch.cuda.synchronize(z.device)  # the kept copies were queued without waiting
         ks = [k for k, _, _ in kept]
         last = [max(i for i, k in enumerate(ks) if k <= stats[b]["iterations"]) for b in range(batch)]
         coco = cocoercivity([z for _, z, _ in kept], [t for _, _, t in kept], best_z.detach().cpu(), last)
