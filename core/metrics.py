@@ -42,14 +42,8 @@ def nmse_db(z: Tensor, z_ref: Tensor) -> Tensor:
 def per_sample_weighted_mse(a: Tensor, b: Tensor, weight: Tensor | None) -> Tensor:
     """MSE per batch item with per-pixel weights (B or 1, 1, H, W) in [0, 1] on (B, C, H, W) images:
     sum(w (a - b)^2) / sum(w) over pixels and channels. A sample whose weights are all zero gets
-    the plain MSE (no region to weight). weight=None is per_sample_mse."""
-    if weight is None:
-        return per_sample_mse(a, b)
-    sq = (a.float() - b.float()).pow(2)
-    w = weight.float().to(sq.device).expand(sq.shape[0], 1, *sq.shape[2:])
-    total = w.flatten(1).sum(1) * sq.shape[1]
-    weighted = (sq * w).flatten(1).sum(1) / total.clamp_min(1e-12)
-    return torch.where(total > 0, weighted, sq.flatten(1).mean(1))
+    the plain MSE (no region to weight). weight=None is per_sample_mse. Differentiable in `a`."""
+    return PixelError(b, weight, in_place=False)(a)
 
 
 def region_error(a: Tensor, b: Tensor, region: Tensor | None = None) -> list[dict]:
@@ -72,22 +66,26 @@ def region_error(a: Tensor, b: Tensor, region: Tensor | None = None) -> list[dic
 
 
 class PixelError:
-    """per_sample_weighted_mse against a fixed target `x`, computed in a buffer allocated once:
-    the solver calls it every iteration and must not allocate image-sized temporaries. Not for
-    autograd (it writes into its buffer); the gradient baseline uses per_sample_weighted_mse."""
+    """per_sample_weighted_mse against a fixed target `x`. With in_place (the solver's loop, every
+    iteration) it computes in a buffer allocated once, so no image-sized temporaries; that form is
+    not for autograd, which the other one (per_sample_weighted_mse) serves."""
 
-    def __init__(self, x: Tensor, weight: Tensor | None = None):
+    def __init__(self, x: Tensor, weight: Tensor | None = None, in_place: bool = True):
         self.x = x.float()
-        self.buf = torch.empty_like(self.x)
+        self.buf = torch.empty_like(self.x) if in_place else None
         self.w = None
         if weight is not None:
             self.w = weight.float().to(x.device).expand(x.shape[0], 1, *x.shape[2:])
             self.total = self.w.flatten(1).sum(1) * x.shape[1]
 
     def __call__(self, a: Tensor) -> Tensor:
-        sq = torch.sub(a, self.x, out=self.buf).square_()
+        if self.buf is None:
+            sq = (a.float() - self.x).square()
+        else:
+            sq = torch.sub(a, self.x, out=self.buf).square_()
         plain = sq.flatten(1).mean(1)
         if self.w is None:
             return plain
-        weighted = sq.mul_(self.w).flatten(1).sum(1) / self.total.clamp_min(1e-12)
+        sq = sq * self.w if self.buf is None else sq.mul_(self.w)
+        weighted = sq.flatten(1).sum(1) / self.total.clamp_min(1e-12)
         return torch.where(self.total > 0, weighted, plain)

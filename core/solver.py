@@ -184,9 +184,9 @@ class _Book:
             code.masked_fill_(res <= 20 * math.log10(opts.tolerance), 2)
         bad = ~torch.isfinite(err)
         if self.tracked:
-            # A floor on the reference: an exact initial fixed point has a residual of -inf dB.
-            limit = self.trace[1, 0].clamp_min(-120.0) + 20 * math.log10(opts.divergence)
-            bad |= res.isnan() | (res == math.inf) | (res > limit)
+            if k == 0:  # A floor on the reference: an exact initial fixed point has a residual of -inf dB.
+                self.limit = res.clamp_min(-120.0) + 20 * math.log10(opts.divergence)
+            bad |= res.isnan() | (res == math.inf) | (res > self.limit)
         code.masked_fill_(bad, 1)
         stop = active & (code > 0)
         torch.where(stop, code, self.reason, out=self.reason)
