@@ -21,7 +21,7 @@ from comfy_api.latest import io
 from ..core.codec import Codec
 from ..core.tiling import TileGrid, check_tiling, tiled_codec
 from .adapter import PRECISIONS, check_supported, is_video, latent_cell, vae_codec
-from .exact_encode_tiled import min_tile
+from .exact_encode_tiled import min_tile, tile_inputs
 
 
 def check_latent(samples, vae) -> torch.Tensor:
@@ -80,10 +80,8 @@ class VAEDecodeExactTiled(io.ComfyNode):
             inputs=[
                 io.Latent.Input("samples", tooltip="The LATENT from VAE Exact Encode (Tiled) (or any latent of this VAE)."),
                 io.Vae.Input("vae", tooltip="The VAE the latent belongs to."),
-                io.Int.Input("tile_size", default=512, min=64, max=4096, step=64,
-                             tooltip="Tile side in pixels: the value VAE Exact Encode (Tiled) used."),
-                io.Int.Input("overlap", default=64, min=0, max=4096, step=32,
-                             tooltip="Pixels shared by neighbouring tiles: the value VAE Exact Encode (Tiled) used."),
+                *tile_inputs("Tile side in pixels: the value VAE Exact Encode (Tiled) used.",
+                             "Pixels shared by neighbouring tiles: the value VAE Exact Encode (Tiled) used."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
                                tooltip="(advanced) Dtype of the decoder: the precision the encode used."),
             ],

@@ -27,6 +27,12 @@ from .exact_encode import image_to_pixels, solver_inputs, solver_options
 FALLBACK = {2: dict(tile_size=512, overlap=64), 3: dict(tile_size=256, overlap=64)}
 
 
+def tile_inputs(tile_tooltip: str, overlap_tooltip: str) -> list:
+    """tile_size / overlap inputs, shared with VAE Decode (Exact Tiled): same defaults and limits."""
+    return [io.Int.Input("tile_size", default=512, min=64, max=4096, step=64, tooltip=tile_tooltip),
+            io.Int.Input("overlap", default=64, min=0, max=4096, step=32, tooltip=overlap_tooltip)]
+
+
 def temporally_chunkable(vae) -> bool:
     """Video VAEs whose encoder and decoder are causal with the first frame alone, so that a chunk
     with the solved past in front reproduces the whole-video residual (checked by the tests)."""
@@ -124,12 +130,10 @@ class VAEExactEncodeTiled(io.ComfyNode):
             inputs=[
                 io.Image.Input("pixels", tooltip="The image batch, or the frames of one video for a video VAE."),
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: image VAEs and RGB video VAEs."),
-                io.Int.Input("tile_size", default=512, min=64, max=4096, step=64,
-                             tooltip="Tile side in pixels (a multiple of the VAE's latent cell, at least 4 cells "
-                                     "and 64 px). Memory of the VAE passes grows with tile_size squared."),
-                io.Int.Input("overlap", default=64, min=0, max=4096, step=32,
-                             tooltip="Pixels shared by neighbouring tiles, blended with a linear ramp "
-                                     "(a multiple of the latent cell, smaller than tile_size)."),
+                *tile_inputs("Tile side in pixels (a multiple of the VAE's latent cell, at least 4 cells "
+                             "and 64 px). Memory of the VAE passes grows with tile_size squared.",
+                             "Pixels shared by neighbouring tiles, blended with a linear ramp "
+                             "(a multiple of the latent cell, smaller than tile_size)."),
                 io.Int.Input("temporal_size", default=64, min=4, max=4096, step=4,
                              tooltip="Video VAEs only: frames per time chunk (a multiple of the VAE's temporal "
                                      "compression). Clips no longer than this are solved whole in time."),
