@@ -13,12 +13,12 @@ from .drift import DriftResult, drift
 from .diffusion_inversion import MODES as INVERSION_MODES
 from .diffusion_inversion import DiffusionInversionResult, invert_euler, noise_scale, sample_euler
 from .metrics import nmse_db, per_sample_mse, per_sample_weighted_mse, psnr_from_mse, region_error
-from .result import InversionResult, SampleStats
+from .result import InversionResult, Result, SampleStats
 from .solver import DEFAULT_LR, METHODS, InversionOptions, invert
 from .treering import (PATTERNS, SIGMA_ESTIMATORS, Detection, TreeRingKey, WatermarkKeyError, detect, inject,
                        spectrum, spectrum_image)
 
-__all__ = ["Codec", "invert", "InversionOptions", "InversionResult", "SampleStats", "METHODS",
+__all__ = ["Codec", "invert", "InversionOptions", "InversionResult", "Result", "SampleStats", "METHODS",
            "DEFAULT_LR", "nmse_db", "per_sample_mse", "per_sample_weighted_mse", "psnr_from_mse", "region_error",
            "drift", "DriftResult",
            "TreeRingKey", "WatermarkKeyError", "Detection", "PATTERNS", "SIGMA_ESTIMATORS", "inject", "detect",

@@ -52,7 +52,7 @@ does), sigma_0 * n for flow models (sigma_0 = 1: the state is the noise).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -128,6 +128,16 @@ class DiffusionInversionResult:
     def worst_residual(self) -> float | None:
         vals = [r for s in self.steps if s.residual for r in s.residual]
         return max(vals) if vals else None
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """The Result protocol's name for the recovered state."""
+        return self.x
+
+    def to_dict(self) -> dict:
+        """JSON-ready: mode and per-step statistics (the state itself stays a tensor)."""
+        return {"kind": "diffusion_inversion", "mode": self.mode, "evaluations": self.evaluations,
+                "worst_residual": self.worst_residual(), "steps": [asdict(s) for s in self.steps]}
 
     def summary(self) -> str:
         line = f"{self.mode} inversion: {len(self.steps)} steps, {self.evaluations} model evaluations"

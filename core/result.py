@@ -1,11 +1,34 @@
-"""What `invert` returns: the best latent, per-sample statistics and the per-iteration trace."""
+"""What the solvers return. Every result type (`InversionResult` here, `core.temporal.ChunkedResult`,
+`core.diffusion_inversion.DiffusionInversionResult`) follows one protocol, `Result`: the output
+tensor as `latent`, `summary()` for people and `to_dict()` for JSON (its "kind" says which type).
+
+    >>> import torch
+    >>> from core.result import Result
+    >>> from core.temporal import ChunkedResult
+    >>> from core.diffusion_inversion import DiffusionInversionResult
+    >>> results = [ChunkedResult(latent=torch.zeros(1), chunks=[], seconds=0.0, method="adam"),
+    ...            DiffusionInversionResult(x=torch.zeros(1), mode="naive")]
+    >>> [(isinstance(r, Result), r.to_dict()["kind"]) for r in results]
+    [(True, 'chunked'), (True, 'diffusion_inversion')]
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class Result(Protocol):
+    """What node code may rely on, whichever solver ran."""
+
+    latent: torch.Tensor
+
+    def summary(self) -> str: ...
+
+    def to_dict(self) -> dict: ...
 
 
 @dataclass
@@ -60,7 +83,7 @@ class InversionResult:
         def clean(t):
             return [[None if math.isnan(v) else round(v, 4) for v in row] for row in t.T.tolist()]
         return {
-            "method": self.method, "dtype": self.dtype, "seconds": self.seconds,
+            "kind": "inversion", "method": self.method, "dtype": self.dtype, "seconds": self.seconds,
             "options": self.options,
             "samples": [dict(asdict(s), gain_db=s.gain_db) for s in self.samples],
             "trace": {"psnr": clean(self.trace_psnr), "residual_db": clean(self.trace_residual_db)},

@@ -106,6 +106,11 @@ class ChunkedResult:
         lines.append(f"{self.method}, {len(self.chunks)} temporal chunk(s), {self.seconds:.2f} s")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """JSON-ready: one InversionResult.to_dict() per chunk, with its pixel-frame range."""
+        return {"kind": "chunked", "method": self.method, "seconds": self.seconds, "options": self.options,
+                "chunks": [dict(r.to_dict(), frames=[f0, f1]) for (f0, f1), r in self.chunks]}
+
 
 def chunk_codec(codec: Codec, frozen: Tensor, context_pixels: Tensor) -> Codec:
     """The codec of one chunk: latents and pixels of the chunk only, the frozen past in front."""

@@ -103,6 +103,34 @@ def _half_plane(h: int, w: int) -> torch.Tensor:
     return (di > 0) | ((di == 0) & (dj > 0))
 
 
+MAX_SEED = 2**64 - 1
+MAX_SIDE = 4096  # latent cells per side: 32768 px through an 8x VAE
+MAX_CHANNELS = 1024
+MAX_ELEMENTS = 2**26  # C x H x W: the key's complex64 spectrum stays under 512 MB
+
+
+def _is_int(v) -> bool:
+    """A JSON integer: int but not bool (True is an int in Python), not a float like 4.9 or 1e6."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_shape(shape) -> tuple[int, int, int]:
+    """(channels, height, width) as ints, or an error naming `shape`, before anything is allocated."""
+    if not isinstance(shape, (tuple, list)) or len(shape) != 3:
+        raise WatermarkKeyError(f"shape: must be [channels, height, width] of the latent; got {shape!r}")
+    if not all(_is_int(s) for s in shape):
+        raise WatermarkKeyError(f"shape: must hold three integers (channels, height, width); got {list(shape)!r}. "
+                                "Use the key_json written by the Tree-Ring Key node.")
+    c, h, w = (int(s) for s in shape)
+    if min(c, h, w) < 1:
+        raise WatermarkKeyError(f"shape: channels, height and width must all be >= 1; got {[c, h, w]}")
+    if c > MAX_CHANNELS or max(h, w) > MAX_SIDE or c * h * w > MAX_ELEMENTS:
+        raise WatermarkKeyError(f"shape: {c}x{h}x{w} is larger than any latent this pack handles (at most "
+                                f"{MAX_CHANNELS} channels, {MAX_SIDE} cells per side, {MAX_ELEMENTS} values); "
+                                "the key_json is corrupt -- use the one written by the Tree-Ring Key node.")
+    return c, h, w
+
+
 @dataclass(frozen=True)
 class TreeRingKey:
     """A Tree-Ring key for latents of shape (C, H, W). `channel` = -1 marks every channel."""
@@ -115,24 +143,22 @@ class TreeRingKey:
     values_override: tuple | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        shape = tuple(int(s) for s in self.shape) if isinstance(self.shape, (tuple, list)) else None
-        if shape is None or len(shape) != 3 or min(shape) < 1:
-            raise WatermarkKeyError(f"shape: must be (channels, height, width) of the latent, all >= 1; got {self.shape!r}")
-        object.__setattr__(self, "shape", shape)
-        c, h, w = shape
-        if self.pattern not in PATTERNS:
+        object.__setattr__(self, "shape", _check_shape(self.shape))
+        c, h, w = self.shape
+        if not isinstance(self.pattern, str) or self.pattern not in PATTERNS:
             raise WatermarkKeyError(f"pattern: must be one of {', '.join(PATTERNS)}; got {self.pattern!r}")
-        if not isinstance(self.radius, int) or self.radius < 1:
+        if not _is_int(self.radius) or self.radius < 1:
             raise WatermarkKeyError(f"radius: must be an integer >= 1 (frequency bins); got {self.radius!r}")
         limit = (min(h, w) - 1) // 2
         if self.radius > limit:
             raise WatermarkKeyError(f"radius: {self.radius} does not fit a {h}x{w} latent (the disc must stay inside the "
                             f"spectrum, radius < min(H, W)/2); use radius <= {limit} or a larger latent.")
-        if not isinstance(self.channel, int) or not -1 <= self.channel < c:
+        if not _is_int(self.channel) or not -1 <= self.channel < c:
             raise WatermarkKeyError(f"channel: must be -1 (all channels) or 0..{c - 1} for a {c}-channel latent; "
                             f"got {self.channel!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise WatermarkKeyError(f"seed: must be an integer >= 0; got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise WatermarkKeyError(f"seed: must be an integer from 0 to {MAX_SEED} (64 bits, as Tree-Ring Key's "
+                                    f"key_seed); got {self.seed!r}")
 
     # ---- geometry -------------------------------------------------------------------------------
     @property
@@ -252,6 +278,8 @@ class TreeRingKey:
     def check_latent(self, latent: torch.Tensor, name: str = "latent") -> None:
         if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
             raise WatermarkKeyError(f"{name}: expected a latent batch (B, C, H, W); got {getattr(latent, 'shape', type(latent))}")
+        if latent.shape[0] == 0:
+            raise WatermarkKeyError(f"{name}: the batch is empty; connect a latent with at least one sample.")
         if tuple(latent.shape[1:]) != self.shape:
             c, h, w = latent.shape[1:]
             raise WatermarkKeyError(
@@ -313,13 +341,15 @@ def _p_value(s: float, dof: int, lam: float, m: int | None) -> float:
     return float(np.mean(stats.ncx2.cdf(s * u, dof, lam * u)))
 
 
-def detect(latent: torch.Tensor, key: TreeRingKey, fpr: float = 0.01, sigma: str = "outside") -> list[Detection]:
-    """One `Detection` per latent of the batch (B, C, H, W); see the module docstring."""
+def detect(latent: torch.Tensor, key: TreeRingKey, fpr: float = 0.01, sigma: str = "outside",
+           name: str = "latent") -> list[Detection]:
+    """One `Detection` per latent of the batch (B, C, H, W); see the module docstring. `name`: what
+    errors call the latent (the caller's input name)."""
     if sigma not in SIGMA_ESTIMATORS:
         raise WatermarkKeyError(f"sigma: must be one of {', '.join(SIGMA_ESTIMATORS)}; got {sigma!r}")
     if not 0 < fpr < 1:
         raise WatermarkKeyError(f"fpr: the false-positive rate must be in (0, 1), e.g. 0.01; got {fpr}")
-    key.check_latent(latent)
+    key.check_latent(latent, name)
     f = spectrum(latent.detach().cpu())
     k = key.values()
     full, half, out = key.mask(), key.test_mask(), key.outside_mask()
@@ -343,7 +373,7 @@ def detect(latent: torch.Tensor, key: TreeRingKey, fpr: float = 0.01, sigma: str
                                 "use a smaller radius or sigma 'prior'.")
             s = float(o.pow(2).mean().sqrt())
         if not s > 0:
-            raise WatermarkKeyError("latent: its spectrum is zero where sigma is estimated (a constant latent?); "
+            raise WatermarkKeyError(f"{name}: its spectrum is zero where sigma is estimated (a constant latent?); "
                             "connect the inverted noise, not an empty latent.")
         lam = float((t / s).pow(2).sum())
         stat = float(((y - t) / s).pow(2).sum())

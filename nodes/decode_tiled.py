@@ -21,7 +21,8 @@ from comfy_api.latest import io
 from ..core.codec import Codec
 from ..core.tiling import TileGrid, check_tiling, tiled_codec
 from .adapter import PRECISIONS, check_supported, is_video, latent_cell, vae_codec
-from .exact_encode_tiled import min_tile, tile_inputs
+from .inputs import check_choice, check_finite, precision_input
+from .tiling_glue import min_tile, tile_inputs
 
 
 def check_latent(samples, vae) -> torch.Tensor:
@@ -33,7 +34,7 @@ def check_latent(samples, vae) -> torch.Tensor:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"samples: got a latent of shape {shape}, but this VAE ({name}) decodes {ndim}-D latents "
                          f"with {vae.latent_channels} channels; connect a LATENT made by this VAE.")
-    return z
+    return check_finite(z, "samples")  # as the pack's other nodes: no silently all-NaN image
 
 
 def pixel_shape(vae, z: torch.Tensor, tile_px: int) -> tuple:
@@ -82,8 +83,7 @@ class VAEDecodeExactTiled(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE the latent belongs to."),
                 *tile_inputs("Tile side in pixels: the value VAE Exact Encode (Tiled) used.",
                              "Pixels shared by neighbouring tiles: the value VAE Exact Encode (Tiled) used."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
-                               tooltip="(advanced) Dtype of the decoder: the precision the encode used."),
+                precision_input(tooltip="(advanced) Dtype of the decoder: the precision the encode used."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="Same format as VAE Decode's IMAGE.")],
         )
@@ -91,8 +91,7 @@ class VAEDecodeExactTiled(io.ComfyNode):
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, precision="auto") -> io.NodeOutput:
         check_supported(vae)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        check_choice("precision", precision, PRECISIONS)
         z = check_latent(samples, vae)
         decode, codec = exact_tiled_decoder(vae, z, tile_size, overlap, precision)
         with torch.inference_mode():

@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 from ..core.diagnostics import reconstruction
 from . import plots, trace
 from .adapter import check_supported, latent_cell, vae_codec
-from .exact_encode import image_to_pixels
+from .inputs import image_to_pixels, latent_samples
 
 
 def _db(v) -> str:
@@ -53,7 +53,10 @@ def report_lines(i: int, m: dict, solver: dict | None, coco: dict | None) -> lis
     if "nmse_db_reference" in m:
         enc = f" (encoder {_db(m['nmse_db_reference_encoder'])})" if "nmse_db_reference_encoder" in m else ""
         lines.append(f"  NMSE vs reference latent {_db(m['nmse_db_reference'])}{enc}")
-    if solver is not None:
+    if solver is not None and solver.get("other_image"):
+        lines.append("  solver: the trace on this latent belongs to another image (it was encoded from a "
+                     "different image than the one connected); connect the image this latent was encoded from")
+    elif solver is not None:
         lines.append(f"  solver: {solver['method']}, {solver['iterations']} iterations, best at "
                      f"{solver['best_iteration']}, stop: {solver['stop_reason']}, {solver['seconds']:.2f} s")
     else:
@@ -64,7 +67,7 @@ def report_lines(i: int, m: dict, solver: dict | None, coco: dict | None) -> lis
         lines.append(f"  assumption (cocoercivity of E(D(z)) - E(x)): {holds}: beta >= {coco['beta_min']:.3g} "
                      f"on {coco['share_positive'] * 100:.0f}% of {coco['points']} steps with beta > 0 "
                      f"(median beta {coco['beta_median']:.3g})")
-    elif solver is not None:
+    elif solver is not None and not solver.get("other_image"):
         lines.append("  assumption: not checked (VAE Exact Encode ran with check_assumption off)")
     return lines
 
@@ -107,30 +110,34 @@ class InversionDiagnostics(io.ComfyNode):
     @classmethod
     def execute(cls, vae, image, latent, compare_encoder=True, reference=None) -> io.NodeOutput:
         check_supported(vae)
-        samples = latent.get("samples") if isinstance(latent, dict) else None
-        if not isinstance(samples, torch.Tensor):
-            raise ValueError("latent: not a LATENT (no 'samples' tensor); connect a VAE Encode output.")
-        ref = None
-        if reference is not None:
-            ref = reference.get("samples") if isinstance(reference, dict) else None
-            if not isinstance(ref, torch.Tensor):
-                raise ValueError("reference: not a LATENT (no 'samples' tensor).")
+        samples = latent_samples(latent, "latent", ndim=None)
+        ref = None if reference is None else latent_samples(reference, "reference", ndim=None)
         pixels = image_to_pixels(image, vae, input_name="image")
         check_shapes(pixels, samples, ref, vae)
         if not torch.isfinite(samples).all():
             raise ValueError("latent: contains NaN or Inf values; the node that produced it failed.")
 
         payload = trace.read(samples)
+        if payload is not None and payload.get("kind", "inversion") != "inversion":
+            payload = None  # image latents only come from the whole-image solver; nothing else to show
+        other_image = payload is not None and not trace.same_image(payload, pixels)
+        if other_image:
+            lines_head = ["WARNING: the latent was encoded from another image than the one connected; the "
+                          "numbers below measure it against this image, and its solver trace is not shown."]
+        else:
+            lines_head = []
         codec = vae_codec(vae, "auto", tuple(pixels.shape))
         rec = reconstruction(codec, pixels, samples, reference=ref, baseline=compare_encoder)
 
         lines = [f"Inversion Diagnostics: {len(rec['samples'])} image(s), "
-                 f"{type(vae.first_stage_model).__name__}, latent {tuple(samples.shape[1:])}"]
+                 f"{type(vae.first_stage_model).__name__}, latent {tuple(samples.shape[1:])}"] + lines_head
         images, convergence, maps = [], [], []
         for i, m in enumerate(rec["samples"]):
             solver = coco = None
             psnr_trace = res_trace = None
-            if payload is not None:
+            if other_image:
+                solver = {"other_image": True}
+            elif payload is not None:
                 s = payload["samples"][i]
                 solver = dict(method=payload["method"], dtype=payload["dtype"], seconds=payload["seconds"],
                               iterations=s["iterations"], best_iteration=s["best_iteration"],
@@ -143,9 +150,9 @@ class InversionDiagnostics(io.ComfyNode):
             images.append(dict(m, solver=solver, cocoercivity=coco))
             convergence.append(plots.convergence_plot(
                 f"image {i + 1}: " + (f"{solver['method']}, best at iteration {solver['best_iteration']}"
-                                      if solver else "latent without a solver trace"),
+                                      if solver and not other_image else "latent without a solver trace"),
                 psnr_trace, res_trace, m.get("psnr_encoder"), m["psnr"],
-                solver["best_iteration"] if solver else None))
+                solver["best_iteration"] if solver and not other_image else None))
             maps.append(plots.error_map_plot(
                 f"image {i + 1}: absolute error of the decode", rec["error_map_encoder"][i]
                 if rec["error_map_encoder"] is not None else None, rec["error_map"][i],
@@ -153,7 +160,8 @@ class InversionDiagnostics(io.ComfyNode):
         report = "\n".join(lines)
         data = json.dumps(_json_safe({
             "vae": type(vae.first_stage_model).__name__, "latent_shape": list(samples.shape),
-            "compare_encoder": bool(compare_encoder), "has_trace": payload is not None, "images": images}),
+            "compare_encoder": bool(compare_encoder), "has_trace": payload is not None and not other_image,
+            "trace_of_another_image": other_image, "images": images}),
             indent=1)
         return io.NodeOutput(report, data, torch.stack(convergence), torch.stack(maps),
                              ui=ui.PreviewText(report))

@@ -16,6 +16,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..core import INVERSION_MODES, invert_euler
+from .inputs import check_choice, latent_samples
 
 KIND_NAMES = {"eps": "eps-prediction (SD1.x, SD2 base, SDXL)", "v": "v-prediction (SD2 768-v, zsnr models)",
               "flow": "flow (SD3, FLUX, rectified-flow models)"}
@@ -125,27 +126,13 @@ class DiffusionInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, steps, scheduler, latent, mode, iterations=10,
                 tolerance=1e-4, sigmas=None) -> io.NodeOutput:
-        # V3 combos are not checked against their options by the 0.3.75 validator: do it here.
-        if mode not in INVERSION_MODES:
-            raise ValueError(f"mode: must be one of {', '.join(INVERSION_MODES)}; got {mode!r}")
-        if scheduler not in comfy.samplers.SCHEDULER_NAMES:
-            raise ValueError(f"scheduler: must be one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}; got {scheduler!r}")
+        # mode, iterations and tolerance: core.invert_euler checks them, naming the input
+        check_choice("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: must be >= 1 (the number of sampler steps of the generation); got {steps!r}")
-        if not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations: must be >= 1 (10 is the default); got {iterations!r}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance: must be >= 0 (0 runs every iteration); got {tolerance}")
         if not cfg >= 0:
             raise ValueError(f"cfg: must be >= 0; got {cfg}")
-        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-            raise ValueError("latent: expected a LATENT (a dict with 'samples'); connect a VAE Encode or sampler output.")
-        samples = latent["samples"]
-        if samples.is_nested or samples.ndim != 4:
-            raise ValueError(f"latent: expected an image latent (B, C, H, W); got shape {tuple(samples.shape)}. "
-                             "Video and audio latents are not supported.")
-        if not torch.isfinite(samples).all():
-            raise ValueError("latent: contains NaN or Inf; fix the node that produced it.")
+        samples = latent_samples(latent, "latent", finite=True)
         kind = model_kind(model)
         expected = getattr(model.get_model_object("latent_format"), "latent_channels", samples.shape[1])
         if samples.shape[1] != expected:

@@ -7,12 +7,13 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..core import METHODS, InversionOptions, drift, invert
+from ..core import METHODS, drift, invert
 from . import plots
 from .adapter import check_supported, vae_codec
-from .exact_encode import image_to_pixels, solver_options
+from .inputs import DEFAULT_METHOD, image_to_pixels, method_input, solver_options, steps_input
 
 STOCK, EXACT = "stock VAE Encode", "VAE Exact Encode"
+DRIFT_METHODS = [m for m in METHODS if m != "gradient"]  # the baseline: 100 backprop runs per graph
 
 
 class VAERoundTripDrift(io.ComfyNode):
@@ -33,10 +34,8 @@ class VAERoundTripDrift(io.ComfyNode):
                 io.Int.Input("generations", default=5, min=1, max=100,
                              tooltip="How many encode -> decode passes in a row (each img2img or inpaint "
                                      "pass is one)."),
-                io.Int.Input("steps", default=100, min=1, max=10000,
-                             tooltip="VAE Exact Encode iterations per generation."),
-                io.Combo.Input("method", options=[m for m in METHODS if m != "gradient"], default=InversionOptions().method,
-                               tooltip="VAE Exact Encode's method (see that node)."),
+                steps_input(tooltip="VAE Exact Encode iterations per generation."),
+                method_input(DRIFT_METHODS, tooltip="VAE Exact Encode's method (see that node)."),
             ],
             outputs=[
                 io.Image.Output(display_name="stock", tooltip="The last generation with stock VAE Encode."),
@@ -49,16 +48,9 @@ class VAERoundTripDrift(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, vae, generations=5, steps=100, method=None) -> io.NodeOutput:
-        method = InversionOptions().method if method is None else method
+    def execute(cls, image, vae, generations=5, steps=100, method=DEFAULT_METHOD) -> io.NodeOutput:
         check_supported(vae)
-        if not isinstance(generations, int) or generations < 1:
-            raise ValueError(f"generations: must be an integer >= 1 (5 shows the effect); got {generations!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: must be an integer >= 1 (100 follows the paper); got {steps!r}")
-        if method == "gradient":
-            raise ValueError(f"method: one of {', '.join(m for m in METHODS if m != 'gradient')}; got {method!r}")
-        options = solver_options("VAE Round-Trip Drift", method, steps, 1.0, "auto")
+        options = solver_options(cls, method, steps, methods=DRIFT_METHODS)
         pixels = image_to_pixels(image, vae, input_name="image")
         codec = vae_codec(vae, "auto", tuple(pixels.shape))
         progress = comfy.utils.ProgressBar(2 * generations * (steps + 2))

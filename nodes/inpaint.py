@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..core import METHODS, InversionOptions, invert, region_error
+from ..core import invert, region_error
 from .adapter import check_supported, latent_cell, vae_codec
-from .exact_encode import image_to_pixels, solver_options
+from .inputs import DEFAULT_METHOD, check_choice, image_to_pixels, method_input, solver_options, steps_input
+from .progress import iteration_callback
 
 MASKED_AREA = ("keep", "grey")
 REGIONS = ("outside mask", "inside mask", "whole image")
@@ -82,8 +82,8 @@ class VAEExactEncodeForInpaint(io.ComfyNode):
                 io.Mask.Input("mask", tooltip="1 where the image is regenerated (Load Image's mask editor)."),
                 io.Int.Input("grow_mask_by", default=6, min=0, max=64,
                              tooltip="Grow the noise mask by this many pixels, as stock does, for seamless edges."),
-                io.Int.Input("steps", default=100, min=1, max=10000, tooltip="VAE Exact Encode iterations."),
-                io.Combo.Input("method", options=list(METHODS), default=InversionOptions().method, tooltip="See VAE Exact Encode."),
+                steps_input(tooltip="VAE Exact Encode iterations."),
+                method_input(tooltip="See VAE Exact Encode."),
                 io.Combo.Input("masked_area", options=list(MASKED_AREA), default="keep", optional=True,
                                tooltip="keep: encode the masked area as it is (for ordinary models, any denoise, "
                                        "like Set Latent Noise Mask). grey: fill it with 0.5 grey first, as stock "
@@ -97,13 +97,11 @@ class VAEExactEncodeForInpaint(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, pixels, vae, mask, grow_mask_by=6, steps=100, method=None,
+    def execute(cls, pixels, vae, mask, grow_mask_by=6, steps=100, method=DEFAULT_METHOD,
                 masked_area="keep") -> io.NodeOutput:
-        method = InversionOptions().method if method is None else method
         check_supported(vae)
-        options = solver_options("VAE Exact Encode (for Inpaint)", method, steps, 1.0, "auto")
-        if masked_area not in MASKED_AREA:
-            raise ValueError(f"masked_area: must be one of {', '.join(MASKED_AREA)}; got {masked_area!r}")
+        options = solver_options(cls, method, steps)
+        check_choice("masked_area", masked_area, MASKED_AREA)
         if not isinstance(grow_mask_by, int) or not 0 <= grow_mask_by <= 64:
             raise ValueError(f"grow_mask_by: an integer from 0 to 64 (stock default 6); got {grow_mask_by!r}")
         image = image_to_pixels(pixels, vae)  # (B, 3, H, W), cropped to whole cells
@@ -114,17 +112,16 @@ class VAEExactEncodeForInpaint(io.ComfyNode):
         if masked_area == "grey":
             image = (image - 0.5) * (1.0 - m.round()) + 0.5
         codec = vae_codec(vae, "auto", tuple(image.shape))
-        progress = comfy.utils.ProgressBar(steps)
-
-        def on_iteration(k, total, info):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(k, total)
-
         keep = 1.0 - noise_mask
-        result = invert(codec, image, options, callback=on_iteration, weight=keep)
+        result = invert(codec, image, options, callback=iteration_callback(steps), weight=keep)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)
+        kept_pixels = keep.expand(image.shape[0], 1, *keep.shape[2:]).flatten(1).sum(1)
         lines = []
         for i, s in enumerate(result.samples):
+            if kept_pixels[i] == 0:  # as Image Error (Masked): no number for a region that is not there
+                lines.append(f"image {i + 1}: the region outside the grown mask is empty (the mask covers the "
+                             "whole image), so nothing is kept to measure; shrink the mask or lower grow_mask_by.")
+                continue
             lines.append(f"image {i + 1}: PSNR of the decode outside the grown mask {s.psnr_initial:.2f} -> "
                          f"{s.psnr_best:.2f} dB ({s.gain_db:+.2f} dB), best at iteration {s.best_iteration}")
         lines.append(f"{method}, {result.seconds:.2f} s; masked area: {masked_area}, mask grown by {grow_mask_by} px")
@@ -165,8 +162,7 @@ class ImageMaskedError(io.ComfyNode):
         for name, t in (("reference", reference), ("image", image)):
             if not isinstance(t, torch.Tensor) or t.ndim != 4:
                 raise ValueError(f"{name}: expected an IMAGE batch (B, H, W, C); got {getattr(t, 'shape', type(t))}")
-        if region not in REGIONS:
-            raise ValueError(f"region: one of {', '.join(REGIONS)}; got {region!r}")
+        check_choice("region", region, REGIONS)
         if reference.shape[1:3] != image.shape[1:3]:
             raise ValueError(f"image: {image.shape[2]}x{image.shape[1]} px but reference: {reference.shape[2]}x"
                              f"{reference.shape[1]} px; compare images of the same size.")

@@ -8,18 +8,9 @@ import comfy.sample
 from comfy_api.latest import io, ui
 
 from ..core import PATTERNS, SIGMA_ESTIMATORS, TreeRingKey, WatermarkKeyError, detect, inject, spectrum_image
+from .inputs import check_choice, latent_samples
 
 WatermarkKey = io.Custom("WATERMARK_KEY")
-
-
-def latent_samples(latent, name: str = "latent") -> torch.Tensor:
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise ValueError(f"{name}: expected a LATENT (a dict with 'samples'); connect e.g. Empty Latent Image.")
-    samples = latent["samples"]
-    if samples.is_nested or samples.ndim != 4:
-        raise ValueError(f"{name}: expected an image latent (B, C, H, W); got shape {tuple(samples.shape)}. "
-                         "Video and audio latents are not supported.")
-    return samples
 
 
 def _clean(e: Exception) -> ValueError:
@@ -63,8 +54,7 @@ class TreeRingKeyNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, pattern, radius, channel, key_seed) -> io.NodeOutput:
-        if pattern not in PATTERNS:  # V3 combos are not validated by ComfyUI 0.3.75
-            raise ValueError(f"pattern: must be one of {', '.join(PATTERNS)}; got {pattern!r}")
+        check_choice("pattern", pattern, PATTERNS)
         samples = latent_samples(latent)
         try:
             key = TreeRingKey(tuple(samples.shape[1:]), pattern, radius, channel, key_seed)
@@ -172,10 +162,6 @@ class TreeRingDetect(io.ComfyNode):
 
     @classmethod
     def execute(cls, noise, key=None, key_json="", fpr=0.01, sigma="outside") -> io.NodeOutput:
-        if sigma not in SIGMA_ESTIMATORS:  # V3 combos are not validated by ComfyUI 0.3.75
-            raise ValueError(f"sigma: must be one of {', '.join(SIGMA_ESTIMATORS)}; got {sigma!r}")
-        if not 0 < fpr < 1:
-            raise ValueError(f"fpr: must be in (0, 1), e.g. 0.01; got {fpr}")
         samples = latent_samples(noise, "noise")
         try:
             if key is None:
@@ -185,7 +171,7 @@ class TreeRingDetect(io.ComfyNode):
             elif not isinstance(key, TreeRingKey):
                 raise WatermarkKeyError("key: not a Tree-Ring key; connect the key output of Tree-Ring Key.")
             key.check_latent(samples, "noise")
-            results = detect(samples, key, fpr=fpr, sigma=sigma)
+            results = detect(samples, key, fpr=fpr, sigma=sigma, name="noise")
             image = spectrum_image(samples, key)
         except WatermarkKeyError as e:
             raise _clean(e) from None

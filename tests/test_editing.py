@@ -75,9 +75,9 @@ def test_drift_node_on_taef2_exact_beats_stock_after_five_generations(pack_nodes
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(generations=0), "generations: must be an integer >= 1"),
-    (dict(steps=0), "steps: must be an integer >= 1"),
-    (dict(method="gradient"), "method: one of adam"),
+    (dict(generations=0), "generations must be an integer >= 1"),  # core.drift's check
+    (dict(steps=0), "VAE Round-Trip Drift: steps must be an integer >= 1"),  # core's, titled by the schema
+    (dict(method="gradient"), "method: must be one of adam, forward, km, anderson; got 'gradient'"),
 ])
 def test_drift_node_bad_input_names_the_input(pack_nodes, taef2, photos64, kwargs, match):
     args = dict(generations=2, steps=2, method="adam") | kwargs

@@ -88,7 +88,7 @@ FULL_SIZE = {"hunyuan_video", "cosmos"}  # dropped after their test: 1.3-2.9 GB 
 
 @pytest.mark.parametrize("name", list(VIDEO_CASES))
 def test_video_latent_is_interchangeable_with_stock_vae_encode(name, videos, host, run_node, run_tiled, stock):
-    tiled_mod = importlib.import_module(host.pack.__name__ + ".nodes.exact_encode_tiled")
+    tiled_mod = importlib.import_module(host.pack.__name__ + ".nodes.tiling_glue")
     cls, factor, cell, size = VIDEO_CASES[name]
     vae = videos[name]
     try:
@@ -257,6 +257,33 @@ def test_out_of_memory_falls_back_to_tiles_like_stock(host, taef2, photos64, run
     assert calls == [1] and "ran out of memory; retrying tiled" in caplog.text
     monkeypatch.setattr(mod, "invert", real)
     expected, _ = run_tiled(image, taef2, tile_size=512, overlap=64, steps=3)
+    assert torch.equal(latent["samples"], expected["samples"])
+
+
+@pytest.mark.parametrize("name,kind,temporal_size", [("wan21", "chunked", 64), ("taehv", "inversion", 65)])
+def test_out_of_memory_on_a_long_video_falls_back_without_error(name, kind, temporal_size, host, videos, run_node,
+                                                                 run_tiled, monkeypatch):
+    """A 65-frame clip (> the tiled node's 64-frame time chunk) whose whole run raises ComfyUI's OOM
+    exception: the causal Wan VAE is retried in time chunks (a ChunkedResult, whose trace must attach),
+    any other video VAE whole in time (it cannot be chunked, and VAE Exact Encode has no temporal_size
+    input to blame). Either way the result is exactly the tiled node's with those settings."""
+    import comfy.model_management as mm
+
+    mod = importlib.import_module(host.pack.__name__ + ".nodes.exact_encode")
+    real, calls = mod.invert, []
+
+    def oom_once(*args, **kwargs):
+        calls.append(1)
+        raise mm.OOM_EXCEPTION("CUDA out of memory (simulated by the test)")
+
+    vae, frames = videos[name], clip(65, 16)  # 16 px: two latent cells, the cheapest clip over 64 frames
+    monkeypatch.setattr(mod, "invert", oom_once)
+    latent, summary = run_node(frames, vae, steps=1, check_assumption=False)
+    monkeypatch.setattr(mod, "invert", real)
+    assert calls == [1]
+    payload = getattr(latent["samples"], "exact_encode_trace")
+    assert payload["kind"] == kind and ("2 temporal chunk(s)" in summary) == (kind == "chunked"), summary
+    expected, _ = run_tiled(frames, vae, tile_size=256, overlap=64, temporal_size=temporal_size, steps=1)
     assert torch.equal(latent["samples"], expected["samples"])
 
 

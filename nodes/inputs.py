@@ -1,0 +1,120 @@
+"""Input builders and checks shared by the nodes: one definition of each common input (steps,
+method, precision, ...) and one check per kind of value, so defaults, limits and error texts
+cannot drift apart between nodes. Errors name the input and say how to fix it."""
+from __future__ import annotations
+
+import torch
+
+from comfy_api.latest import io
+
+from ..core import METHODS, InversionOptions
+from .adapter import PRECISIONS, latent_cell, to_vae_layout
+
+DEFAULT_METHOD = InversionOptions().method
+ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's kept iterates
+METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the fixed-point step, the fastest "
+                  "here. adam: the paper's method (Adam moments on the residual, warm-up + cosine schedule). "
+                  "forward: plain fixed-point step. km: inertial Krasnoselskii-Mann (forward step with momentum). "
+                  "gradient: baseline that backpropagates through the decoder (slower, far more memory).")
+
+
+def title(node_cls) -> str:
+    """The node's title as the user sees it (the schema's display name), for error messages."""
+    return node_cls.define_schema().display_name
+
+
+def check_choice(name: str, value, options) -> None:
+    """V3 combos are not checked against their options by the 0.3.75 validator: done here."""
+    if value not in options:
+        raise ValueError(f"{name}: must be one of {', '.join(options)}; got {value!r}")
+
+
+def steps_input(default: int = 100, tooltip: str = "Iterations; each costs one decoder and one encoder pass. "
+                                                   "100 follows the paper; the best iterate is returned.") -> io.Int.Input:
+    return io.Int.Input("steps", default=default, min=1, max=10000, tooltip=tooltip)
+
+
+def method_input(options=METHODS, tooltip: str = METHOD_TOOLTIP) -> io.Combo.Input:
+    return io.Combo.Input("method", options=list(options), default=DEFAULT_METHOD, tooltip=tooltip)
+
+
+def precision_input(tooltip: str = "(advanced) Dtype of the encoder/decoder passes; optimizer state stays fp32. "
+                                   "auto = the VAE's own dtype. fp16/bf16 halve memory and are faster on GPUs; "
+                                   "other than auto, a cast copy of the VAE is used.") -> io.Combo.Input:
+    return io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True, tooltip=tooltip)
+
+
+def solver_inputs() -> list:
+    """method, learning_rate, precision: shared by VAE Exact Encode and its tiled variant."""
+    return [
+        method_input(),
+        io.Float.Input("learning_rate", default=1.0, min=0.0001, max=100.0, step=0.01, optional=True,
+                       tooltip="(advanced) Multiplier on the method's tuned step: 1.0 = lr 0.01 x "
+                               "RMS of the latent for adam/gradient (the paper's 0.01 on SD-scaled "
+                               "latents, for any VAE), step 0.5 for forward/km/anderson."),
+        precision_input(),
+    ]
+
+
+def solver_options(node_cls, method: str, steps: int, learning_rate: float = 1.0, precision: str = "auto",
+                   methods=METHODS, **extra) -> InversionOptions:
+    """Validated options from the node's inputs, or an error naming the input."""
+    check_choice("method", method, methods)
+    check_choice("precision", precision, PRECISIONS)
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
+    options = InversionOptions(method=method, steps=steps,
+                               lr=learning_rate * InversionOptions(method=method).step_size, **extra)
+    try:
+        return options.validate()
+    except ValueError as e:
+        raise ValueError(f"{title(node_cls)}: {e}") from None
+
+
+def record_every(steps: int, latent_numel: int) -> int:
+    """Keep every n-th iterate so that z_k and T z_k (fp32) fit ITERATE_BUDGET."""
+    per_iterate = 2 * 4 * latent_numel
+    return max(1, -(-(steps + 1) * per_iterate // ITERATE_BUDGET))
+
+
+def check_finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: contains NaN or Inf values; fix the node that produced it.")
+    return t
+
+
+def latent_samples(latent, name: str = "latent", ndim: int | tuple | None = 4, finite: bool = False) -> torch.Tensor:
+    """The `samples` tensor of a LATENT input, or an error naming the input. `ndim` 4 is an image
+    latent (B, C, H, W); an empty batch is always an error (nothing to compute on)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(f"{name}: expected a LATENT (a dict with 'samples'); connect e.g. a VAE Encode output.")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if samples.is_nested or (dims is not None and samples.ndim not in dims):
+        what = "an image latent (B, C, H, W)" if dims == (4,) else f"a {' or '.join(map(str, dims))}-D latent"
+        raise ValueError(f"{name}: expected {what}; got shape {tuple(samples.shape)}. "
+                         + ("Video and audio latents are not supported." if dims == (4,) else ""))
+    if samples.shape[0] == 0:
+        raise ValueError(f"{name}: the batch is empty; connect a latent with at least one sample.")
+    return check_finite(samples, name) if finite else samples
+
+
+def image_to_pixels(image: torch.Tensor, vae, input_name: str = "pixels") -> torch.Tensor:
+    """IMAGE (B, H, W, C) -> (B, 3, H, W), cropped like stock VAEEncode, or a clear error."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        raise ValueError(f"{input_name}: expected an IMAGE batch (B, H, W, C); got {getattr(image, 'shape', type(image))}")
+    if image.shape[0] == 0:
+        raise ValueError(f"{input_name}: the batch is empty; connect a node that outputs at least one image.")
+    channels = image.shape[-1]
+    if channels == 4:
+        image = image[..., :3]  # drop alpha, as stock VAE Encode does
+    elif channels != 3:
+        raise ValueError(f"{input_name}: has {channels} channel(s); VAE Exact Encode needs RGB. Convert it first "
+                         "(for a mask or grey image, 'Convert Mask to Image' gives RGB).")
+    cell = latent_cell(vae)
+    if image.shape[1] < cell or image.shape[2] < cell:
+        raise ValueError(f"{input_name}: {image.shape[2]}x{image.shape[1]} px is smaller than one latent cell of this "
+                         f"VAE ({cell}x{cell} px); upscale or pad it to at least {cell} px per side.")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{input_name}: contains NaN or Inf pixels; fix the node that produced it.")
+    return to_vae_layout(vae.vae_encode_crop_pixels(image), vae)  # video VAEs: the batch is one clip
