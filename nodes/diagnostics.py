@@ -76,7 +76,7 @@ class InversionDiagnostics(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="InversionDiagnostics",
+            node_id="ExactEncodeInversionDiagnostics",
             display_name="Inversion Diagnostics",
             category="latent/inversion",
             is_output_node=True,  # its report is the point: it runs even with nothing downstream

@@ -74,7 +74,7 @@ class DiffusionInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="DiffusionInversion",
+            node_id="ExactEncodeDiffusionInversion",
             display_name="Diffusion Inversion (Euler/DDIM)",
             category="latent/inversion",
             description=(

@@ -20,7 +20,7 @@ class VAERoundTripDrift(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="VAERoundTripDrift",
+            node_id="ExactEncodeRoundTripDrift",
             display_name="VAE Round-Trip Drift",
             category="latent/inversion",
             is_output_node=True,

@@ -135,7 +135,7 @@ class ImageMaskedError(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ImageMaskedError",
+            node_id="ExactEncodeImageMaskedError",
             display_name="Image Error (Masked)",
             category="image/analysis",
             is_output_node=True,

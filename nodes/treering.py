@@ -21,7 +21,7 @@ class TreeRingKeyNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="TreeRingKey",
+            node_id="ExactEncodeTreeRingKey",
             display_name="Tree-Ring Key",
             category="latent/watermark",
             description=(
@@ -85,7 +85,7 @@ class TreeRingWatermarkedNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="TreeRingWatermarkedNoise",
+            node_id="ExactEncodeTreeRingWatermarkedNoise",
             display_name="Tree-Ring Watermarked Noise",
             category="latent/watermark",
             description=(
@@ -126,7 +126,7 @@ class TreeRingDetect(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="TreeRingDetect",
+            node_id="ExactEncodeTreeRingDetect",
             display_name="Tree-Ring Detect",
             category="latent/watermark",
             description=(

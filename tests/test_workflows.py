@@ -27,7 +27,7 @@ SIZE = 128  # px: 16x16 latents for the 8x VAEs
 REPLACE = {"CheckpointLoaderSimple": "ExactEncodeTestCheckpointLoader",
            "CLIPTextEncode": "ExactEncodeTestConditioning"}
 TEST_KEY = core.TreeRingKey((4, SIZE // 8, SIZE // 8), "ring", radius=5, channel=3, seed=12345)
-OUTPUT_NODES = {"SaveImage", "PreviewImage", "PreviewAny", "VAERoundTripDrift", "ImageMaskedError"}
+OUTPUT_NODES = {"SaveImage", "PreviewImage", "PreviewAny", "ExactEncodeRoundTripDrift", "ExactEncodeImageMaskedError"}
 MASKED_IMAGE = "example_masked.png"  # for Load Image nodes whose MASK output is used
 
 
@@ -60,15 +60,15 @@ def overrides_for(ui: dict, image: str = "example.png", kind: str = "eps", steps
         "VAEExactEncodeForInpaint": {"steps": encode_steps},
         "VAEExactEncodeTiled": {"steps": encode_steps, "tile_size": 64, "overlap": 32},  # 3 x 3 tiles at 128 px
         "VAEDecodeExactTiled": {"tile_size": 64, "overlap": 32},
-        "VAERoundTripDrift": {"steps": encode_steps, "generations": 2},
+        "ExactEncodeRoundTripDrift": {"steps": encode_steps, "generations": 2},
         "KSampler": {"steps": steps},
         "ImageScaleBy": {"scale_by": 1.5},
         "CheckpointLoaderSimple": {"kind": kind},
         "EmptyLatentImage": {"width": SIZE, "height": SIZE},
         "BasicScheduler": {"steps": steps},
-        "DiffusionInversion": {"steps": steps},
-        "TreeRingKey": {"radius": TEST_KEY.radius},
-        "TreeRingDetect": {"key_json": key_json or TEST_KEY.to_json()},
+        "ExactEncodeDiffusionInversion": {"steps": steps},
+        "ExactEncodeTreeRingKey": {"radius": TEST_KEY.radius},
+        "ExactEncodeTreeRingDetect": {"key_json": key_json or TEST_KEY.to_json()},
     }
     out = {n["id"]: dict(by_type[n["type"]]) for n in ui["nodes"] if n["type"] in by_type}
     for n in ui["nodes"]:
@@ -103,7 +103,7 @@ def test_workflow_has_no_missing_nodes_and_runs(path, server):
     saved = [f for n in prompt if prompt[n]["class_type"] == "SaveImage" for f in server.output_files(entry, n)]
     assert all(f.exists() for f in saved)
     for n in prompt:
-        if prompt[n]["class_type"] == "TreeRingDetect":
+        if prompt[n]["class_type"] == "ExactEncodeTreeRingDetect":
             previews = [m for m in prompt if prompt[m]["class_type"] == "PreviewAny"
                         and prompt[m]["inputs"]["source"] == [n, 2]]
             assert previews and entry["outputs"][previews[0]]["text"][0].startswith("image 0:")
@@ -121,7 +121,7 @@ def test_embed_then_check_on_the_server(server):
     embed = json.loads((WORKFLOWS[0].parent / "treering_embed.json").read_text())
     overrides = overrides_for(embed, kind="flow", steps=10)
     for n in embed["nodes"]:
-        if n["type"] == "TreeRingKey":
+        if n["type"] == "ExactEncodeTreeRingKey":
             overrides[n["id"]]["channel"] = -1
         elif n["type"] == "CFGGuider":  # the random model's cond/uncond difference, x7, swamps the key
             overrides[n["id"]] = {"cfg": CHAIN_CFG}
@@ -141,7 +141,7 @@ def test_embed_then_check_on_the_server(server):
     embed_text = next(n for n in embed["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
     embed_cfg = CHAIN_CFG
     for n in check["nodes"]:
-        if n["type"] == "DiffusionInversion":
+        if n["type"] == "ExactEncodeDiffusionInversion":
             overrides[n["id"]]["cfg"] = embed_cfg
         elif n["type"] == "CLIPTextEncode" and n.get("title", "").startswith("Prompt"):
             overrides[n["id"]] = {"text": embed_text}
@@ -161,11 +161,11 @@ def test_embed_then_check_on_the_server(server):
 
 def test_object_info_lists_the_treering_nodes(server):
     info = server.get("/object_info")
-    assert info["TreeRingKey"]["output"] == ["WATERMARK_KEY", "STRING"]
-    assert info["TreeRingWatermarkedNoise"]["output"] == ["NOISE", "LATENT"]
-    assert info["TreeRingDetect"]["output"] == ["FLOAT", "FLOAT", "STRING", "IMAGE"]
-    assert info["DiffusionInversion"]["output"] == ["LATENT", "STRING"]
-    inv = info["DiffusionInversion"]["input"]
+    assert info["ExactEncodeTreeRingKey"]["output"] == ["WATERMARK_KEY", "STRING"]
+    assert info["ExactEncodeTreeRingWatermarkedNoise"]["output"] == ["NOISE", "LATENT"]
+    assert info["ExactEncodeTreeRingDetect"]["output"] == ["FLOAT", "FLOAT", "STRING", "IMAGE"]
+    assert info["ExactEncodeDiffusionInversion"]["output"] == ["LATENT", "STRING"]
+    inv = info["ExactEncodeDiffusionInversion"]["input"]
     assert {"model", "positive", "negative", "cfg", "steps", "scheduler", "latent", "mode"} == set(inv["required"])
     assert {"iterations", "tolerance", "sigmas"} == set(inv["optional"])
     assert inv["required"]["steps"][1]["min"] == 1
@@ -174,7 +174,7 @@ def test_object_info_lists_the_treering_nodes(server):
 def test_diffusion_inversion_steps_zero_is_a_validation_error(server):
     check = json.loads((WORKFLOWS[0].parent / "treering_check.json").read_text())
     overrides = overrides_for(check)
-    nodes = [n["id"] for n in check["nodes"] if n["type"] == "DiffusionInversion"]
+    nodes = [n["id"] for n in check["nodes"] if n["type"] == "ExactEncodeDiffusionInversion"]
     for node in nodes:  # both branches, else ComfyUI runs the valid one and reports the other
         overrides[node]["steps"] = 0
     reply = server.post_prompt(to_api(check, server.get("/object_info"), overrides, replace=REPLACE))
@@ -195,7 +195,7 @@ def test_corrupt_key_json_fails_at_execution_naming_the_fix(server):
     from tests.support.server import execution_error
 
     error = execution_error(entry)
-    assert error is not None and error["node_type"] == "TreeRingDetect", entry["status"]
+    assert error is not None and error["node_type"] == "ExactEncodeTreeRingDetect", entry["status"]
     assert "key: not valid JSON" in error["exception_message"] and "paste the complete JSON" in error["exception_message"]
 
 
@@ -210,7 +210,7 @@ def test_drift_workflow_on_real_taef2_exact_beats_stock_after_five_generations(s
     the 128 px test photo, 5 exact-encode steps per generation to keep CI short."""
     ui = json.loads((WORKFLOWS[0].parent / "round_trip_drift.json").read_text())
     overrides = overrides_for(ui)
-    drift = next(n["id"] for n in ui["nodes"] if n["type"] == "VAERoundTripDrift")
+    drift = next(n["id"] for n in ui["nodes"] if n["type"] == "ExactEncodeRoundTripDrift")
     loader = next(n["id"] for n in ui["nodes"] if n["type"] == "VAELoader")
     overrides[drift] = {"steps": 5}  # generations stay as shipped
     overrides[loader] = {"name": "taef2"}
@@ -246,7 +246,7 @@ def test_inpaint_workflow_keeps_the_unmasked_area(server):
     prompt, entry = run_graph(server, ui, overrides)
     results = {}
     for n in ui["nodes"]:
-        if n["type"] == "ImageMaskedError":
+        if n["type"] == "ExactEncodeImageMaskedError":
             text = entry["outputs"][str(n["id"])]["text"][0]
             results[n["title"].split(":")[0]] = text
             print(f"\n{n['title']}: {text}")
@@ -255,3 +255,36 @@ def test_inpaint_workflow_keeps_the_unmasked_area(server):
         assert "PSNR inf (identical), max abs error 0.0000" in results[f"{branch}, composited"]
     psnr = {k: float(re.search(r"PSNR ([0-9.]+) dB", v).group(1)) for k, v in results.items() if "decoded" in k}
     assert psnr["exact, decoded"] > psnr["stock, decoded"]
+
+
+PACK_PREFIXES = ("ExactEncode", "VAEExactEncode", "VAEDecodeExactTiled")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_widget_values_fit_the_node_schemas(path, host):
+    """The shipped graphs are kept as JSON (no generator repeats the schemas): every node's widget
+    values must be exactly the widgets its schema has (required, then optional; a seed's
+    control_after_generate and Load Image's upload take one more), and every combo value of this
+    pack's nodes must be one of its options, so a schema change cannot leave a graph behind silently.
+    Checked in-process for this pack's nodes and the core ComfyUI nodes (not comfy_extras)."""
+    from tests.support.workflow import UI_ONLY_TYPES, _is_widget
+
+    ui = json.loads(path.read_text())
+    for node in ui["nodes"]:
+        if node["type"] in UI_ONLY_TYPES or node["type"].startswith("ExactEncodeTest"):
+            continue
+        cls = host.nodes.NODE_CLASS_MAPPINGS.get(node["type"])
+        if cls is None:  # comfy_extras nodes: not loaded in-process; the server test runs them
+            assert not node["type"].startswith(PACK_PREFIXES), node["type"]
+            continue
+        spec = cls.INPUT_TYPES()
+        specs = {**spec.get("required", {}), **spec.get("optional", {})}
+        widgets = [(name, s) for name, s in specs.items() if _is_widget(s)]
+        extra = sum(1 for _, s in widgets if len(s) > 1 and isinstance(s[1], dict)
+                    and (s[1].get("control_after_generate") or s[1].get("image_upload")))
+        values = node.get("widgets_values") or []
+        assert len(values) == len(widgets) + extra, (path.name, node["type"], [n for n, _ in widgets], values)
+        if node["type"].startswith(PACK_PREFIXES):
+            for (name, s), value in zip(widgets, values):
+                options = s[0] if isinstance(s[0], list) else (s[1].get("options") if len(s) > 1 else None)
+                assert options is None or value in options, (path.name, node["type"], name, value, options)

@@ -6,7 +6,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const SUMMARY_NODES = new Set(["VAEExactEncode", "InversionDiagnostics", "VAERoundTripDrift", "VAEExactEncodeForInpaint", "ImageMaskedError"]);
+const SUMMARY_NODES = new Set(["VAEExactEncode", "ExactEncodeInversionDiagnostics", "ExactEncodeRoundTripDrift", "VAEExactEncodeForInpaint", "ExactEncodeImageMaskedError"]);
 const SUMMARY = "exact_encode_summary";
 const SPARKLINE = "exact_encode_sparkline";
 const EVENT = "exact_encode.progress";
