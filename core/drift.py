@@ -4,6 +4,14 @@ Every editing pass in a latent-diffusion graph (img2img, each inpaint pass) enco
 image and decodes the result. With the plain encoder, D(E(x)) != x and the error compounds over
 generations; exact encoding picks z with D(z) ~= x, so a chain of passes stays close to the
 original. `drift` runs such chains side by side with any encode functions (pure torch).
+
+    >>> import torch
+    >>> from core import Codec, drift
+    >>> codec = Codec(encode=lambda x: 0.9 * x, decode=lambda z: z.clamp(0, 1))  # a lossy encoder
+    >>> x = torch.full((1, 3, 4, 4), 0.5)
+    >>> r = drift(codec, x, {"plain": codec.encode, "exact": lambda p: p}, generations=2)
+    >>> r.psnr["exact"][-1].item(), round(r.psnr["plain"][-1].item(), 2)
+    (inf, 20.45)
 """
 from __future__ import annotations
 

@@ -1,5 +1,11 @@
 """Shared fixtures. Unit tests on core/ need only torch; integration fixtures boot a real
-ComfyUI host in-process (tests/support/host.py) the first time one of them is used."""
+ComfyUI host in-process (tests/support/host.py) the first time one of them is used.
+
+Tiers, as markers set from the fixtures a test uses (so they cannot be forgotten):
+  host     needs ComfyUI (in-process, or the server below); `-m "not host"` runs plain torch only
+  server   a real ComfyUI server in a subprocess (tests/support/server.py); also `host`
+  browser  the frontend in headless chromium; also `server` and `host`
+"""
 from __future__ import annotations
 
 import sys
@@ -15,6 +21,30 @@ if str(REPO) not in sys.path:
 ARTIFACTS = REPO / "tests" / "artifacts"
 
 
+TIERS = {"host": "needs the real ComfyUI host (in-process or as a server)",
+         "server": "runs a real ComfyUI server in a subprocess",
+         "browser": "drives the ComfyUI frontend in headless chromium"}
+
+
+def pytest_configure(config):
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = set(item.fixturenames)
+        tiers = set()
+        if names & {"browser", "page"}:
+            tiers |= {"browser", "server", "host"}
+        if "server" in names:
+            tiers |= {"server", "host"}
+        if "host" in names:
+            tiers.add("host")
+        for tier in sorted(tiers):
+            item.add_marker(tier)
+
+
 @pytest.fixture(scope="session")
 def host():
     from tests.support import host as host_mod
@@ -23,10 +53,43 @@ def host():
 
 
 @pytest.fixture(scope="session")
-def node_cls(host):
+def pack(host):
+    """The pack's modules as ComfyUI loaded them: pack("nodes.exact_encode"), pack("core.tiling")."""
     import importlib
 
-    return importlib.import_module(host.pack.__name__ + ".nodes.exact_encode").VAEExactEncode
+    def module(name: str):
+        return importlib.import_module(f"{host.pack.__name__}.{name}")
+
+    return module
+
+
+@pytest.fixture
+def cancel_at(host):
+    """cancel_at(n) presses Cancel (as the browser's button does) when a node's progress bar reaches
+    n, and returns the list of progress values seen; the hook is removed after the test."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    seen, target = [], []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if target and value == target[0]:
+            mm.interrupt_current_processing(True)
+
+    def arm(n: int) -> list:
+        target[:] = [n]
+        return seen
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    yield arm
+    comfy.utils.set_progress_bar_global_hook(None)
+    mm.interrupt_current_processing(False)
+
+
+@pytest.fixture(scope="session")
+def node_cls(pack):
+    return pack("nodes.exact_encode").VAEExactEncode
 
 
 @pytest.fixture(scope="session")

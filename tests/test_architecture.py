@@ -50,3 +50,19 @@ def test_the_checker_sees_a_node_import():
     tree = ast.parse("from comfy_api.latest import io\nfrom .exact_encode import image_to_pixels\n"
                      "class N(io.ComfyNode):\n    pass\n")
     assert _is_node_module(tree) and _sibling_imports(tree) == {"exact_encode"}
+
+
+def test_every_node_has_a_help_page_titled_with_its_display_name():
+    """web/docs/<node_id>.md: what ComfyUI's node help panel shows for a custom node."""
+    docs = NODES.parent / "web" / "docs"
+    schemas = []
+    for path in NODES.glob("*.py"):
+        for call in ast.walk(_tree(path)):
+            if isinstance(call, ast.Call) and ast.unparse(call.func).endswith("Schema"):
+                kw = {k.arg: k.value.value for k in call.keywords if isinstance(k.value, ast.Constant)}
+                schemas.append((kw["node_id"], kw["display_name"]))
+    assert len(schemas) == 11
+    for node_id, display_name in schemas:
+        page = docs / f"{node_id}.md"
+        assert page.is_file(), page
+        assert page.read_text().startswith(f"# {display_name}\n"), node_id

@@ -2,7 +2,6 @@
 VAE Exact Encode (Tiled) inverted, so a tiled exact encode round-trips through it (real TAEF2)."""
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -18,11 +17,9 @@ def psnr(a, b):
 
 
 @pytest.fixture(scope="module")
-def mods(host):
-    p = host.pack.__name__
-    return {k: importlib.import_module(f"{p}.{m}") for k, m in
-            [("dec", "nodes.decode_tiled"), ("enc", "nodes.exact_encode_tiled"), ("tiling", "core.tiling"),
-             ("adapter", "nodes.adapter")]}
+def mods(pack):
+    return {k: pack(m) for k, m in [("dec", "nodes.decode_tiled"), ("enc", "nodes.exact_encode_tiled"),
+                                    ("tiling", "core.tiling"), ("adapter", "nodes.adapter")]}
 
 
 def decode(mods, latent, vae, tile_size, overlap):

@@ -1,7 +1,6 @@
 """Inversion Diagnostics on the real ComfyUI host with real VAEs (TAEF2, kl_f8_small)."""
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -9,8 +8,8 @@ import torch
 
 
 @pytest.fixture(scope="session")
-def diag_cls(host):
-    return importlib.import_module(host.pack.__name__ + ".nodes.diagnostics").InversionDiagnostics
+def diag_cls(pack):
+    return pack("nodes.diagnostics").InversionDiagnostics
 
 
 @pytest.fixture

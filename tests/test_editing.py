@@ -15,8 +15,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="session")
-def pack_nodes(host):
-    return importlib.import_module(host.pack.__name__ + ".nodes")
+def pack_nodes(pack):
+    return pack("nodes")
 
 
 def centre_mask(size=SIZE, batch=1):

@@ -184,24 +184,13 @@ def test_bad_settings_fail_with_the_input_name(kwargs, match, taef2, photos64, r
 # tests/test_video_tiled.py (test_audio_vae_is_rejected_clearly, test_video_latent_is_interchangeable...).
 
 
-def test_cancel_interrupts_cleanly_and_leaves_no_state(host, taef2, photos64, run_node):
+def test_cancel_interrupts_cleanly_and_leaves_no_state(host, taef2, photos64, run_node, cancel_at):
     import comfy.model_management as mm
-    import comfy.utils
 
     before = {k: v.clone() for k, v in taef2.first_stage_model.state_dict().items()}
-    seen = []
-
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 3:
-            mm.interrupt_current_processing(True)  # what the Cancel button does
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            run_node(photos64["coffee"], taef2, steps=50)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
+    seen = cancel_at(3)
+    with pytest.raises(mm.InterruptProcessingException):
+        run_node(photos64["coffee"], taef2, steps=50)
     assert seen[-1] == 3 and not mm.processing_interrupted()
     after = taef2.first_stage_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -102,3 +102,17 @@ def test_web_extension_is_served(server):
     assert ours, scripts
     status, body = server._request(ours[0])  # JS is not JSON: the raw text comes back
     assert status == 200 and "exact_encode.feedback" in str(body) and "exact_encode.progress" in str(body)
+
+
+def test_every_node_help_page_is_served_where_the_frontend_asks(server):
+    """ComfyUI frontend 1.32.9 (NodeHelpService) asks a custom node's help at
+    /extensions/<pack>/docs/<node_id>/<locale>.md, then /extensions/<pack>/docs/<node_id>.md."""
+    info = server.get("/object_info")
+    ours = {k: v for k, v in info.items() if v.get("python_module", "").startswith("custom_nodes.")
+            and not k.startswith("ExactEncodeTest")}
+    assert len(ours) == 11, sorted(ours)
+    base = next(s for s in server.get("/extensions") if s.endswith("/exact_encode.js")).rsplit("/", 1)[0]
+    for node_id, node in ours.items():
+        status, body = server._request(f"{base}/docs/{node_id}.md")
+        assert status == 200 and f"`{node_id}`" in str(body), (node_id, status)
+        assert str(body).startswith(f"# {node['display_name']}"), node_id

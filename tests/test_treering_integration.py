@@ -5,8 +5,6 @@ Random weights: these tests measure inversion accuracy and the watermark's survi
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -14,14 +12,6 @@ LATENT = 16   # latent cells per side (128 px images through an 8x VAE)
 STEPS = 10
 CFG = 3.0
 SCHEDULER = {"eps": "normal", "v": "normal", "flow": "simple"}
-
-
-@pytest.fixture(scope="module")
-def pack(host):
-    def mod(name):
-        return importlib.import_module(f"{host.pack.__name__}.{name}")
-
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -226,21 +216,10 @@ def test_bad_input_names_the_input_and_the_fix(pack, tiny):
         detect(pack, out, key, sigma="guess")
 
 
-def test_cancel_stops_the_inversion(pack, tiny):
+def test_cancel_stops_the_inversion(pack, tiny, cancel_at):
     import comfy.model_management as mm
-    import comfy.utils
 
-    seen = []
-
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 2:
-            mm.interrupt_current_processing(True)  # what the Cancel button does
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            invert(pack, tiny("eps"), tiny, "eps", torch.randn(1, 4, LATENT, LATENT), "exact")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
+    seen = cancel_at(2)
+    with pytest.raises(mm.InterruptProcessingException):
+        invert(pack, tiny("eps"), tiny, "eps", torch.randn(1, 4, LATENT, LATENT), "exact")
     assert seen[-1] == 2 and not mm.processing_interrupted()

@@ -6,7 +6,6 @@ measured on the real pretrained TAEF2 and a 512 px photo, judged by the stock (w
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
@@ -23,8 +22,8 @@ def psnr(a, b):
 
 
 @pytest.fixture(scope="module")
-def tiled_cls(host):
-    return importlib.import_module(host.pack.__name__ + ".nodes.exact_encode_tiled").VAEExactEncodeTiled
+def tiled_cls(pack):
+    return pack("nodes.exact_encode_tiled").VAEExactEncodeTiled
 
 
 @pytest.fixture
@@ -72,7 +71,7 @@ def clip(frames=9, size=32, seed=0):
 # name -> (ComfyUI class sd.py detects, temporal factor, cell px, frame size px); the factors are sd.py's
 # upscale_ratio. Full size where sd.py fixes the width and it fits the CPU budget (hunyuan_video:
 # 247M parameters, 2.9 GB; cosmos: 106M, 1.3 GB), else narrowed (video_models.narrowed; the
-# full-size costs are in the README); ltxv: a small config from checkpoint metadata, as sd.py reads it.
+# full-size costs are in docs/measurements.md); ltxv: a small config from checkpoint metadata, as sd.py reads it.
 VIDEO_CASES = {
     "wan21": ("comfy.ldm.wan.vae.WanVAE", 4, 8, 64),
     "taehv": ("comfy.taesd.taehv.TAEHV", 4, 8, 64),
@@ -87,8 +86,8 @@ FULL_SIZE = {"hunyuan_video", "cosmos"}  # dropped after their test: 1.3-2.9 GB 
 
 
 @pytest.mark.parametrize("name", list(VIDEO_CASES))
-def test_video_latent_is_interchangeable_with_stock_vae_encode(name, videos, host, run_node, run_tiled, stock):
-    tiled_mod = importlib.import_module(host.pack.__name__ + ".nodes.tiling_glue")
+def test_video_latent_is_interchangeable_with_stock_vae_encode(name, videos, pack, run_node, run_tiled, stock):
+    tiled_mod = pack("nodes.tiling_glue")
     cls, factor, cell, size = VIDEO_CASES[name]
     vae = videos[name]
     try:
@@ -143,13 +142,11 @@ def test_decode_only_video_vaes_are_rejected_clearly(host, run_node, run_tiled):
 
 
 @pytest.mark.parametrize("name", ["wan21", "wan22_narrow"])
-def test_wan_chunk_codec_is_exactly_the_whole_codec_restricted_to_the_chunk(name, videos, host):
+def test_wan_chunk_codec_is_exactly_the_whole_codec_restricted_to_the_chunk(name, videos, pack):
     """The property time chunking rests on, checked on the real Wan 2.1 / 2.2 code: with the solved past
     in front, a chunk's decode and encode equal the whole video's, frame for frame (causality)."""
-    from importlib import import_module
-
-    core_temporal = import_module(host.pack.__name__ + ".core.temporal")
-    adapter = import_module(host.pack.__name__ + ".nodes.adapter")
+    core_temporal = pack("core.temporal")
+    adapter = pack("nodes.adapter")
     vae = videos[name]
     codec = adapter.vae_codec(vae)
     with torch.inference_mode():
@@ -238,12 +235,12 @@ def test_audio_vae_is_rejected_clearly(host, photos64, run_node, run_tiled):
 
 # ------------------------------------------------------------------ OOM fallback (unit level)
 
-def test_out_of_memory_falls_back_to_tiles_like_stock(host, taef2, photos64, run_node, run_tiled, monkeypatch, caplog):
+def test_out_of_memory_falls_back_to_tiles_like_stock(pack, taef2, photos64, run_node, run_tiled, monkeypatch, caplog):
     """Unit-level: the first (whole) run is made to raise ComfyUI's OOM exception by a patch; the node
     must then return exactly what the tiled node gives with stock's fallback tile (512/64 px)."""
     import comfy.model_management as mm
 
-    mod = importlib.import_module(host.pack.__name__ + ".nodes.exact_encode")
+    mod = pack("nodes.exact_encode")
     real, calls = mod.invert, []
 
     def oom_once(*args, **kwargs):
@@ -261,7 +258,7 @@ def test_out_of_memory_falls_back_to_tiles_like_stock(host, taef2, photos64, run
 
 
 @pytest.mark.parametrize("name,kind,temporal_size", [("wan21", "chunked", 64), ("taehv", "inversion", 65)])
-def test_out_of_memory_on_a_long_video_falls_back_without_error(name, kind, temporal_size, host, videos, run_node,
+def test_out_of_memory_on_a_long_video_falls_back_without_error(name, kind, temporal_size, pack, videos, run_node,
                                                                  run_tiled, monkeypatch):
     """A 65-frame clip (> the tiled node's 64-frame time chunk) whose whole run raises ComfyUI's OOM
     exception: the causal Wan VAE is retried in time chunks (a ChunkedResult, whose trace must attach),
@@ -269,7 +266,7 @@ def test_out_of_memory_on_a_long_video_falls_back_without_error(name, kind, temp
     input to blame). Either way the result is exactly the tiled node's with those settings."""
     import comfy.model_management as mm
 
-    mod = importlib.import_module(host.pack.__name__ + ".nodes.exact_encode")
+    mod = pack("nodes.exact_encode")
     real, calls = mod.invert, []
 
     def oom_once(*args, **kwargs):
@@ -289,15 +286,15 @@ def test_out_of_memory_on_a_long_video_falls_back_without_error(name, kind, temp
 
 # ------------------------------------------------------------------ tiling quality on TAEF2
 
-def test_taef2_tiled_inversion_within_0_3_db_of_whole_on_a_512px_photo(host, taef2, run_node, run_tiled, stock):
+def test_taef2_tiled_inversion_within_0_3_db_of_whole_on_a_512px_photo(pack, taef2, run_node, run_tiled, stock):
     """512 px photo, tiles of 256 px with 64 px overlap (3 x 3 tiles), 4 steps. The tiled result is
     exact for the tiled decoder, so it is judged by that decoder (the same grid), the whole result
     by stock VAE Decode: within 0.3 dB, and the error in the overlap strips (+- 8 px) is within
     0.5 dB of the same strips of the whole result (no seams). The tiled result through the *whole*
     decoder is printed, not asserted: TAEF2's GroupNorm blocks normalise by per-tile statistics,
-    so its tiled and whole decoders differ (measured in the README)."""
-    tiling = importlib.import_module(host.pack.__name__ + ".core.tiling")
-    adapter = importlib.import_module(host.pack.__name__ + ".nodes.adapter")
+    so its tiled and whole decoders differ (measured in docs/measurements.md)."""
+    tiling = pack("core.tiling")
+    adapter = pack("nodes.adapter")
     image = load_photo(image_paths()[0], 512)
     steps = 4
     # adam, the paper's: with the default (anderson) the whole run gains faster than the tiled one
