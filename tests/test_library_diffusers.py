@@ -1,0 +1,74 @@
+"""exact_encode.adapters.diffusers against ComfyUI on the same weights: the shared kl_f8_small
+(LDM keys, config.json) converted offline into diffusers' AutoencoderKL."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.support.library import exact_encode, readme_block
+from tests.support.paths import require
+
+ee = exact_encode()
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def kl_diffusers():
+    from exact_encode.adapters.vae_files import load_vae
+
+    loaded = load_vae(require("models/kl_f8_small"))
+    assert loaded.kind == "kl" and loaded.latent_format == "raw"  # a config.json VAE: ComfyUI's raw latent
+    return loaded.model
+
+
+def gains(summary: str) -> list[float]:
+    return [float(g) for g in re.findall(r"\(([+-]\d+\.\d+) dB\)", summary)]
+
+
+def test_exact_latent_decodes_the_same_through_diffusers_and_comfyui(kl_diffusers, kl_small, stock, photos64):
+    from exact_encode.adapters.diffusers import diffusers_codec
+
+    sd_scale = 0.18215  # an SD 1.x convention, to check the factors are applied as pipelines do
+    codec = diffusers_codec(kl_diffusers, scaling_factor=sd_scale, shift_factor=0.1)
+    photo = photos64["astronaut"]  # (1, H, W, 3)
+    result = ee.invert(codec, photo.movedim(-1, 1), method="anderson", steps=8)
+    assert result.samples[0].gain_db > 0.1
+    with torch.inference_mode():
+        ours = codec.decode(result.latent).movedim(1, -1)
+    theirs = stock.decode(kl_small, {"samples": result.latent / sd_scale + 0.1})
+    assert (ours - theirs).abs().max().item() < 2e-4
+    # and the plain encoders agree, in that convention
+    plain = stock.encode(kl_small, photo)["samples"]
+    with torch.inference_mode():
+        assert torch.allclose(codec.encode(photo.movedim(-1, 1)), (plain - 0.1) * sd_scale, atol=1e-4)
+
+
+def test_gain_and_latent_equal_the_nodes_on_the_same_photo(kl_diffusers, kl_small, stock, run_node, photos64):
+    from exact_encode.adapters.diffusers import diffusers_codec
+
+    # The decoded photo: an image the decoder can reach, so the gain is large enough to compare.
+    target = stock.decode(kl_small, stock.encode(kl_small, photos64["coffee"]))
+    latent, summary = run_node(target, kl_small, steps=10, method="anderson", check_assumption=False)
+    result = ee.invert(diffusers_codec(kl_diffusers), target.movedim(-1, 1), method="anderson", steps=10)
+    (node_gain,) = gains(summary)
+    assert node_gain > 1.0
+    assert result.samples[0].gain_db == pytest.approx(node_gain, abs=0.02)  # the summary rounds to 0.01
+    assert torch.allclose(result.latent, latent["samples"], atol=1e-3, rtol=0)  # raw convention: same latent
+
+
+def test_readme_diffusers_snippet_runs(kl_diffusers, monkeypatch, tmp_path):
+    """The README's img2img-style example, with the shared small VAE in place of a hub download."""
+    import diffusers
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: kl_diffusers))
+    from PIL import Image
+
+    Image.fromarray((torch.rand(48, 40, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("test: readme-diffusers"), "README.md", "exec"), scope)
+    assert scope["latents"].shape == (1, 4, 6, 5)
+    assert scope["result"].samples[0].psnr_best >= scope["result"].samples[0].psnr_initial
