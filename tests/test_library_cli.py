@@ -105,7 +105,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_ctrl_c_leaves_only_whole_files(tmp_path):
     make_images(tmp_path / "in", 8)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "core.cli", "encode", str(tmp_path / "in"), "--vae", str(kl_small_dir()),
+    cmd = [sys.executable, "-m", "exact_encode.cli", "encode", str(tmp_path / "in"), "--vae", str(kl_small_dir()),
            "--out", str(out), "--steps", "20"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,17 +1,32 @@
 """`import exact_encode` inside the repository, without installing it.
 
-The installed package is `core/` under the name `exact_encode` (pyproject.toml). In the repository,
-`core` is importable (tests put the repo on sys.path); this registers the same module object under
-the installed name too, so README examples and tests can say `from exact_encode import ...`.
-An `exact_encode` that is installed from this very tree (pip install -e .) is used as it is.
+The installed package is `core/` under the name `exact_encode` (pyproject.toml). Here a folder
+outside the repository holds one symlink, `exact_encode -> <repo>/core`; it goes first on sys.path
+and on PYTHONPATH, so this process, its subprocesses and Ray's worker processes all import this
+checkout's core/ as `exact_encode` (nothing else of the repository becomes importable that way).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def link_dir() -> Path:
+    """The folder with the `exact_encode` symlink for this checkout (made once)."""
+    folder = Path(tempfile.gettempdir()) / f"exact_encode_link_{hashlib.sha1(str(REPO).encode()).hexdigest()[:10]}"
+    link = folder / "exact_encode"
+    if not link.is_symlink():
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".link{os.getpid()}"
+        tmp.symlink_to(REPO / "core", target_is_directory=True)
+        os.replace(tmp, link)  # atomic: parallel test processes may race here
+    return folder
 
 
 def _is_ours(module) -> bool:
@@ -19,19 +34,21 @@ def _is_ours(module) -> bool:
 
 
 def exact_encode():
-    """The `exact_encode` package of this checkout (registers the alias on first use)."""
+    """The `exact_encode` package of this checkout."""
     current = sys.modules.get("exact_encode")
     if current is not None and _is_ours(current):
         return current
-    if str(REPO) not in sys.path:
-        sys.path.append(str(REPO))
-    core = importlib.import_module("core")
+    folder = str(link_dir())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if folder not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([folder] + [p for p in paths if p])
     for name in [n for n in sys.modules if n == "exact_encode" or n.startswith("exact_encode.")]:
         del sys.modules[name]  # a copy installed from another checkout must not shadow this one
-    for name, module in list(sys.modules.items()):  # one module object per file, under both names
-        if name == "core" or name.startswith("core."):
-            sys.modules["exact_encode" + name[4:]] = module
-    return core
+    module = importlib.import_module("exact_encode")
+    assert _is_ours(module), module.__file__
+    return module
 
 
 def readme_block(marker: str) -> str:
