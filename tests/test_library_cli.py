@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.support.cli_data import kl_small_dir, make_images
-from tests.support.library import REPO, exact_encode
+from tests.support.library import REPO, exact_encode, readme_commands
 
 ee = exact_encode()
 pytest.importorskip("diffusers")
@@ -140,3 +140,24 @@ def test_inspect_prints_metadata_and_fails_on_non_outputs(tmp_path, capsys):
     assert "error" in second
     assert main(["inspect", str(tmp_path / "out" / "img00.safetensors")]) == 0
     assert "psnr_exact" in capsys.readouterr().out
+
+
+def test_readme_cli_section_runs(tmp_path):
+    """The README's commands, in a folder with photos/, more.png and sdxl_vae.safetensors (the
+    shared small KL VAE under that name: no config.json, so its architecture comes from the shapes)."""
+    from tests.support.cli_data import smooth_image
+
+    make_images(tmp_path / "photos", 1)
+    (tmp_path / "photos" / "img00.png").rename(tmp_path / "photos" / "cat.png")
+    smooth_image(7, 48, 40).save(tmp_path / "more.png")
+    (tmp_path / "sdxl_vae.safetensors").symlink_to(kl_small_dir() / "kl_f8_small.safetensors")
+    first, resumed, inspect = readme_commands("test: readme-cli", {"--steps 50": "--steps 2"})
+    for cmd in (first, resumed):
+        done = subprocess.run(cmd + ["--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert (summary["ok"], summary["skipped"]) == (1, 1)  # more.png is new; cat.png was done
+    shown = subprocess.run(inspect, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    meta = json.loads(shown.stdout)
+    assert meta["latent_format"] == "sdxl" and float(meta["scaling_factor"]) == 0.13025
+    assert meta["latent_shape"] == [4, 4, 5]

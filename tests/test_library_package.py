@@ -9,6 +9,7 @@ every requirement it declares among those; diffusers, safetensors, ComfyUI are n
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import re
 import subprocess
 import sys
@@ -74,15 +75,16 @@ def _link_only(dists, into: Path) -> None:
 
 
 def test_fresh_venv_installs_the_wheel_and_inverts(wheel, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}  # nothing leaks in
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
+    site = Path(subprocess.check_output([str(py), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True, env=env).strip())
     _link_only(_closure(BASE_DEPS), tmp_path / "base")
     (site / "base_deps.pth").write_text(str(tmp_path / "base") + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-index", "-q", str(wheel)],
-                   check=True, timeout=300)
+                   check=True, timeout=300, env=env)
     script = (
         "import importlib.util, torch, exact_encode\n"
         "from exact_encode import Codec, invert\n"
@@ -93,9 +95,10 @@ def test_fresh_venv_installs_the_wheel_and_inverts(wheel, tmp_path):
         "r = invert(Codec(lambda x: 0.9 * x, dec), dec(torch.rand(1, 3, 4, 4) * 0.5), method='forward', lr=0.8, steps=60)\n"
         "assert r.samples[0].gain_db > 20, r.summary()\n"
         "print(exact_encode.__file__, exact_encode.__version__, torch.__version__)\n")
-    out = subprocess.run([str(py), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run([str(py), "-I", "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert str(site) in out.stdout and exact_encode().__version__ in out.stdout
     version = subprocess.run([str(venv / "bin" / "exact-encode"), "--version"], capture_output=True, text=True,
-                             timeout=120)
+                             timeout=120, env=env, cwd=tmp_path)
     assert version.returncode == 0 and exact_encode().__version__ in version.stdout, version.stderr

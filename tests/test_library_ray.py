@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.support.cli_data import kl_small_dir, make_images
-from tests.support.library import REPO, exact_encode
+from tests.support.library import REPO, exact_encode, readme_commands
 
 ee = exact_encode()
 ray = pytest.importorskip("ray")
@@ -68,12 +68,17 @@ def test_same_latents_as_one_process_with_an_actor_killed_mid_job(cluster, setti
         assert torch.allclose(single[name], distributed[name], atol=1e-5), name
 
 
-def test_resume_after_the_driver_is_killed(cluster, tmp_path):
+def test_readme_ray_section_resumes_after_the_driver_is_killed(cluster, tmp_path):
+    """The README's two Ray commands: the first is SIGKILLed once outputs appear, the second
+    (--resume) finishes the job; `--ray auto` joins the cluster this test started."""
     make_images(tmp_path / "in", 8)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "exact_encode.cli", "encode", str(tmp_path / "in"), "--vae", str(kl_small_dir()),
-           "--out", str(out), "--steps", "4", "--device", "cpu", "--ray", cluster, "--actors", "2", "--json"]
-    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    vae = kl_small_dir() / "kl_f8_small.safetensors"  # config.json beside it
+    first, resume = readme_commands("test: readme-ray", {
+        "/shared/photos": str(tmp_path / "in"), "/shared/ae.safetensors": str(vae), "/shared/latents": str(out),
+        "--ray auto": f"--ray {cluster}"})
+    extra = ["--steps", "4", "--device", "cpu", "--actors", "2"]
+    driver = subprocess.Popen(first + extra, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob("*.safetensors")) and driver.poll() is None and time.monotonic() < deadline:
@@ -82,18 +87,14 @@ def test_resume_after_the_driver_is_killed(cluster, tmp_path):
     finally:
         driver.kill()  # SIGKILL: no clean-up code of the driver runs
         driver.communicate()
-    time.sleep(2)  # Ray stops the dead driver's actors; an output being renamed lands whole or not at all
+    time.sleep(2)  # Ray stops the dead driver's actors; a file being renamed lands whole or not at all
     before = set(latents(out))  # loads each: whole files only
     assert 1 <= len(before) < 8  # killed mid-job
     report = out / "report.jsonl"
     earlier = len(report.read_text().splitlines()) if report.exists() else 0
-    from exact_encode.cli import main
-
-    code = main(["encode", str(tmp_path / "in"), "--vae", str(kl_small_dir()), "--out", str(out), "--steps", "4",
-                 "--device", "cpu", "--ray", cluster, "--actors", "2", "--resume"])
-    assert code == 0
-    after = latents(out)
-    assert len(after) == 8
+    done = subprocess.run(resume + extra, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(latents(out)) == 8
     rows = [json.loads(line) for line in report.read_text().splitlines()[earlier:]]  # the resumed run's
     assert sorted(Path(r["input"]).stem for r in rows) == [f"img{i:02d}" for i in range(8)]
     skipped = {Path(r["output"]).name for r in rows if r["status"] == "skipped"}

@@ -60,3 +60,20 @@ def readme_block(marker: str) -> str:
     after = text.split(tag, 1)[1]
     start = after.index("```python\n") + len("```python\n")
     return after[start:after.index("```", start)]
+
+
+def readme_commands(marker: str, replace: dict | None = None) -> list[list[str]]:
+    """The `exact-encode` lines of the ```bash block after `<!-- marker -->`, as argv lists
+    (comments dropped, strings in `replace` substituted), run as `python -m exact_encode.cli`."""
+    import shlex
+
+    text = (REPO / "README.md").read_text().split(f"<!-- {marker} -->", 1)[1]
+    start = text.index("```bash\n") + len("```bash\n")
+    commands = []
+    for line in text[start:text.index("```", start)].splitlines():
+        line = line.split("#", 1)[0].strip()
+        for old, new in (replace or {}).items():
+            line = line.replace(old, new)
+        if line.startswith("exact-encode "):
+            commands.append([sys.executable, "-m", "exact_encode.cli"] + shlex.split(line)[1:])
+    return commands
