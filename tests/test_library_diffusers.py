@@ -72,3 +72,54 @@ def test_readme_diffusers_snippet_runs(kl_diffusers, monkeypatch, tmp_path):
     exec(compile(readme_block("test: readme-diffusers"), "README.md", "exec"), scope)
     assert scope["latents"].shape == (1, 4, 6, 5)
     assert scope["result"].samples[0].psnr_best >= scope["result"].samples[0].psnr_initial
+
+
+def _save(sd: dict, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().float() for k, v in sd.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["flux_ae", "taesd"])
+def test_single_files_load_like_comfyui(host, stock, kind, tmp_path):
+    """Seeded random weights in ComfyUI's single-file layouts (FLUX.1 ae: 16 channels, no quant
+    convs; TAESD: taesd_encoder./taesd_decoder. keys): the diffusers model built by load_vae encodes
+    and decodes like ComfyUI's own VAE from the same file, in the stated latent convention."""
+    import comfy.sd
+    from comfy.taesd.taesd import TAESD
+
+    from exact_encode.adapters.diffusers import diffusers_codec
+    from exact_encode.adapters.vae_files import LATENT_FORMATS, load_vae
+    from tests.support import models
+
+    if kind == "flux_ae":
+        sd, path, fmt = models._random_kl_state_dict(16, seed=3), tmp_path / "ae.safetensors", "flux"
+    else:
+        sd, path, fmt = (models.seeded_weights(TAESD(latent_channels=4).state_dict(), 4),
+                         tmp_path / "taesd.safetensors", "sd1")
+    _save(sd, path)
+    comfy_vae = comfy.sd.VAE(sd=sd)
+    loaded = load_vae(path)
+    assert loaded.latent_format == fmt
+    scale, shift = LATENT_FORMATS[fmt] if kind == "flux_ae" else (1.0, 0.0)  # TAESD latents come scaled
+    codec = diffusers_codec(loaded.model)
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = codec.encode(image.movedim(-1, 1))
+        theirs = (stock.encode(comfy_vae, image)["samples"] - shift) * scale
+        assert (ours - theirs).abs().max().item() < 1e-3 * max(1.0, theirs.abs().max().item())
+        decoded = codec.decode(ours).movedim(1, -1)
+    assert (decoded - stock.decode(comfy_vae, {"samples": ours / scale + shift})).abs().max().item() < 1e-3
+
+
+def test_kl_shapes_alone_give_the_config_architecture(kl_diffusers, tmp_path):
+    """kl_f8_small without its config.json: the architecture read from the tensor shapes is the same."""
+    from exact_encode.adapters.vae_files import load_vae
+
+    lone = tmp_path / "vae.safetensors"
+    lone.symlink_to(require("models/kl_f8_small") / "kl_f8_small.safetensors")
+    model = load_vae(lone, latent_format="raw").model
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.allclose(model.decode(z).sample, kl_diffusers.decode(z).sample, atol=1e-5)

@@ -102,3 +102,15 @@ def test_fresh_venv_installs_the_wheel_and_inverts(wheel, tmp_path):
     version = subprocess.run([str(venv / "bin" / "exact-encode"), "--version"], capture_output=True, text=True,
                              timeout=120, env=env, cwd=tmp_path)
     assert version.returncode == 0 and exact_encode().__version__ in version.stdout, version.stderr
+
+
+@pytest.mark.parametrize("module", ["exact_encode.adapters.images", "exact_encode.adapters.diffusers"])
+def test_adapter_doctests(module):
+    import doctest
+    import importlib
+
+    exact_encode()
+    if module.endswith("diffusers"):
+        pytest.importorskip("diffusers")
+    failed, attempted = doctest.testmod(importlib.import_module(module))
+    assert failed == 0 and attempted > 0
