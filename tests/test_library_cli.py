@@ -161,3 +161,19 @@ def test_readme_cli_section_runs(tmp_path):
     meta = json.loads(shown.stdout)
     assert meta["latent_format"] == "sdxl" and float(meta["scaling_factor"]) == 0.13025
     assert meta["latent_shape"] == [4, 4, 5]
+
+
+def test_time_budget_goes_to_the_solver_or_is_refused_with_the_reason(tmp_path, capsys):
+    from dataclasses import fields
+
+    settings = encode_job.Settings(vae="v", vae_sha256="h", time_budget=5.0)
+    if "time_budget" in {f.name for f in fields(ee.InversionOptions)}:
+        assert settings.options().time_budget == 5.0
+        return
+    with pytest.raises(ValueError, match="no time budget"):
+        settings.options()
+    make_images(tmp_path / "in", 1)
+    code = main(["encode", str(tmp_path / "in"), "--vae", str(kl_small_dir()), "--out", str(tmp_path / "out"),
+                 "--time-budget", "5"])
+    assert code == 2 and "--time-budget" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
