@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from tests.support.cli_data import kl_small_dir, make_images
-from tests.support.library import REPO, exact_encode, readme_commands
+from tests.support.library import REPO, exact_encode, readme_commands, one_torch_thread_fixture
 
 ee = exact_encode()
+one_torch_thread = one_torch_thread_fixture()
 pytest.importorskip("diffusers")
 from exact_encode.adapters import encode_job  # noqa: E402
 from exact_encode.cli import main  # noqa: E402

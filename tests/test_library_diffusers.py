@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
-from tests.support.library import exact_encode, readme_block
+from tests.support.library import exact_encode, readme_block, one_torch_thread_fixture
 from tests.support.paths import require
 
 ee = exact_encode()
+one_torch_thread = one_torch_thread_fixture()
 pytest.importorskip("diffusers")
 
 
@@ -69,7 +70,9 @@ def test_readme_diffusers_snippet_runs(kl_diffusers, monkeypatch, tmp_path):
     Image.fromarray((torch.rand(48, 40, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(readme_block("test: readme-diffusers"), "README.md", "exec"), scope)
+    code = readme_block("test: readme-diffusers")
+    assert "steps=50" in code
+    exec(compile(code.replace("steps=50", "steps=3"), "README.md", "exec"), scope)
     assert scope["latents"].shape == (1, 4, 6, 5)
     assert scope["result"].samples[0].psnr_best >= scope["result"].samples[0].psnr_initial
 

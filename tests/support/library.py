@@ -77,3 +77,26 @@ def readme_commands(marker: str, replace: dict | None = None) -> list[list[str]]
         if line.startswith("exact-encode "):
             commands.append([sys.executable, "-m", "exact_encode.cli"] + shlex.split(line)[1:])
     return commands
+
+
+def one_torch_thread_fixture():
+    """A module fixture: torch (and subprocesses, via OMP_NUM_THREADS) on one thread. These tests
+    run 32-48 px images, where a second thread buys nothing, and on a busy shared CPU a second
+    thread made the solver 8x slower (measured: 4.4 s vs 0.5 s for the same 64 px run)."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def one_torch_thread():
+        import torch
+
+        before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        yield
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
+
+    return one_torch_thread
