@@ -121,9 +121,21 @@ def print_summary(summary: dict) -> None:
         print(f"FAILED {f['input']}: {f['reason']}")
 
 
+def require_extra(modules, extra: str) -> None:
+    """A missing optional dependency is an error that names the extra to install."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"{', '.join(missing)} not installed: pip install 'comfyui-exact-encode[{extra}]'")
+
+
 def cmd_encode(args) -> int:
     from .adapters.encode_job import Encoder
 
+    require_extra(("tqdm", "PIL", "safetensors", "diffusers"), "cli")
+    if args.ray is not None:
+        require_extra(("ray",), "ray")
     settings, todo, skipped = plan(args)
     reporter = Reporter(Path(args.out), len(todo), args.json)
     try:
@@ -142,6 +154,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    require_extra(("safetensors",), "cli")
     from safetensors import safe_open
 
     failed = 0

@@ -102,6 +102,9 @@ def test_fresh_venv_installs_the_wheel_and_inverts(wheel, tmp_path):
     version = subprocess.run([str(venv / "bin" / "exact-encode"), "--version"], capture_output=True, text=True,
                              timeout=120, env=env, cwd=tmp_path)
     assert version.returncode == 0 and exact_encode().__version__ in version.stdout, version.stderr
+    no_extra = subprocess.run([str(venv / "bin" / "exact-encode"), "encode", "a.png", "--vae", "v", "--out", "o"],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert no_extra.returncode == 2 and "comfyui-exact-encode[cli]" in no_extra.stderr, no_extra.stderr
 
 
 @pytest.mark.parametrize("module", ["exact_encode.adapters.images", "exact_encode.adapters.diffusers"])
