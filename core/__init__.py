@@ -8,6 +8,8 @@ in pure PyTorch (no ComfyUI import).
     >>> INVERSION_MODES
     ('naive', 'exact')
 """
+__version__ = "0.1.0"  # equals pyproject.toml [project] version (tests/test_library_package.py)
+
 from .codec import Codec
 from .drift import DriftResult, drift
 from .diffusion_inversion import MODES as INVERSION_MODES

@@ -18,7 +18,8 @@ DEPS=(numpy einops "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml 
       "pydantic~=2.0" "pydantic-settings~=2.0" torchsde "av>=14.2.0" alembic SQLAlchemy
       "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece
       requests comfyui-frontend-package==1.32.9 pytest
-      "matplotlib>=3.7" "scipy>=1.10" playwright==1.64.1)
+      "matplotlib>=3.7" "scipy>=1.10" playwright==1.64.1
+      diffusers==0.42.1 "ray[data]==2.60.0")  # the library's diffusers adapter, CLI and Ray runner (tests)
 STAMP_VERSION="2 torch==2.13.0 torchvision==0.28.0 $WHEEL ${DEPS[*]}"
 STAMP="$HOST/.stamp"
 
