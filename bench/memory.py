@@ -49,7 +49,39 @@ def _reset_hwm() -> bool:
         return False
 
 
-class PeakMemory:
+class _CudaOrCpuPeak:
+    """A context manager measuring `peak` (bytes) and `peak_mb` over a block: on CUDA the caching
+    allocator's peak over what was allocated before; on the CPU what the subclass measures."""
+
+    method = ""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated - memory_allocated before"
+        else:
+            self._cpu_enter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = self._cpu_exit(*exc)
+        self.peak_mb = self.peak / 2**20
+        self.base_mb = self.base / 2**20
+        return False
+
+
+class PeakMemory(_CudaOrCpuPeak):
     """Extra memory a block of work needs over the state before it, in MiB.
 
     CPU: the peak resident set size (VmHWM, reset through /proc/self/clear_refs just before the
@@ -59,41 +91,22 @@ class PeakMemory:
     torch's allocations. CUDA: torch.cuda.max_memory_allocated minus memory_allocated before.
     """
 
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-
-    def __enter__(self):
-        gc.collect()
+    def _cpu_enter(self) -> None:
         _malloc_trim()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated - memory_allocated before"
-        else:
-            self.hwm = _reset_hwm() and _proc_status_kb("VmHWM") is not None
-            self.base = (_proc_status_kb("VmRSS") or 0) * 1024
-            self.method = ("VmHWM (reset via /proc/self/clear_refs) - VmRSS before" if self.hwm
-                           else "ru_maxrss - VmRSS before")
-        return self
+        self.hwm = _reset_hwm() and _proc_status_kb("VmHWM") is not None
+        self.base = (_proc_status_kb("VmRSS") or 0) * 1024
+        self.method = ("VmHWM (reset via /proc/self/clear_refs) - VmRSS before" if self.hwm
+                       else "ru_maxrss - VmRSS before")
 
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            if self.hwm:
-                peak = _proc_status_kb("VmHWM") * 1024
-            else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-            self.peak = peak - self.base
-        self.peak_mb = self.peak / 2**20
-        self.base_mb = self.base / 2**20
-        return False
+    def _cpu_exit(self, *exc) -> int:
+        if self.hwm:
+            peak = _proc_status_kb("VmHWM") * 1024
+        else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return peak - self.base
 
 
-class LiveTensorPeak:
+class LiveTensorPeak(_CudaOrCpuPeak):
     """Peak bytes of live tensors a block allocates over what was live at its start, in MiB.
 
     CPU: the running sum of the profiler's [memory] events (torch.profiler, profile_memory=True),
@@ -112,39 +125,21 @@ class LiveTensorPeak:
         True
     """
 
-    method = "live tensors: running sum of torch.profiler memory events"
+    def _cpu_enter(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        self.base, self.method = 0, "live tensors: running sum of torch.profiler memory events"
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
 
-    def __enter__(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated - memory_allocated before"
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.prof.__exit__(*exc)
-            events = [(e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
-                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-            live = peak = 0
-            for _, nbytes in sorted(events):
-                live += nbytes
-                peak = max(peak, live)
-            self.peak, self.events = peak, len(events)
-            del self.prof
-        self.peak_mb = self.peak / 2**20
-        return False
+    def _cpu_exit(self, *exc) -> int:
+        self.prof.__exit__(*exc)
+        events = [(e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        del self.prof
+        live = peak = 0
+        for _, nbytes in sorted(events):
+            live += nbytes
+            peak = max(peak, live)
+        self.events = len(events)
+        return peak

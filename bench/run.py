@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--isolation", choices=("fork", "spawn"), default="fork" if hasattr(os, "fork") else "spawn",
                    help="fork: every job is forked from this process after ComfyUI is imported (no tensor "
                         "work happens before the fork); spawn: a fresh interpreter per job (+~6 s each)")
+    p.add_argument("--accelerator", action="store_true",
+                   help="let ComfyUI use its accelerator (CUDA) instead of the CPU the tests force (bench.gpu)")
     p.add_argument("--out", help="output folder (default bench/results; --quick: a new temp dir)")
     p.add_argument("--tag", help="suffix of the output file names")
     p.add_argument("--note", help="free text recorded in meta and the markdown")
@@ -100,7 +102,7 @@ def run_job(job: dict, ctx, args, scratch: Path, n: int) -> dict:
         return forked(execute, job, ctx, threads=args.threads)
     out = scratch / f"job-{n}.json"
     cmd = [sys.executable, "-m", "bench.run", "--job", json.dumps(job), "--job-out", str(out),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--accelerator"] if args.accelerator else [])
     rc = subprocess.run(cmd, cwd=REPO).returncode
     if out.is_file():
         return json.loads(out.read_text())
@@ -109,7 +111,7 @@ def run_job(job: dict, ctx, args, scratch: Path, n: int) -> dict:
 
 def job_main(args) -> int:
     """--job: the spawn-isolation worker."""
-    ctx = boot(args.threads)
+    ctx = boot(args.threads, cpu=not args.accelerator)
     job = json.loads(args.job)
     try:
         result, code = execute(job, ctx), 0
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
         return job_main(args)
     t0 = time.perf_counter()
     load0, pressure0 = os.getloadavg(), cpu_pressure()
-    ctx = boot(args.threads)
+    ctx = boot(args.threads, cpu=not args.accelerator)
     device, device_slug, device_name = device_info()
     if device.type == "cuda" and args.isolation == "fork":  # CUDA does not survive fork()
         print("bench: CUDA device, using --isolation spawn", file=sys.stderr)
