@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 
 from ..core import METHODS, InversionOptions, invert
 from . import trace
-from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported, to_vae_layout
+from .adapter import PRECISIONS, latent_cell, vae_codec, check_supported, is_oom, to_vae_layout
 
 PROGRESS_EVENT = "exact_encode.progress"  # web/exact_encode.js draws the live sparkline from it
 ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's kept iterates
@@ -165,8 +165,10 @@ class VAEExactEncode(io.ComfyNode):
         result = None
         try:
             result = invert(vae_codec(vae, precision, tuple(image.shape)), image, options, callback=on_iteration)
-        except comfy.model_management.OOM_EXCEPTION:
-            pass  # like stock VAE Encode: leave the except block first so the failed run's memory is freed
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is caught, the rest re-raised
+            if not is_oom(e):
+                raise
+            # like stock VAE Encode: leave the except block first so the failed run's memory is freed
         if result is None:
             from .exact_encode_tiled import oom_fallback
 

@@ -45,8 +45,8 @@ function addDisplayWidget(node, name, el, height) {
 }
 
 function summaryElement(node) {
-  const widget = node.widgets?.find((w) => w.name === SUMMARY);
-  if (widget) return widget.element;
+  const existing = node.widgets?.find((w) => w.name === SUMMARY);
+  if (existing) return existing.element;
   const el = document.createElement("div");
   el.className = "exact-encode-summary";
   el.setAttribute("role", "status");
@@ -59,12 +59,21 @@ function summaryElement(node) {
   text.className = "exact-encode-summary-text";
   text.style.cssText = "white-space:pre-wrap;overflow-wrap:anywhere";
   el.append(label, text);
-  // Before the element is laid out, count lines (a lower bound: long lines wrap).
-  const height = () => el.isConnected && el.offsetWidth
-    ? label.offsetHeight + text.offsetHeight + 8
-    : 15 * (2 + (text.textContent.match(/\n/g)?.length ?? 0)) + 8;
-  addDisplayWidget(node, SUMMARY, el, height).label = "Summary";
+  const widget = addDisplayWidget(node, SUMMARY, el, () => summaryHeight(node, widget, label, text));
+  widget.label = "Summary";
   return el;
+}
+
+// The text's height once wrapped at the width the node gives it. Measured at that width, not at
+// the element's current one: a freshly placed element can be a few pixels wide, and text wrapped
+// there would make the node grow enormously. Before the element is laid out, count lines.
+function summaryHeight(node, widget, label, text) {
+  if (!text.isConnected) return 15 * (2 + (text.textContent.match(/\n/g)?.length ?? 0)) + 8;
+  const width = text.style.width;
+  text.style.width = `${Math.max(node.size[0] - 2 * widget.margin - 12, 40)}px`;
+  const height = label.offsetHeight + text.offsetHeight + 8;
+  text.style.width = width;
+  return height;
 }
 
 function showSummary(node, text) {
