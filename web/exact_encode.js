@@ -18,6 +18,7 @@ const SPARKLINE_HEIGHT = 64;
 const EVENT = "exact_encode.progress";
 const COLORS = ["#4da3ff", "#ff8a3d", "#5fd18a", "#e06bd8"];
 const SVG = "http://www.w3.org/2000/svg";
+const MARGIN = 10; // px around a DOM widget on the classic canvas (the frontend's default, set explicitly)
 
 function isPackNode(nodeData) {
   return nodeData?.python_module?.split(".")[1] === PACK_FOLDER;
@@ -33,15 +34,15 @@ function fitNode(node) {
 // `flex: none` keeps the element at its own height where a Vue row stretches its children.
 function addDisplayWidget(node, name, el, height) {
   el.style.flex = "none";
-  const widget = node.addDOMWidget(name, name, el, {
+  return node.addDOMWidget(name, name, el, {
     serialize: false, // display only: never saved into workflows or prompts
     hideOnZoom: false,
+    margin: MARGIN,
     getValue: () => "",
     setValue: () => {},
-    getMinHeight: () => height() + 2 * widget.margin,
-    getMaxHeight: () => height() + 2 * widget.margin,
+    getMinHeight: () => height() + 2 * MARGIN,
+    getMaxHeight: () => height() + 2 * MARGIN,
   });
-  return widget;
 }
 
 function summaryElement(node) {
@@ -59,18 +60,17 @@ function summaryElement(node) {
   text.className = "exact-encode-summary-text";
   text.style.cssText = "white-space:pre-wrap;overflow-wrap:anywhere";
   el.append(label, text);
-  const widget = addDisplayWidget(node, SUMMARY, el, () => summaryHeight(node, widget, label, text));
-  widget.label = "Summary";
+  addDisplayWidget(node, SUMMARY, el, () => summaryHeight(node, label, text)).label = "Summary";
   return el;
 }
 
 // The text's height once wrapped at the width the node gives it. Measured at that width, not at
 // the element's current one: a freshly placed element can be a few pixels wide, and text wrapped
 // there would make the node grow enormously. Before the element is laid out, count lines.
-function summaryHeight(node, widget, label, text) {
+function summaryHeight(node, label, text) {
   if (!text.isConnected) return 15 * (2 + (text.textContent.match(/\n/g)?.length ?? 0)) + 8;
   const width = text.style.width;
-  text.style.width = `${Math.max(node.size[0] - 2 * widget.margin - 12, 40)}px`;
+  text.style.width = `${Math.max(node.size[0] - 2 * MARGIN - 12, 40)}px`;
   const height = label.offsetHeight + text.offsetHeight + 8;
   text.style.width = width;
   return height;
