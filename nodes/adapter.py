@@ -22,6 +22,15 @@ class UnsupportedVAE(ValueError):
     pass
 
 
+def is_oom(error: BaseException) -> bool:
+    """Out of memory, as ComfyUI counts it: newer versions also report it as torch.AcceleratorError
+    and say so through model_management.is_oom (docs/compat.md); 0.3.75 has only OOM_EXCEPTION."""
+    host_is_oom = getattr(comfy.model_management, "is_oom", None)
+    if host_is_oom is not None:
+        return bool(host_is_oom(error))
+    return isinstance(error, comfy.model_management.OOM_EXCEPTION)
+
+
 def check_supported(vae) -> None:
     """Raise with the reason and the alternative when this VAE cannot be inverted here."""
     if vae is None or getattr(vae, "first_stage_model", None) is None:
@@ -35,6 +44,12 @@ def check_supported(vae) -> None:
     if getattr(vae, "extra_1d_channel", None) is not None or getattr(vae, "output_channels", 3) != 3:
         raise UnsupportedVAE(f"vae: {kind} does not decode to RGB images, so its decoder cannot be "
                              "inverted against an image; use the stock 'VAE Encode'.")
+    # Newer ComfyUI (docs/compat.md): some VAEs post-process the encoder's output (format_encoded)
+    # or stream it in chunks (comfy_has_chunked_io); calling first_stage_model directly, as this
+    # adapter does, would skip that. None of these exist in 0.3.75, hence getattr.
+    if getattr(vae, "format_encoded", None) is not None or getattr(vae.first_stage_model, "comfy_has_chunked_io", False):
+        raise UnsupportedVAE(f"vae: {kind} encodes through its own chunked or post-processed path, which "
+                             "VAE Exact Encode cannot invert; use the stock 'VAE Encode' for this one.")
 
 
 def latent_cell(vae) -> int:

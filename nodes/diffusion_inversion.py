@@ -22,12 +22,18 @@ KIND_NAMES = {"eps": "eps-prediction (SD1.x, SD2 base, SDXL)", "v": "v-predictio
               "flow": "flow (SD3, FLUX, rectified-flow models)"}
 
 
+# Sampling types whose noise_scaling is not the eps/v/flow one the inversion divides out. Newer
+# ComfyUI adds IMG_TO_IMG_FLOW / IMG_TO_IMG_VELOCITY: subclasses of CONST that ignore the noise
+# (docs/compat.md); looked up by name because 0.3.75 lacks them.
+UNSUPPORTED_SAMPLING = ("EDM", "X0", "COSMOS_RFLOW", "IMG_TO_IMG_FLOW", "IMG_TO_IMG_VELOCITY")
+
+
 def model_kind(model) -> str:
     """eps / v / flow from the model's own model_sampling class, or a clear error."""
     ms = model.get_model_object("model_sampling")
     ms_cls = type(ms)
-    unsupported = [c for c in (comfy.model_sampling.EDM, comfy.model_sampling.X0, comfy.model_sampling.COSMOS_RFLOW)
-                   if isinstance(ms, c)]
+    unsupported = [c for c in (getattr(comfy.model_sampling, name, None) for name in UNSUPPORTED_SAMPLING)
+                   if c is not None and isinstance(ms, c)]
     if unsupported or not isinstance(ms, (comfy.model_sampling.EPS, comfy.model_sampling.CONST)):
         what = unsupported[0].__name__ if unsupported else ms_cls.__name__
         raise ValueError(

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..core import invert
 from . import trace
-from .adapter import check_supported, latent_cell, vae_codec
+from .adapter import check_supported, is_oom, latent_cell, vae_codec
 from .inputs import image_to_pixels, record_every, solver_inputs, solver_options, steps_input
 from .progress import iteration_callback, progress_sender
 from .tiling_glue import oom_fallback
@@ -66,8 +66,10 @@ class VAEExactEncode(io.ComfyNode):
         result = None
         try:
             result = invert(vae_codec(vae, precision, tuple(image.shape)), image, options, callback=on_iteration)
-        except comfy.model_management.OOM_EXCEPTION:
-            pass  # like stock VAE Encode: leave the except block first so the failed run's memory is freed
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is caught, the rest re-raised
+            if not is_oom(e):
+                raise
+            # like stock VAE Encode: leave the except block first so the failed run's memory is freed
         if result is None:
             result = oom_fallback(vae, image, options, precision)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)

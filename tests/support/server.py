@@ -58,7 +58,8 @@ class ComfyServer:
     """Starts on `start()` / `with`, stops on `stop()`, on leaving the `with`, or at interpreter exit."""
 
     def __init__(self, image: str | os.PathLike | None = None, startup_timeout: float = 120.0,
-                 keep_dir: bool = False, keep_log: bool = False, extra_args: tuple[str, ...] = ()):
+                 keep_dir: bool = False, keep_log: bool = False, extra_args: tuple[str, ...] = (),
+                 front_end_root: str | os.PathLike | None = None):
         self.image_source = Path(image) if image is not None else require(DEFAULT_IMAGE)
         if not self.image_source.is_file():
             raise FileNotFoundError(f"no image at {self.image_source}")
@@ -68,6 +69,9 @@ class ComfyServer:
         self.failed = False  # set on any ServerError (or by the caller): the log file is then kept
         self._log_cache: str | None = None
         self.extra_args = tuple(extra_args)
+        # Another frontend build (its `static` folder, e.g. from `pip install --target`); None: the
+        # comfyui-frontend-package installed in .venv.
+        self.front_end_root = Path(front_end_root) if front_end_root is not None else None
         self.client_id = uuid.uuid4().hex
         self.base: Path | None = None
         self.port: int | None = None
@@ -115,7 +119,8 @@ class ComfyServer:
     def command(self) -> list[str]:
         return [str(venv_python()), str(comfy_dir() / "main.py"), "--cpu", "--disable-api-nodes",
                 "--listen", HOST, "--port", str(self.port), "--base-directory", str(self.base),
-                "--database-url", f"sqlite:///{self.base / 'comfyui.db'}", *self.extra_args]
+                "--database-url", f"sqlite:///{self.base / 'comfyui.db'}",
+                *(["--front-end-root", str(self.front_end_root)] if self.front_end_root else []), *self.extra_args]
 
     def _env(self) -> dict:
         env = dict(os.environ)
