@@ -17,14 +17,13 @@ import torch
 
 from .codec import Codec
 from .diagnostics import cocoercivity
-from .metrics import PixelError, per_sample_norm, per_sample_weighted_mse, psnr_from_mse, ratio_db
+from .evaluation import Evaluation, Target, direction, evaluator_for
+from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, StepSetup
+from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
-from .steppers import Adam, Anderson, Forward, InertialKM
 
 Tensor = torch.Tensor
-
-METHODS = ("adam", "forward", "km", "anderson", "gradient")
-DEFAULT_LR = {"adam": 0.01, "gradient": 0.01, "forward": 0.5, "km": 0.5, "anderson": 0.5}
+__all__ = ["InversionOptions", "invert", "METHODS", "DEFAULT_LR", "STOP_REASONS"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +56,12 @@ class InversionOptions:
     sync_every: int = 8
 
     def validate(self) -> "InversionOptions":
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method not in METHOD_REGISTRY:
+            raise ValueError(f"method must be one of {', '.join(METHOD_REGISTRY)}; got {self.method!r}")
         if int(self.steps) != self.steps or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0 (try {DEFAULT_LR[self.method]}); got {self.lr!r}")
+            raise ValueError(f"learning rate must be > 0 (try {METHOD_REGISTRY[self.method].default_lr}); got {self.lr!r}")
         if not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0 (0 turns it off); got {self.tolerance!r}")
         if self.patience < 0:
@@ -73,8 +72,8 @@ class InversionOptions:
             raise ValueError(f"memory must be in [1, 20]; got {self.memory!r}")
         if self.record_every < 0:
             raise ValueError(f"record_every must be >= 0 (0 turns it off); got {self.record_every!r}")
-        if self.record_every > 0 and self.method == "gradient" and not self.track_residual:
-            raise ValueError("record_every needs the residual: set track_residual=True for 'gradient'")
+        if self.record_every > 0 and METHOD_REGISTRY[self.method].family == "gradient" and not self.track_residual:
+            raise ValueError(f"record_every needs the residual: set track_residual=True for {self.method!r}")
         if int(self.sync_every) != self.sync_every or self.sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1; got {self.sync_every!r}")
         if not self.divergence > 1:
@@ -83,7 +82,7 @@ class InversionOptions:
 
     @property
     def step_size(self) -> float:
-        return DEFAULT_LR[self.method] if self.lr is None else float(self.lr)
+        return METHOD_REGISTRY[self.method].default_lr if self.lr is None else float(self.lr)
 
 
 def _check_image(image: Tensor) -> None:
@@ -131,7 +130,7 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
                                or weight.shape[0] not in (1, image.shape[0])):
         raise ValueError(f"weight must be (B or 1, 1, H, W) matching image {tuple(image.shape)}; "
                          f"got {tuple(weight.shape)}")
-    if opts.method == "gradient":
+    if METHOD_REGISTRY[opts.method].needs_autograd:
         return _run(codec, image, opts, callback, target_latent, weight)
     with torch.inference_mode():
         return _run(codec, image, opts, callback, target_latent, weight)
@@ -149,14 +148,13 @@ STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience")  # codes 0..3 
 SYNC_SECONDS = 0.25  # read the stats back at least this often, so progress and cancelling stay live
 
 
-class _Book:
-    """The per-sample bookkeeping of one run, kept on the device so the loop never waits for it:
-    the trace, the best iterate, and the stop rules (diverged > tolerance > patience)."""
+class RunState:
+    """The per-sample state of one run, kept on the device so the loop never waits for it: the
+    trace, the best iterate, and the stop rules (diverged > tolerance > patience)."""
 
-    def __init__(self, z: Tensor, opts: InversionOptions):
+    def __init__(self, z: Tensor, opts: InversionOptions, tracks_residual: bool):
         batch, device = z.shape[0], z.device
-        self.opts, self.view = opts, (batch,) + (1,) * (z.ndim - 1)
-        self.tracked = opts.method != "gradient" or opts.track_residual
+        self.opts, self.view, self.tracks_residual = opts, (batch,) + (1,) * (z.ndim - 1), tracks_residual
         self.best_z = z.clone()
         self.best_err = torch.full((batch,), math.inf, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
@@ -168,8 +166,8 @@ class _Book:
         # rows: pixel MSE, residual dB, active after the stop rules; NaN once a sample stopped
         self.trace = torch.full((3, opts.steps + 1, batch), math.nan, device=device)
 
-    def record(self, k: int, z: Tensor, err: Tensor, res: Tensor) -> None:
-        opts, active = self.opts, self.active
+    def record(self, k: int, z: Tensor, ev: Evaluation) -> None:
+        opts, active, err, res = self.opts, self.active, ev.pixel_mse, ev.residual_db
         self.trace[0, k].copy_(err).masked_fill_(~active, math.nan)
         self.trace[1, k].copy_(res).masked_fill_(~active, math.nan)
         improved = (err < self.best_err) & active
@@ -180,10 +178,10 @@ class _Book:
         code = torch.zeros_like(self.reason)
         if opts.patience > 0:
             code.masked_fill_(self.since_best >= opts.patience, 3)
-        if self.tracked and opts.tolerance > 0:
+        if self.tracks_residual and opts.tolerance > 0:
             code.masked_fill_(res <= 20 * math.log10(opts.tolerance), 2)
         bad = ~torch.isfinite(err)
-        if self.tracked:
+        if self.tracks_residual:
             if k == 0:  # A floor on the reference: an exact initial fixed point has a residual of -inf dB.
                 self.limit = res.clamp_min(-120.0) + 20 * math.log10(opts.divergence)
             bad |= res.isnan() | (res == math.inf) | (res > self.limit)
@@ -195,122 +193,101 @@ class _Book:
         self.active_f.copy_(active.view(self.view))
         self.trace[2, k].copy_(active)
 
+    def mask_stopped(self, step_direction: Tensor | Evaluation) -> None:
+        """Zero the step direction(s) of stopped samples, which may hold NaN."""
+        if isinstance(step_direction, Evaluation):
+            tensors = [t for t in (step_direction.residual, step_direction.pixel_grad) if t is not None]
+        else:
+            tensors = [step_direction]
+        for t in tensors:
+            t.masked_fill_(~self.active.view(self.view), 0.0)
+
+
+class HostSync:
+    """Reads the trace back to the host only every `sync_every` iterations (or SYNC_SECONDS) and at
+    the end, and there runs the callback once per iteration since the last read: the device never
+    idles waiting for the host in between."""
+
+    def __init__(self, steps: int, sync_every: int, callback: Callable[[int, int, dict], None] | None):
+        self.steps, self.every, self.callback = steps, sync_every, callback
+        self.synced, self.synced_at = -1, time.perf_counter()  # the last iteration read back, and when
+
+    def __call__(self, k: int, trace: Tensor) -> bool:
+        """After evaluation k: True when the run is over (the last step, or every sample stopped)."""
+        final = k == self.steps
+        if not (final or k - self.synced >= self.every or time.perf_counter() - self.synced_at >= SYNC_SECONDS):
+            return False
+        rows = trace[:, self.synced + 1:k + 1].cpu()
+        if self.callback is not None:
+            for j in range(rows.shape[1]):
+                self.callback(self.synced + 1 + j, self.steps, {
+                    "psnr": [float(psnr_from_mse(v)) for v in rows[0, j].tolist()],
+                    "residual_db": rows[1, j].tolist(), "active": [bool(a) for a in rows[2, j].tolist()]})
+        self.synced, self.synced_at = k, time.perf_counter()
+        return final or not rows[2, -1].any()
+
+
+class IterateLog:
+    """Every n-th iterate and its residual on the host, for the cocoercivity check (record_every)."""
+
+    def __init__(self, every: int):
+        self.every, self.kept = every, []  # (k, z_k, E(D(z_k)) - E(x))
+
+    def keep(self, k: int, z: Tensor, ev: Evaluation) -> None:
+        if self.every and k % self.every == 0:
+            self.kept.append((k, _to_host(z), _to_host(ev.residual)))
+
+    def cocoercivity(self, best_z: Tensor, iterations: list[int]) -> list[Optional[dict]]:
+        if not self.kept:
+            return [None] * len(iterations)
+        if best_z.device.type == "cuda":
+            torch.cuda.synchronize(best_z.device)  # the kept copies were queued without waiting
+        ks = [k for k, _, _ in self.kept]
+        last_kept = [max(i for i, k in enumerate(ks) if k <= n) for n in iterations]
+        out = cocoercivity([z for _, z, _ in self.kept], [t for _, _, t in self.kept], best_z.detach().cpu(), last_kept)
+        self.kept = []
+        return out
+
+
+def _result(state: RunState, log: IterateLog, final_k: int, opts: InversionOptions, dtype: torch.dtype,
+            seconds: float) -> InversionResult:
+    stopped_at, best_its, reasons = (t.tolist() for t in (state.stopped_at, state.best_iteration, state.reason))
+    iterations = [min(s, final_k) for s in stopped_at]
+    coco = log.cocoercivity(state.best_z, iterations)
+    trace = state.trace[:, :max(iterations) + 1].cpu()  # no rows after the last stop
+    trace_psnr, trace_res = psnr_from_mse(trace[0]), trace[1]
+    samples = []
+    for b, (n, best) in enumerate(zip(iterations, best_its)):
+        samples.append(SampleStats(
+            psnr_initial=trace_psnr[0, b].item(), psnr_final=trace_psnr[n, b].item(),
+            psnr_best=trace_psnr[best, b].item(),
+            residual_db_initial=trace_res[0, b].item(), residual_db_final=trace_res[n, b].item(),
+            residual_db_best=trace_res[best, b].item(),
+            best_iteration=best, iterations=n, stop_reason=STOP_REASONS[reasons[b]], cocoercivity=coco[b]))
+    latent = state.best_z if state.best_z.is_inference() else state.best_z.detach().clone()
+    return InversionResult(latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
+                           seconds=seconds, method=opts.method, dtype=str(dtype).replace("torch.", ""),
+                           options=asdict(opts))
+
 
 def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
          weight=None) -> InversionResult:
     start = time.perf_counter()
-    device, dtype = codec.device, codec.dtype
-    x = image.to(device=device, dtype=torch.float32)
-    x_in = x.to(dtype)
-    if weight is not None:
-        weight = weight.to(device=device, dtype=torch.float32)
-    with torch.inference_mode():  # the encoder never needs autograd, not even for "gradient"
-        e0 = (codec.encode(x_in) if target_latent is None else target_latent.to(device)).float()
-    batch = e0.shape[0]
-    view = (batch,) + (1,) * (e0.ndim - 1)
-    e0 = e0.contiguous()  # conv outputs may be channels-last; the steppers expect plain layout
-    e0_norm = per_sample_norm(e0).clamp_min(1e-12)
-    scale = (e0_norm / e0[0].numel() ** 0.5).clamp_min(1e-6).view(view)
-    eps = 1e-8 if dtype == torch.float32 else 1e-4
-
-    if opts.method == "gradient":
-        # Autograd needs ordinary tensors even when the host runs us under inference_mode.
-        with torch.inference_mode(False):
-            z = e0.clone()
-            x = x.clone()
-            scale = scale.clone()
-        decode_grad = codec.differentiable_decode()
-        stepper = Adam(z, scale, opts.step_size, opts.steps, eps, schedule=opts.schedule)
-    else:
-        z = e0.clone()
-        pixel_error = PixelError(x, weight)
-        g = torch.empty_like(e0)  # the residual E(D(z)) - E(x), rewritten in place
-        z_in = z if dtype == torch.float32 else torch.empty_like(z, dtype=dtype)
-        if opts.method == "adam":
-            stepper = Adam(z, scale, opts.step_size, opts.steps, eps, schedule=opts.schedule)
-        elif opts.method == "forward":
-            stepper = Forward(opts.step_size)
-        elif opts.method == "anderson":
-            stepper = Anderson(z, opts.step_size, opts.memory)
-        else:
-            stepper = InertialKM(z, opts.step_size, opts.momentum)
-
-    book = _Book(z, opts)
-    kept: list[tuple[int, Tensor, Tensor]] = []  # (k, z_k, T z_k) when opts.record_every
-    synced, synced_at = -1, time.perf_counter()  # last iteration read back to the host, and when
-
+    method = METHOD_REGISTRY[opts.method]
+    target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
+    z = target.start()
+    eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
+    stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts))
+    evaluate = evaluator_for(method.family, codec, target, z, stepper, opts.track_residual)
+    state = RunState(z, opts, evaluate.tracks_residual)
+    log, sync = IterateLog(opts.record_every), HostSync(opts.steps, opts.sync_every, callback)
     for k in range(opts.steps + 1):
-        if opts.method == "gradient":
-            with torch.inference_mode(False), torch.enable_grad():
-                zg = z.detach().requires_grad_(True)
-                xk = decode_grad(zg)
-                err = per_sample_weighted_mse(xk, x, weight)
-                if k < opts.steps:
-                    (grad,) = torch.autograd.grad(err.sum(), zg)
-            err = err.detach()
-            xk = xk.detach()
-            if opts.track_residual or k == 0:
-                with torch.inference_mode():
-                    t_k = codec.encode(xk.to(dtype)).float() - e0
-                    res = ratio_db(per_sample_norm(t_k), e0_norm)
-            else:
-                res = torch.full_like(err, float("nan"))
-        else:
-            if z_in is not z:
-                z_in.copy_(z)
-            xk = codec.decode(z_in)
-            err = pixel_error(xk)
-            grad = t_k = torch.sub(codec.encode(xk), e0, out=g)
-            res = ratio_db(per_sample_norm(grad), e0_norm)
-        del xk
-        if opts.record_every and k % opts.record_every == 0:
-            kept.append((k, _to_host(z), _to_host(t_k)))
-        book.record(k, z, err, res)
-
-        # The stats reach the host only here, every sync_every iterations (or SYNC_SECONDS), and
-        # at the end: stop rules act and the callback sees each iteration at these points.
-        last = k == opts.steps
-        if last or k - synced >= opts.sync_every or time.perf_counter() - synced_at >= SYNC_SECONDS:
-            rows = book.trace[:, synced + 1:k + 1].cpu()
-            if callback is not None:
-                for j in range(rows.shape[1]):
-                    callback(synced + 1 + j, opts.steps, {
-                        "psnr": [float(psnr_from_mse(v)) for v in rows[0, j].tolist()],
-                        "residual_db": rows[1, j].tolist(), "active": [bool(a) for a in rows[2, j].tolist()]})
-            synced, synced_at = k, time.perf_counter()
-            if last or not rows[2, -1].any():
-                break
-        grad.masked_fill_(~book.active.view(view), 0.0)  # a stopped sample may hold NaN
-        stepper.step(z, grad, book.active_f)
-
-    stopped_at, best_it, reason = (t.tolist() for t in (book.stopped_at, book.best_iteration, book.reason))
-    stats = [dict(iterations=min(stopped_at[b], k), best_iteration=best_it[b], stop_reason=STOP_REASONS[reason[b]])
-             for b in range(batch)]
-    best_z = book.best_z
-    coco = [None] * batch
-    if kept:
-        if z.device.type == "cuda":
-            torch.cuda.synchronize(z.device)  # the kept copies were queued without waiting
-        ks = [k for k, _, _ in kept]
-        last = [max(i for i, k in enumerate(ks) if k <= stats[b]["iterations"]) for b in range(batch)]
-        coco = cocoercivity([z for _, z, _ in kept], [t for _, _, t in kept], best_z.detach().cpu(), last)
-        del kept
-    trace = book.trace[:, :max(s["iterations"] for s in stats) + 1].cpu()  # no rows after the last stop
-    trace_psnr = psnr_from_mse(trace[0])
-    trace_res = trace[1]
-    samples = []
-    for b in range(batch):
-        last = stats[b]["iterations"]
-        best = stats[b]["best_iteration"]
-        samples.append(SampleStats(
-            psnr_initial=trace_psnr[0, b].item(), psnr_final=trace_psnr[last, b].item(),
-            psnr_best=trace_psnr[best, b].item(),
-            residual_db_initial=trace_res[0, b].item(), residual_db_final=trace_res[last, b].item(),
-            residual_db_best=trace_res[best, b].item(),
-            best_iteration=best, iterations=last, stop_reason=stats[b]["stop_reason"],
-            cocoercivity=coco[b]))
-    return InversionResult(
-        latent=best_z.detach().clone() if opts.method == "gradient" else best_z,
-        samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
-        seconds=time.perf_counter() - start, method=opts.method,
-        dtype=str(dtype).replace("torch.", ""), options=asdict(opts))
+        ev = evaluate(k, z, with_grad=k < opts.steps)
+        log.keep(k, z, ev)
+        state.record(k, z, ev)
+        if sync(k, state.trace):
+            break
+        step_direction = direction(method.family, ev)
+        state.mask_stopped(step_direction)
+        stepper.step(z, step_direction, state.active_f)
+    return _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)

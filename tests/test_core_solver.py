@@ -370,3 +370,41 @@ def test_core_imports_without_comfyui():
     for path in (repo / "core").glob("*.py"):
         text = path.read_text()
         assert "import comfy" not in text and "from comfy" not in text, path
+
+
+def test_methods_and_default_lr_derive_from_the_registry():
+    from core import methods
+    assert core.METHODS == tuple(methods.METHOD_REGISTRY)
+    assert core.DEFAULT_LR == {name: m.default_lr for name, m in methods.METHOD_REGISTRY.items()}
+    with pytest.raises(ValueError, match="family"):
+        methods.Method("newton", 1.0, lambda s: None)
+
+
+def test_a_method_of_family_both_gets_the_residual_always_and_the_pixel_gradient_when_it_asks(monkeypatch):
+    """One registry entry adds a hybrid: its stepper sees the whole evaluation; the pixel gradient
+    it asked for is autograd's gradient of the pixel error at that iterate."""
+    from core import methods
+    from core.steppers import Forward
+    seen = []
+
+    class Probe:  # forward steps on the residual; asks for the pixel gradient at odd iterations
+        def __init__(self, setup):
+            self.forward = Forward(setup.lr)
+
+        def wants_pixel_grad(self, k):
+            return k % 2 == 1
+
+        def step(self, z, ev, active):
+            seen.append((z.clone(), ev.residual is not None, None if ev.pixel_grad is None else ev.pixel_grad.clone()))
+            self.forward.step(z, ev.residual, active)
+
+    monkeypatch.setitem(methods.METHOD_REGISTRY, "probe", methods.Method("both", 0.5, Probe))
+    codec, dec = linear_codec()
+    x, _ = target()
+    r = invert(codec, x, method="probe", steps=6)
+    assert torch.equal(r.latent, invert(codec, x, method="forward", lr=0.5, steps=6).latent)
+    assert [(has_res, g is not None) for _, has_res, g in seen] == [(True, k % 2 == 1) for k in range(6)]
+    z, _, g = seen[3]
+    zg = z.requires_grad_(True)
+    (expected,) = torch.autograd.grad(metrics.per_sample_mse(dec(zg), x).sum(), zg)
+    assert torch.allclose(g, expected)

@@ -1,0 +1,139 @@
+"""What `invert` measures at each iterate, per method family (core.methods): the pixel error
+(which picks the best iterate), the latent residual E(D(z)) - E(x), and the pixel-loss gradient."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .codec import Codec
+from .metrics import PixelError, per_sample_norm, per_sample_weighted_mse, ratio_db
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Target:
+    """What every iterate is measured against: the image x (fp32 on the codec's device), its
+    optional pixel weight, the target latent E(x) (contiguous fp32), its norm and the per-sample
+    RMS scale of E(x) as (B, 1, ...), which Adam-type steps are relative to."""
+
+    image: Tensor
+    weight: Optional[Tensor]
+    latent: Tensor
+    latent_norm: Tensor
+    scale: Tensor
+
+    @classmethod
+    def of(cls, codec: Codec, image: Tensor, weight: Optional[Tensor], latent: Optional[Tensor],
+           autograd: bool) -> "Target":
+        x = image.to(device=codec.device, dtype=torch.float32)
+        if weight is not None:
+            weight = weight.to(device=codec.device, dtype=torch.float32)
+        with torch.inference_mode():  # the encoder never needs autograd, not even for "gradient"
+            e0 = (codec.encode(x.to(codec.dtype)) if latent is None else latent.to(codec.device)).float()
+        e0 = e0.contiguous()  # conv outputs may be channels-last; the steppers expect plain layout
+        e0_norm = per_sample_norm(e0).clamp_min(1e-12)
+        scale = (e0_norm / e0[0].numel() ** 0.5).clamp_min(1e-6).view((e0.shape[0],) + (1,) * (e0.ndim - 1))
+        if autograd:  # autograd needs ordinary tensors even when the host runs us under inference_mode
+            with torch.inference_mode(False):
+                x, e0, e0_norm, scale = (t.clone() for t in (x, e0, e0_norm, scale))
+                weight = None if weight is None else weight.clone()
+        return cls(x, weight, e0, e0_norm, scale)
+
+    def start(self) -> Tensor:
+        """A fresh copy of the target latent, the first iterate; an ordinary tensor when the
+        target's are (autograd), even under the host's inference_mode."""
+        with torch.inference_mode(self.latent.is_inference()):
+            return self.latent.clone()
+
+
+@dataclass
+class Evaluation:
+    """One iterate z_k, measured; the tensors are (B,) per sample unless noted."""
+
+    pixel_mse: Tensor  # weighted MSE of D(z_k) against x
+    residual_db: Tensor  # ||E(D(z_k)) - E(x)|| / ||E(x)|| in dB; NaN where not computed
+    residual: Optional[Tensor] = None  # E(D(z_k)) - E(x), latent-shaped; None where not computed
+    pixel_grad: Optional[Tensor] = None  # d sum(pixel_mse) / dz at z_k, latent-shaped; None unless asked
+
+
+def pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, target: Target,
+                   with_grad: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(D(z), pixel MSE, its gradient in z or None) with a differentiable decoder."""
+    with torch.inference_mode(False), torch.enable_grad():
+        zg = z.detach().requires_grad_(True)
+        image = decode(zg)
+        err = per_sample_weighted_mse(image, target.image, target.weight)
+        grad = torch.autograd.grad(err.sum(), zg)[0] if with_grad else None
+    return image.detach(), err.detach(), grad
+
+
+class FixedPointEvaluator:
+    """Families "fixed_point" and "both": decode and encode every iterate for the residual, which is
+    written into one buffer allocated once (no latent-sized allocation per iteration).
+
+    `wants_pixel_grad(k)` (family "both", None otherwise): at the iterates where it returns True the
+    decode goes through the differentiable decoder instead, so the pixel gradient costs one
+    backward more and no extra forward."""
+
+    tracks_residual = True
+
+    def __init__(self, codec: Codec, target: Target, z: Tensor,
+                 wants_pixel_grad: Optional[Callable[[int], bool]] = None):
+        self.codec, self.target, self.wants_pixel_grad = codec, target, wants_pixel_grad
+        self.pixel_error = PixelError(target.image, target.weight)
+        self.residual = torch.empty_like(target.latent)
+        # the codec's dtype copy of z; in fp32 the iterate itself
+        self.z_in = z if codec.dtype == torch.float32 else torch.empty_like(z, dtype=codec.dtype)
+        self.decode_grad = codec.differentiable_decode() if wants_pixel_grad is not None else None
+
+    def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
+        codec, grad = self.codec, None
+        if self.decode_grad is not None and with_grad and self.wants_pixel_grad(k):
+            image, err, grad = pixel_gradient(self.decode_grad, z, self.target, True)
+            image = image.to(codec.dtype)
+        else:
+            with torch.inference_mode():
+                if self.z_in is not z:
+                    self.z_in.copy_(z)
+                image = codec.decode(self.z_in)
+                err = self.pixel_error(image)
+        with torch.inference_mode():
+            residual = torch.sub(codec.encode(image), self.target.latent, out=self.residual)
+            res_db = ratio_db(per_sample_norm(residual), self.target.latent_norm)
+        return Evaluation(err, res_db, residual, grad)
+
+
+class PixelGradientEvaluator:
+    """Family "gradient": the pixel-loss gradient by autograd through the differentiable decoder;
+    the residual (one encode more) only with `track_residual`, and always at k = 0 for the trace."""
+
+    def __init__(self, codec: Codec, target: Target, track_residual: bool):
+        self.codec, self.target, self.tracks_residual = codec, target, track_residual
+        self.decode = codec.differentiable_decode()
+
+    def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
+        image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad)
+        if not (self.tracks_residual or k == 0):
+            return Evaluation(err, torch.full_like(err, float("nan")), None, grad)
+        with torch.inference_mode():
+            residual = self.codec.encode(image.to(self.codec.dtype)).float() - self.target.latent
+            res_db = ratio_db(per_sample_norm(residual), self.target.latent_norm)
+        return Evaluation(err, res_db, residual, grad)
+
+
+def evaluator_for(family: str, codec: Codec, target: Target, z: Tensor, stepper, track_residual: bool):
+    """The evaluator of a method family (core.methods.FAMILIES) for this run."""
+    if family == "gradient":
+        return PixelGradientEvaluator(codec, target, track_residual)
+    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad if family == "both" else None)
+
+
+def direction(family: str, evaluation: Evaluation):
+    """What a stepper of this family steps along: the residual, the pixel gradient, or (family
+    "both") the whole evaluation."""
+    if family == "fixed_point":
+        return evaluation.residual
+    return evaluation.pixel_grad if family == "gradient" else evaluation

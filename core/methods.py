@@ -1,0 +1,72 @@
+"""The registry of `invert`'s methods: one entry per method, from which METHODS and DEFAULT_LR derive.
+
+An entry names the method's family, its default step size and the factory of its stepper. The
+family decides what `core.evaluation` computes at each iterate and what the stepper is given:
+
+- "fixed_point": the latent residual E(D(z)) - E(x) (one decoder and one encoder forward, no
+  autograd); the stepper's `step(z, residual, active)`.
+- "gradient": the pixel-loss gradient d||D(z) - x||^2 / dz by autograd (the residual only for the
+  trace); the stepper's `step(z, pixel_grad, active)`.
+- "both": the whole `Evaluation` (the residual at every iterate, the pixel gradient at the
+  iterates where the stepper's `wants_pixel_grad(k)` returns True); `step(z, evaluation, active)`.
+  For hybrids that mix or switch between the two directions.
+
+Adding a method is one entry in METHOD_REGISTRY.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .steppers import Adam, Anderson, Forward, InertialKM
+
+if TYPE_CHECKING:
+    from .solver import InversionOptions
+
+Tensor = torch.Tensor
+FAMILIES = ("fixed_point", "gradient", "both")
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """What a stepper factory may use. `z` is the solver's iterate (contiguous fp32, updated in
+    place by the stepper), `scale` the RMS of E(x) per sample as (B, 1, ...), `lr` the options'
+    step size or the method's default, `eps` the dtype's relative noise floor (1e-8 fp32, 1e-4 16-bit)."""
+
+    z: Tensor
+    scale: Tensor
+    lr: float
+    eps: float
+    opts: "InversionOptions"
+
+
+@dataclass(frozen=True)
+class Method:
+    family: str  # one of FAMILIES
+    default_lr: float
+    build: Callable[[StepSetup], object]  # -> a stepper with step(z, direction, active)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {self.family!r}")
+
+    @property
+    def needs_autograd(self) -> bool:
+        return self.family != "fixed_point"
+
+
+def _adam(s: StepSetup) -> Adam:
+    return Adam(s.z, s.scale, s.lr, s.opts.steps, s.eps, schedule=s.opts.schedule)
+
+
+METHOD_REGISTRY: dict[str, Method] = {
+    "adam": Method("fixed_point", 0.01, _adam),  # the paper's: Adam moments on the residual
+    "forward": Method("fixed_point", 0.5, lambda s: Forward(s.lr)),
+    "km": Method("fixed_point", 0.5, lambda s: InertialKM(s.z, s.lr, s.opts.momentum)),
+    "anderson": Method("fixed_point", 0.5, lambda s: Anderson(s.z, s.lr, s.opts.memory)),
+    "gradient": Method("gradient", 0.01, _adam),  # the baseline: Adam on the pixel-loss gradient
+}
+METHODS = tuple(METHOD_REGISTRY)
+DEFAULT_LR = {name: m.default_lr for name, m in METHOD_REGISTRY.items()}
