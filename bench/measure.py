@@ -6,17 +6,15 @@ the parent this process was forked from) and gets the pack's modules from `ctx`.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
-import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import replace
 
 import torch
+
+from .memory import PeakMemory, sync
+from .numeric import median, rounded
 
 # ---------------------------------------------------------------------------------------------
 # Method configurations (the rows). Options are passed to core.invert as overrides; `lr` is
@@ -28,20 +26,21 @@ GRAD_REF = "grad-lr0.1-cos"  # the reference gradient baseline of the summary
 
 FREE_CONFIGS = {
     # The paper's gradient-free Adam: lr 0.01 (relative), warm-up + cosine schedule.
-    "paper": dict(method="adam", lr=0.01, schedule=True),
+    "paper": dict(method="adam", lr=0.01, schedule=True, stall_steps=0),  # the paper's: no auto-stop
     # Our default: exactly what core.invert does with no options (the node at learning_rate 1.0).
     OURS: dict(),
     "forward": dict(method="forward"),
     "km": dict(method="km"),
 }
 GRAD_CONFIGS = {
-    # The paper's gradient baseline: Adam on ||D(z) - x||^2 through the decoder, no encoder passes.
-    "grad-lr0.1-cos": dict(method="gradient", lr=0.1, schedule=True, track_residual=False),
-    "grad-lr0.1-const": dict(method="gradient", lr=0.1, schedule=False, track_residual=False),
-    "grad-lr0.03-cos": dict(method="gradient", lr=0.03, schedule=True, track_residual=False),
-    "grad-lr0.03-const": dict(method="gradient", lr=0.03, schedule=False, track_residual=False),
-    "grad-lr0.01-cos": dict(method="gradient", lr=0.01, schedule=True, track_residual=False),
-    "grad-lr0.01-const": dict(method="gradient", lr=0.01, schedule=False, track_residual=False),
+    # The paper's gradient baseline: Adam on ||D(z) - x||^2 through the decoder, no encoder passes,
+    # every step run (no auto-stop), as the paper's protocol has it.
+    "grad-lr0.1-cos": dict(method="gradient", lr=0.1, schedule=True, track_residual=False, stall_steps=0),
+    "grad-lr0.1-const": dict(method="gradient", lr=0.1, schedule=False, track_residual=False, stall_steps=0),
+    "grad-lr0.03-cos": dict(method="gradient", lr=0.03, schedule=True, track_residual=False, stall_steps=0),
+    "grad-lr0.03-const": dict(method="gradient", lr=0.03, schedule=False, track_residual=False, stall_steps=0),
+    "grad-lr0.01-cos": dict(method="gradient", lr=0.01, schedule=True, track_residual=False, stall_steps=0),
+    "grad-lr0.01-const": dict(method="gradient", lr=0.01, schedule=False, track_residual=False, stall_steps=0),
 }
 CHECKPOINT_FRACTIONS = (0.2, 0.5)  # gradient rows also run 20 and 50 of 100 steps
 
@@ -86,7 +85,7 @@ def photo_bchw(name: str, size: int) -> torch.Tensor:
     from tests.support.images import load_photo
     from tests.support.paths import image_paths
 
-    import cases  # bench/cases.py: the seeded hard cases of issue 12
+    from . import cases  # the seeded hard cases of issue 12
 
     if name in cases.CASES:
         return cases.make(name, size)
@@ -99,6 +98,14 @@ def photo_bchw(name: str, size: int) -> torch.Tensor:
     return load_photo(paths[name], size).permute(0, 3, 1, 2).contiguous()
 
 
+def paper_pair(codec, photo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, z_gt) of the paper's protocol: z_gt = E(photo), x = D(z_gt) in 8 bits, on the codec's device."""
+    with torch.inference_mode():
+        z_gt = codec.encode(photo.to(codec.device)).float()
+        x = (codec.decode(z_gt).float().clamp(0, 1) * 255).round() / 255
+    return x, z_gt
+
+
 def run_prep(job: dict, ctx) -> dict:
     """The paper's protocol, once per (model, size), in fp32: z_gt = E(photo) (posterior mode),
     x = D(z_gt) quantised to 8 bits. Every row of that model and size inverts the same x."""
@@ -106,95 +113,15 @@ def run_prep(job: dict, ctx) -> dict:
     size = job["size"]
     codec = ctx.adapter.vae_codec(vae, "fp32", (1, 3, size, size))
     pairs = {}
-    with torch.inference_mode():
-        for image in job["images"]:
-            photo = photo_bchw(image, size).to(codec.device)
-            z_gt = codec.encode(photo).float()
-            x = (codec.decode(z_gt).float().clamp(0, 1) * 255).round() / 255
-            pairs[image] = {"x": x.cpu().clone(), "z_gt": z_gt.cpu().clone()}
+    for image in job["images"]:
+        x, z_gt = paper_pair(codec, photo_bchw(image, size))
+        pairs[image] = {"x": x.cpu().clone(), "z_gt": z_gt.cpu().clone()}
     torch.save(pairs, job["path"])
     return {"path": job["path"]}
 
 
 # ---------------------------------------------------------------------------------------------
 # Measuring
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Extra memory a block of work needs over the state before it, in MiB.
-
-    CPU: the peak resident set size (VmHWM, reset through /proc/self/clear_refs just before the
-    block) minus the resident set size at that moment, after gc and malloc_trim(0) so that freed
-    heap is handed back first. Without clear_refs: ru_maxrss minus the same baseline (a peak that
-    happened before the block can then hide inside it). tracemalloc is not used: it does not see
-    torch's allocations. CUDA: torch.cuda.max_memory_allocated minus memory_allocated before.
-    """
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-
-    def __enter__(self):
-        gc.collect()
-        _malloc_trim()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated - memory_allocated before"
-        else:
-            self.hwm = _reset_hwm() and _proc_status_kb("VmHWM") is not None
-            self.base = (_proc_status_kb("VmRSS") or 0) * 1024
-            self.method = ("VmHWM (reset via /proc/self/clear_refs) - VmRSS before" if self.hwm
-                           else "ru_maxrss - VmRSS before")
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            if self.hwm:
-                peak = _proc_status_kb("VmHWM") * 1024
-            else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-            self.peak = peak - self.base
-        self.peak_mb = self.peak / 2**20
-        self.base_mb = self.base / 2**20
-        return False
-
 
 class Tracer:
     """Wraps a decode function. The solver's decode input at evaluation k is exactly the iterate
@@ -217,7 +144,7 @@ class Tracer:
         self.t0 = None
 
     def start(self) -> None:
-        _sync(self.device)
+        sync(self.device)
         self.t0 = time.perf_counter()
 
     def now(self) -> float:
@@ -225,13 +152,13 @@ class Tracer:
 
     def wrap(self, fn):
         def traced(z):
-            _sync(self.device)
+            sync(self.device)
             b0 = time.perf_counter()
             self.t_in.append(b0 - self.t0 - self.book)
             n = self.nmse_db(z.detach(), self.z_gt)[0].item()
             self.book += time.perf_counter() - b0
             out = fn(z)
-            _sync(self.device)
+            sync(self.device)
             b1 = time.perf_counter()
             err = self.mse(out.detach(), self.x)[0].item()
             if err < self.best_err:
@@ -245,24 +172,16 @@ class Tracer:
         return traced
 
 
-def _median(values):
-    return statistics.median(values) if values else None
-
-
-def _r(v, digits=4):
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(v, digits)
-
-
 def floor_seconds(codec, x_in, z_in, repeats: int) -> float:
     """One bare decoder forward plus one encoder forward in the codec's dtype: median of repeats."""
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
-            _sync(codec.device)
+            sync(codec.device)
             t = time.perf_counter()
             codec.decode(z_in)
             codec.encode(x_in)
-            _sync(codec.device)
+            sync(codec.device)
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -302,16 +221,16 @@ def run_row(job: dict, ctx) -> dict:
         times = []
         with PeakMemory(device) as mem, torch.inference_mode():
             for _ in range(job["repeats"]):
-                _sync(device)
+                sync(device)
                 t = time.perf_counter()
                 z = codec.encode(x_in)
-                _sync(device)
+                sync(device)
                 times.append(time.perf_counter() - t)
         z = z.float()
         with PeakMemory(device) as dec_mem, torch.inference_mode():  # one bare decoder pass
             xz = codec.decode(z.to(dtype))
         row["decode_peak_mb"] = dec_mem.peak_mb
-        row.update(seconds=_median(times), iters=0, best_iteration=0, stop_reason="n/a",
+        row.update(seconds=median(times), iters=0, best_iteration=0, stop_reason="n/a",
                    psnr_db=float(metrics.psnr_from_mse(metrics.per_sample_mse(xz, x))[0]),
                    bookkeeping_s=0.0)
         tracer = None
@@ -326,7 +245,7 @@ def run_row(job: dict, ctx) -> dict:
         with PeakMemory(device) as mem:
             tracer.start()
             res = core.invert(run_codec, x, opts)
-            _sync(device)
+            sync(device)
             seconds = tracer.now()
         z = res.latent.float()
         s = res.samples[0]
@@ -346,13 +265,13 @@ def run_row(job: dict, ctx) -> dict:
         # evaluation includes the encoder pass); right after the decode for the gradient
         # baseline (its stopping evaluation needs no backward pass: generous to the baseline).
         done = (tracer.t_out if grad else tracer.t_in[1:] + [row["seconds"]])
-        row["trace"] = {"t_done": [_r(t, 5) for t in done],
-                        "nmse_db": [_r(v) for v in tracer.nmse],
-                        "nmse_selected_db": [_r(v) for v in tracer.selected],
-                        "psnr_db": [_r(v) for v in res.trace_psnr[:, 0].tolist()]}
+        row["trace"] = {"t_done": [rounded(t, 5) for t in done],
+                        "nmse_db": [rounded(v) for v in tracer.nmse],
+                        "nmse_selected_db": [rounded(v) for v in tracer.selected],
+                        "psnr_db": [rounded(v) for v in res.trace_psnr[:, 0].tolist()]}
         row["nmse_best_iterate_db"] = min(tracer.nmse)
         steps_t = [b - a for a, b in zip(tracer.t_in, tracer.t_in[1:])]
-        row["s_per_iter"] = _median(steps_t)  # median over iterations: robust to warm-up/noise
+        row["s_per_iter"] = median(steps_t)  # median over iterations: robust to warm-up/noise
         row["s_per_iter_mean"] = sum(steps_t) / len(steps_t) if steps_t else None
 
     if config is None or not grad:
@@ -363,10 +282,10 @@ def run_row(job: dict, ctx) -> dict:
     if grad:  # separate shorter runs: the baseline's own schedule at 20 and 50 steps
         checkpoints = []
         for n in sorted({max(1, round(job["steps"] * f)) for f in CHECKPOINT_FRACTIONS} - {job["steps"]}):
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             r = core.invert(codec, x, core.InversionOptions(steps=n, **config))
-            _sync(device)
+            sync(device)
             checkpoints.append({"steps": n, "seconds": time.perf_counter() - t,
                                 "nmse_db": metrics.nmse_db(r.latent, z_gt)[0].item()})
         checkpoints.append({"steps": job["steps"], "seconds": row["seconds"], "nmse_db": row["nmse_db"]})
@@ -374,5 +293,5 @@ def run_row(job: dict, ctx) -> dict:
 
     for k, v in list(row.items()):
         if isinstance(v, float):
-            row[k] = _r(v, 6)
+            row[k] = rounded(v, 6)
     return row

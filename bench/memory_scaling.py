@@ -1,6 +1,8 @@
-"""`bench/run.py --memory-scaling`: peak memory against frames and megapixels (issue 7).
+"""Peak memory against frames and megapixels (issue 7):
 
-Rows (each in a forked process of its own, peak = _measure.PeakMemory: CPU VmHWM over the RSS
+    .venv/bin/python -m bench.memory_scaling --frames 5 9 17 37 --pixel-sizes 256 512 1024 --wan-dim 16 --steps 1
+
+Rows (each in a forked process of its own, peak = bench.memory.PeakMemory: CPU VmHWM over the RSS
 before the row; CUDA max_memory_allocated):
 - frames: a seeded random Wan 2.1 VAE (the real architecture, built by comfy.sd.VAE, width
   `--wan-dim`) on a 64 x 64 px clip of 1 + 4k frames; methods: gradient-free whole clip
@@ -8,32 +10,42 @@ before the row; CUDA max_memory_allocated):
   4 frames of context), gradient-based (whole clip).
 - megapixels: TAEF2 on a photo resized to N x N px; gradient-free whole, gradient-free tiled
   (256 px tiles, 64 px overlap), gradient-based whole.
-Every row runs `--mem-steps` iterations (memory does not grow with steps). The summary gives, for
+Every row runs `--steps` iterations (memory does not grow with steps). The summary gives, for
 a memory cap equal to the gradient baseline's peak at `--cap-frames` frames, the most frames each
 method handled under that cap among the measured clip lengths, and the ratio to the baseline.
 """
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
-import os
-import pickle
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import _measure
+from .environment import REPO, boot, device_info
+from .isolation import forked
+from .memory import PeakMemory
 
-FRAMES = [5, 9, 17, 37, 73]
-SIZES = [256, 512, 1024]
 GRADIENT_FRAMES_MAX = 37  # the baseline is not run beyond this (it would need several GB)
 GRADIENT_SIZE_MAX = 512
 
 
-def _row(kind: str, method: str, n: int, args) -> dict:
-    import importlib
+@dataclass(frozen=True)
+class Settings:
+    frames: tuple[int, ...] = (5, 9, 17, 37, 73)  # clip lengths (1 + 4k)
+    pixel_sizes: tuple[int, ...] = (256, 512, 1024)  # square TAEF2 sizes, px
+    cap_frames: int = 9  # the memory cap is the gradient baseline's peak at this many frames
+    steps: int = 2  # iterations per row (memory does not grow with steps)
+    wan_dim: int = 32  # width of the random Wan 2.1 VAE
+    threads: int = 2
+    out: Path = REPO / "bench" / "results"
 
+
+def _row(kind: str, method: str, n: int, settings: Settings) -> dict:
     from tests.support import host as host_mod
     from tests.support import models
 
@@ -44,7 +56,7 @@ def _row(kind: str, method: str, n: int, args) -> dict:
     adapter = importlib.import_module(pack + ".nodes.adapter")
     with torch.inference_mode():
         if kind == "frames":
-            vae = models.random_wan21_vae(0, dim=args.wan_dim)
+            vae = models.random_wan21_vae(0, dim=settings.wan_dim)
             g = torch.Generator().manual_seed(0)
             base = torch.rand(1, 3, n, 8, 8, generator=g)
             x = torch.nn.functional.interpolate(base, size=(n, 64, 64), mode="trilinear").contiguous()
@@ -54,9 +66,9 @@ def _row(kind: str, method: str, n: int, args) -> dict:
             from tests.support.paths import image_paths
 
             x = load_photo(image_paths()[0], n).movedim(-1, 1).contiguous()
-    opts = core.InversionOptions(method="gradient" if method == "gradient" else "adam", steps=args.mem_steps)
+    opts = core.InversionOptions(method="gradient" if method == "gradient" else "adam", steps=settings.steps)
     device = vae.device
-    with _measure.PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         if method in ("gf_whole", "gradient"):
             r = core.invert(adapter.vae_codec(vae, "auto", tuple(x.shape)), x, opts)
@@ -69,26 +81,6 @@ def _row(kind: str, method: str, n: int, args) -> dict:
     return dict(kind=kind, method=method, n=n, peak_mb=round(mem.peak_mb, 1), seconds=round(seconds, 2),
                 megapixels=round(x.shape[-1] * x.shape[-2] / 1e6, 3), memory_method=mem.method,
                 latent_shape=list(r.latent.shape))
-
-
-def _forked(kind, method, n, args) -> dict:
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        try:
-            torch.set_num_threads(args.threads)
-            out = _row(kind, method, n, args)
-        except Exception as e:  # noqa: BLE001  (a failed row is reported, not fatal)
-            out = dict(kind=kind, method=method, n=n, error=f"{type(e).__name__}: {e}")
-        with os.fdopen(wfd, "wb") as f:
-            pickle.dump(out, f)
-        os._exit(0)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return pickle.loads(data) if data else dict(kind=kind, method=method, n=n, error="worker died")
 
 
 def summarize(rows: list[dict], cap_frames: int) -> dict:
@@ -135,27 +127,31 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(args, device_name: str, device_slug: str) -> int:
+def run(settings: Settings, device_name: str, device_slug: str) -> int:
     rows = []
     t0 = time.perf_counter()
     jobs = []
-    for n in args.frames:
+    for n in settings.frames:
         jobs += [("frames", "gf_chunked", n), ("frames", "gf_whole", n)]
         if n <= GRADIENT_FRAMES_MAX:
             jobs.append(("frames", "gradient", n))
-    for n in args.pixel_sizes:
+    for n in settings.pixel_sizes:
         jobs += [("pixels", "gf_tiled", n), ("pixels", "gf_whole", n)]
         if n <= GRADIENT_SIZE_MAX:
             jobs.append(("pixels", "gradient", n))
     for i, job in enumerate(jobs):
-        row = _forked(*job, args)
+        row = forked(_row, *job, settings, threads=settings.threads)
+        if "error" in row:
+            row = dict(kind=job[0], method=job[1], n=job[2], error=row["error"].strip().splitlines()[-1])
         rows.append(row)
         print(f"[{i + 1}/{len(jobs)}] {job}: {row.get('error') or row['peak_mb']} MiB "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    result = dict(meta=dict(device=device_name, threads=args.threads, steps=args.mem_steps, wan_dim=args.wan_dim,
-                            frames=args.frames, pixel_sizes=args.pixel_sizes, seconds=round(time.perf_counter() - t0, 1)),
-                  summary=summarize(rows, args.cap_frames), rows=rows)
-    out = Path(args.out or Path(__file__).resolve().parent / "results")
+    result = dict(meta=dict(device=device_name, threads=settings.threads, steps=settings.steps,
+                            wan_dim=settings.wan_dim, frames=list(settings.frames),
+                            pixel_sizes=list(settings.pixel_sizes), command=" ".join(["python", "-m", "bench.memory_scaling", *sys.argv[1:]]),
+                            seconds=round(time.perf_counter() - t0, 1)),
+                  summary=summarize(rows, settings.cap_frames), rows=rows)
+    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"memory-scaling-{time.strftime('%Y-%m-%d')}-{device_slug}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
@@ -163,3 +159,25 @@ def main(args, device_name: str, device_slug: str) -> int:
     print(markdown(result))
     print(f"bench: wrote {out / stem}.json and .md", file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
+
+
+def main(argv=None) -> int:
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, nargs="+", default=list(d.frames), help="clip lengths (1 + 4k)")
+    p.add_argument("--pixel-sizes", type=int, nargs="+", default=list(d.pixel_sizes), help="square sizes in px for TAEF2")
+    p.add_argument("--cap-frames", type=int, default=d.cap_frames,
+                   help="the memory cap is the gradient baseline's peak at this many frames")
+    p.add_argument("--steps", type=int, default=d.steps, help="iterations per row")
+    p.add_argument("--wan-dim", type=int, default=d.wan_dim, help="width of the random Wan 2.1 VAE")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--out", type=Path, default=d.out, help="output folder (default bench/results)")
+    a = p.parse_args(argv)
+    settings = Settings(tuple(a.frames), tuple(a.pixel_sizes), a.cap_frames, a.steps, a.wan_dim, a.threads, a.out)
+    boot(settings.threads)
+    _, slug, name = device_info()
+    return run(settings, name, slug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

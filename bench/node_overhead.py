@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Does the ComfyUI node add overhead over the core solver? Times, in one process and interleaved,
 `core.invert` on the adapter's codec against `VAEExactEncode.execute` (image conversion, cropping,
 model load check, progress bar, the trace attached to the LATENT, the move to the intermediate
 device) with the same settings, with the node's assumption check off and on.
 
-    .venv/bin/python bench/node_overhead.py                    # taef2 + kl_f8_small, 128 px, 30 steps
-    .venv/bin/python bench/node_overhead.py --size 64 --steps 10 --repeats 3 --out /tmp/x
+    .venv/bin/python -m bench.node_overhead                  # taef2 + kl_f8_small, 128 px, 30 steps
+    .venv/bin/python -m bench.node_overhead --size 64 --steps 10 --repeats 3 --out /tmp/x
 
 Writes <out>/<date>-<device>-node-overhead.json and .md (default out: bench/results).
 """
@@ -14,16 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO))  # appended: ComfyUI's top-level `nodes` must win over the repo's nodes/
+import torch
 
-import torch  # noqa: E402
+from .environment import REPO, cpu_name
 
 
 def main(argv=None) -> int:
@@ -91,8 +88,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today()}-cpu-node-overhead"
-    meta = dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                threads=args.threads, command=" ".join(sys.argv))
+    meta = dict(torch=torch.__version__, cpu=cpu_name(),
+                threads=args.threads, command=" ".join(["python", "-m", "bench.node_overhead", *sys.argv[1:]]))
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Node overhead over core.invert — {datetime.date.today()}, CPU, {args.threads} threads", "",
              f"Median of {args.repeats} interleaved runs, astronaut {args.size} px, the default method, {args.steps} steps. "

@@ -1,10 +1,8 @@
 """Summary (per model) and the markdown report, from the rows alone (no torch, no ComfyUI)."""
 from __future__ import annotations
 
-import math
-import statistics
-
-from _measure import ACCURACY_MEANINGLESS, ENCODER, GRAD_CONFIGS, GRAD_REF, OURS
+from .measure import ACCURACY_MEANINGLESS, ENCODER, GRAD_CONFIGS, GRAD_REF, OURS
+from .numeric import median, rounded
 
 TARGETS = {
     # key: (label, summary metric, threshold text)
@@ -15,15 +13,6 @@ TARGETS = {
 }
 BF16_KEYS = ("bf16_mem_ratio", "bf16_nmse_delta_db", "bf16_peak_mb", "bf16_seconds")
 RANDOM_NOTE = "cost only: random weights, accuracy meaningless"
-
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def _round(v, digits=4):
-    return None if v is None or not math.isfinite(v) else round(v, digits)
 
 
 def time_to_target(row: dict, target: float, grad: bool) -> float | None:
@@ -91,41 +80,41 @@ def summarize_size(rows, model, size, grad_ref=GRAD_REF, ours=OURS) -> dict:
         vals, reasons = {}, []
         for i in images:
             s, why = _speedup(get(grad_name, "fp32", i), get(ours, "fp32", i), grad_name)
-            vals[i] = _round(s, 3)
+            vals[i] = rounded(s, 3)
             if why:
                 reasons.append(f"{i}: {why}")
         return vals, reasons
 
     if meaningful:
         per_image, reasons = speedups(grad_ref)
-        out["speedup_to_grad100"] = None if reasons else _round(_median(per_image.values()), 3)
+        out["speedup_to_grad100"] = None if reasons else rounded(median(per_image.values()), 3)
         if reasons:
             out["speedup_to_grad100_reason"] = "; ".join(reasons)
         out["speedup_per_image"] = per_image
         out["speedup_by_grad_config"] = {}
         for g in GRAD_CONFIGS:
             vals, why = speedups(g)
-            out["speedup_by_grad_config"][g] = None if why else _round(_median(vals.values()), 3)
+            out["speedup_by_grad_config"][g] = None if why else rounded(median(vals.values()), 3)
         # which gradient configuration actually did best here (median fp32 NMSE over images)
-        grad_nmse = {g: _median(get(g, "fp32", i) and get(g, "fp32", i)["nmse_db"] for i in images)
+        grad_nmse = {g: median(get(g, "fp32", i) and get(g, "fp32", i)["nmse_db"] for i in images)
                      for g in GRAD_CONFIGS}
         grad_nmse = {g: v for g, v in grad_nmse.items() if v is not None}
-        out["grad_nmse_db_by_config"] = {g: _round(v) for g, v in grad_nmse.items()}
+        out["grad_nmse_db_by_config"] = {g: rounded(v) for g, v in grad_nmse.items()}
         out["grad_best_by_nmse"] = min(grad_nmse, key=grad_nmse.get) if grad_nmse else None
     else:
         out["speedup_to_grad100"] = None
         out["speedup_to_grad100_reason"] = f"{model}: {RANDOM_NOTE}"
 
     def med(method, dtype, key):
-        return _median([(get(method, dtype, i) or {}).get(key) for i in images])
+        return median([(get(method, dtype, i) or {}).get(key) for i in images])
 
-    out["encoder_nmse_db"] = _round(med(ENCODER, "fp32", "nmse_db"))
-    out["ours_nmse_db"] = _round(med(ours, "fp32", "nmse_db"))
-    out["grad_ref_nmse_db"] = _round(med(grad_ref, "fp32", "nmse_db"))
-    out["ours_seconds"] = _round(med(ours, "fp32", "seconds"))
-    out["grad_ref_seconds"] = _round(med(grad_ref, "fp32", "seconds"))
-    out["ours_peak_mb"] = _round(med(ours, "fp32", "peak_mb"), 2)
-    out["grad_ref_peak_mb"] = _round(med(grad_ref, "fp32", "peak_mb"), 2)
+    out["encoder_nmse_db"] = rounded(med(ENCODER, "fp32", "nmse_db"))
+    out["ours_nmse_db"] = rounded(med(ours, "fp32", "nmse_db"))
+    out["grad_ref_nmse_db"] = rounded(med(grad_ref, "fp32", "nmse_db"))
+    out["ours_seconds"] = rounded(med(ours, "fp32", "seconds"))
+    out["grad_ref_seconds"] = rounded(med(grad_ref, "fp32", "seconds"))
+    out["ours_peak_mb"] = rounded(med(ours, "fp32", "peak_mb"), 2)
+    out["grad_ref_peak_mb"] = rounded(med(grad_ref, "fp32", "peak_mb"), 2)
 
     # memory vs the gradient baseline, same dtype (fp32: the baseline always runs in fp32)
     ratios = []
@@ -133,27 +122,27 @@ def summarize_size(rows, model, size, grad_ref=GRAD_REF, ours=OURS) -> dict:
         o, g = get(ours, "fp32", i), get(grad_ref, "fp32", i)
         if o and g and g["peak_mb"] and g["peak_mb"] > 0:
             ratios.append(max(o["peak_mb"], 0.0) / g["peak_mb"])
-    out["mem_ratio_vs_grad"] = _round(_median(ratios))
+    out["mem_ratio_vs_grad"] = rounded(median(ratios))
     # The floor of memory: one bare encoder or decoder pass of the VAE (the encoder row measures
     # both), which any method that runs the VAE needs. ours - floor is what the loop itself adds.
     floors = [max(e["peak_mb"], e["decode_peak_mb"]) for e in (get(ENCODER, "fp32", i) for i in images)
               if e and e.get("decode_peak_mb") is not None]
-    out["floor_peak_mb"] = _round(_median(floors), 2)
+    out["floor_peak_mb"] = rounded(median(floors), 2)
     if out["floor_peak_mb"] is not None and out["ours_peak_mb"] is not None:
-        out["loop_extra_mb"] = _round(out["ours_peak_mb"] - out["floor_peak_mb"], 2)
+        out["loop_extra_mb"] = rounded(out["ours_peak_mb"] - out["floor_peak_mb"], 2)
         if out["grad_ref_peak_mb"]:
-            out["floor_mem_ratio_vs_grad"] = _round(out["floor_peak_mb"] / out["grad_ref_peak_mb"])
+            out["floor_mem_ratio_vs_grad"] = rounded(out["floor_peak_mb"] / out["grad_ref_peak_mb"])
     if out["mem_ratio_vs_grad"] is None:
         out["mem_ratio_vs_grad_reason"] = "needs fp32 rows of ours and of the gradient baseline with a positive peak"
 
-    out["overhead_vs_floor"] = _round(med(ours, "fp32", "overhead_vs_floor"), 3)
+    out["overhead_vs_floor"] = rounded(med(ours, "fp32", "overhead_vs_floor"), 3)
     if out["overhead_vs_floor"] is None:
         out["overhead_vs_floor_reason"] = "needs an fp32 row of ours"
-    out["floor_s"] = _round(med(ours, "fp32", "floor_s"), 5)
-    out["s_per_iter"] = _round(med(ours, "fp32", "s_per_iter"), 5)
+    out["floor_s"] = rounded(med(ours, "fp32", "floor_s"), 5)
+    out["s_per_iter"] = rounded(med(ours, "fp32", "s_per_iter"), 5)
     dtypes = sorted({r["dtype"] for r in rows if r["model"] == model and r["size"] == size and not r.get("error")})
     out["overhead_vs_floor_by_method"] = {
-        d: {m: _round(med(m, d, "overhead_vs_floor"), 3) for m in
+        d: {m: rounded(med(m, d, "overhead_vs_floor"), 3) for m in
             sorted({r["method"] for r in rows if r["model"] == model and r["size"] == size
                     and r["dtype"] == d and r.get("overhead_vs_floor") is not None})}
         for d in dtypes}
@@ -167,16 +156,16 @@ def summarize_size(rows, model, size, grad_ref=GRAD_REF, ours=OURS) -> dict:
                 mem.append(max(o16["peak_mb"], 0.0) / o32["peak_mb"])
             if o32.get("nmse_db") is not None and o16.get("nmse_db") is not None:
                 delta.append(o16["nmse_db"] - o32["nmse_db"])
-    out["bf16_mem_ratio"] = _round(_median(mem))
+    out["bf16_mem_ratio"] = rounded(median(mem))
     if out["bf16_mem_ratio"] is None:
         out["bf16_mem_ratio_reason"] = "needs fp32 and bf16 rows of ours (with a positive fp32 peak)"
-    out["bf16_peak_mb"] = _round(med(ours, "bf16", "peak_mb"), 2)
-    out["bf16_seconds"] = _round(med(ours, "bf16", "seconds"))
+    out["bf16_peak_mb"] = rounded(med(ours, "bf16", "peak_mb"), 2)
+    out["bf16_seconds"] = rounded(med(ours, "bf16", "seconds"))
     if not meaningful:
         out["bf16_nmse_delta_db"] = None
         out["bf16_nmse_delta_db_reason"] = f"{model}: {RANDOM_NOTE}"
     else:
-        out["bf16_nmse_delta_db"] = _round(sum(delta) / len(delta)) if delta else None
+        out["bf16_nmse_delta_db"] = rounded(sum(delta) / len(delta)) if delta else None
         if not delta:
             out["bf16_nmse_delta_db_reason"] = "needs fp32 and bf16 rows of ours"
     out["targets"] = targets(out)

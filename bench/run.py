@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Benchmark: exact encoding by gradient-free decoder inversion vs the plain encoder and the
 gradient-based baseline, on real ComfyUI VAEs, with the paper's protocol.
 
-    .venv/bin/python bench/run.py --quick                       # < 1 min smoke run, results in a temp dir
-    .venv/bin/python bench/run.py --sizes 128 --models kl_f8_small taef2 --images astronaut
+    .venv/bin/python -m bench.run --quick                       # < 1 min smoke run, results in a temp dir
+    .venv/bin/python -m bench.run --sizes 128 --models kl_f8_small taef2 --images astronaut
 
 Writes <out>/<YYYY-MM-DD>-<device>[-<tag>].json (summary, rows, meta) and a .md table beside it.
 Protocol, columns and the summary keys: bench/README.md.
@@ -12,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -24,26 +21,22 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # appended: ComfyUI's top-level `nodes` must win over the repo's nodes/
+import torch
 
-import torch  # noqa: E402
+from . import measure, report
+from .environment import (REPO, boot, comfyui_version, cpu_pressure, cpu_stall_us, device_info,
+                          git_state)
+from .isolation import forked
 
-import _measure  # noqa: E402
-import _report  # noqa: E402
+BENCH = REPO / "bench"
 
 # --quick is 32 px, not 64: on CPUs without native bf16 (AVX512-BF16/AMX) a bf16 pass is emulated,
 # 15-100x slower than fp32 (taef2 at 64 px: 5.7 s per encode+decode on a 2-core AVX2 EPYC), and
 # one 64 px bf16 row alone would exceed the one-minute budget.
 QUICK = dict(sizes=[32], steps=10, images=["astronaut"], models=["taef2", "kl_f8_small"],
-             dtypes=["fp32", "bf16"], lp_methods=[_measure.OURS], lp_sizes=None, repeats=2)
-FULL = dict(sizes=[128, 256], steps=100, images=None, models=list(_measure.MODELS),
+             dtypes=["fp32", "bf16"], lp_methods=[measure.OURS], lp_sizes=None, repeats=2)
+FULL = dict(sizes=[128, 256], steps=100, images=None, models=list(measure.MODELS),
             dtypes=["fp32", "bf16"], lp_methods=None, lp_sizes=None, repeats=5)
 
 
@@ -55,9 +48,9 @@ def parse_args(argv=None):
                    help="smoke run: 32 px, 10 steps, astronaut, taef2 + kl_f8_small, fp32 + bf16 "
                         "(bf16 only for 'ours'); results go to a temp dir unless --out is given")
     p.add_argument("--sizes", type=int, nargs="+", help="square crop sizes in px (default 128 256)")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(_measure.DTYPES), help="default fp32 bf16")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(measure.DTYPES), help="default fp32 bf16")
     p.add_argument("--steps", type=int, help="iterations of every iterative method (default 100)")
-    p.add_argument("--models", nargs="+", choices=_measure.MODELS, help="default: all three")
+    p.add_argument("--models", nargs="+", choices=measure.MODELS, help="default: all three")
     p.add_argument("--images", nargs="+", help="shared photos by stem (default: all four)")
     p.add_argument("--methods", nargs="+", help="only these rows (default: all; see README)")
     p.add_argument("--lp-methods", nargs="+",
@@ -70,19 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--isolation", choices=("fork", "spawn"), default="fork" if hasattr(os, "fork") else "spawn",
                    help="fork: every job is forked from this process after ComfyUI is imported (no tensor "
                         "work happens before the fork); spawn: a fresh interpreter per job (+~6 s each)")
+    p.add_argument("--accelerator", action="store_true",
+                   help="let ComfyUI use its accelerator (CUDA) instead of the CPU the tests force (bench.gpu)")
     p.add_argument("--out", help="output folder (default bench/results; --quick: a new temp dir)")
     p.add_argument("--tag", help="suffix of the output file names")
     p.add_argument("--note", help="free text recorded in meta and the markdown")
-    p.add_argument("--memory-scaling", action="store_true",
-                   help="separate mode (issue 7): peak memory against frames (random Wan 2.1) and megapixels "
-                        "(TAEF2) for gradient-free chunked/tiled, gradient-free whole and gradient-based; "
-                        "writes bench/results/memory-scaling-*.json/.md (see bench/memory_scaling.py)")
-    p.add_argument("--frames", type=int, nargs="+", help="--memory-scaling: clip lengths (1 + 4k)")
-    p.add_argument("--pixel-sizes", type=int, nargs="+", help="--memory-scaling: square sizes in px for TAEF2")
-    p.add_argument("--cap-frames", type=int, default=9,
-                   help="--memory-scaling: the memory cap is the gradient baseline's peak at this many frames")
-    p.add_argument("--mem-steps", type=int, default=2, help="--memory-scaling: iterations per row")
-    p.add_argument("--wan-dim", type=int, default=32, help="--memory-scaling: width of the random Wan 2.1 VAE")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one job as JSON (spawn isolation)
     p.add_argument("--job-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -99,21 +84,10 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------
 
-def boot(threads: int) -> SimpleNamespace:
-    """Import ComfyUI and the pack exactly as the tests do; no tensor work happens here."""
-    torch.set_num_threads(threads)
-    from tests.support import host, images, models, paths  # noqa: F401  (pins the repo's `tests`)
-
-    h = host.boot()
-    pack = h.pack.__name__
-    return SimpleNamespace(host=h, adapter=importlib.import_module(pack + ".nodes.adapter"),
-                           core=importlib.import_module(pack + ".core"))
-
-
 def execute(job: dict, ctx) -> dict:
     if job["kind"] == "prep":
-        return _measure.run_prep(job, ctx)
-    return _measure.run_row(job, ctx)
+        return measure.run_prep(job, ctx)
+    return measure.run_row(job, ctx)
 
 
 def _write(path: Path, obj) -> None:
@@ -124,40 +98,20 @@ def _write(path: Path, obj) -> None:
 
 def run_job(job: dict, ctx, args, scratch: Path, n: int) -> dict:
     """Run one job in a process of its own and return its JSON result ({'error': ...} on failure)."""
+    if args.isolation == "fork":
+        return forked(execute, job, ctx, threads=args.threads)
     out = scratch / f"job-{n}.json"
-    if args.isolation == "spawn":
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--job", json.dumps(job), "--job-out", str(out),
-               "--threads", str(args.threads)]
-        rc = subprocess.run(cmd).returncode
-        died = f"worker exited with status {rc}"
-    else:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: measure, write, leave without running the parent's cleanup
-            code = 0
-            try:
-                torch.set_num_threads(args.threads)
-                result = execute(job, ctx)
-            except BaseException:
-                result, code = {"error": traceback.format_exc()}, 1
-            try:
-                _write(out, result)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        died = (f"worker killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-                else f"worker exited with status {os.WEXITSTATUS(status)}")
+    cmd = [sys.executable, "-m", "bench.run", "--job", json.dumps(job), "--job-out", str(out),
+           "--threads", str(args.threads)] + (["--accelerator"] if args.accelerator else [])
+    rc = subprocess.run(cmd, cwd=REPO).returncode
     if out.is_file():
         return json.loads(out.read_text())
-    return {"error": died + " before writing a result (out of memory?)"}
+    return {"error": f"worker exited with status {rc} before writing a result (out of memory?)"}
 
 
 def job_main(args) -> int:
     """--job: the spawn-isolation worker."""
-    ctx = boot(args.threads)
+    ctx = boot(args.threads, cpu=not args.accelerator)
     job = json.loads(args.job)
     try:
         result, code = execute(job, ctx), 0
@@ -169,67 +123,19 @@ def job_main(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_pressure():
-    """Linux PSI: % of the last 60 s in which some runnable task waited for a CPU."""
-    try:
-        text = Path("/proc/pressure/cpu").read_text()
-        return float(re.search(r"some avg10=\S+ avg60=(\S+)", text).group(1))
-    except (OSError, AttributeError, ValueError):
-        return None
-
-
-def _cpu_stall_us():
-    """Cumulative microseconds in which some runnable task waited for a CPU (PSI), or None."""
-    try:
-        return int(re.search(r"some .*total=(\d+)", Path("/proc/pressure/cpu").read_text()).group(1))
-    except (OSError, AttributeError, ValueError):
-        return None
-
-
-def _git() -> dict:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-        return {"commit": head or None, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def device_info():
-    import comfy.model_management as mm
-
-    dev = mm.get_torch_device()
-    if dev.type == "cuda":  # not reachable under tests/support/host.boot(), which forces --cpu
-        name = torch.cuda.get_device_name(dev)
-        return dev, "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
-    return dev, dev.type, _cpu_name()
-
-
 def build_jobs(args, ctx, scratch: Path) -> tuple[list, list]:
     from tests.support.paths import image_paths
 
-    configs = _measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method)
+    configs = measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method)
     if args.methods:
         unknown = set(args.methods) - set(configs)
         if unknown:
             raise SystemExit(f"unknown --methods {sorted(unknown)}; rows are: {', '.join(configs)}")
         configs = {k: v for k, v in configs.items() if k in args.methods}
-    unknown = set(args.lp_methods or ()) - set(_measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method))
+    unknown = set(args.lp_methods or ()) - set(measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method))
     if unknown:
         raise SystemExit(f"unknown --lp-methods {sorted(unknown)}; rows are: {', '.join(configs)}")
-    free = [m for m, c in configs.items() if not _measure.is_gradient(c)]  # encoder included
+    free = [m for m, c in configs.items() if not measure.is_gradient(c)]  # encoder included
     lp = set(free if args.lp_methods is None else args.lp_methods)
     images = args.images or [p.stem for p in image_paths()]
     preps, rows = [], []
@@ -240,7 +146,7 @@ def build_jobs(args, ctx, scratch: Path) -> tuple[list, list]:
             for dtype in args.dtypes:
                 for image in images:
                     for method, config in configs.items():
-                        if _measure.is_gradient(config) and dtype != "fp32":
+                        if measure.is_gradient(config) and dtype != "fp32":
                             continue  # core's gradient baseline always decodes in fp32
                         if dtype != "fp32" and args.lp_sizes and size not in args.lp_sizes:
                             continue
@@ -269,17 +175,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.job:
         return job_main(args)
-    if args.memory_scaling:
-        import memory_scaling
-
-        memory_scaling.FRAMES = args.frames or memory_scaling.FRAMES
-        args.frames, args.pixel_sizes = memory_scaling.FRAMES, args.pixel_sizes or memory_scaling.SIZES
-        boot(args.threads)
-        _, slug, name = device_info()
-        return memory_scaling.main(args, name, slug)
     t0 = time.perf_counter()
-    load0, pressure0 = os.getloadavg(), _cpu_pressure()
-    ctx = boot(args.threads)
+    load0, pressure0 = os.getloadavg(), cpu_pressure()
+    ctx = boot(args.threads, cpu=not args.accelerator)
     device, device_slug, device_name = device_info()
     if device.type == "cuda" and args.isolation == "fork":  # CUDA does not survive fork()
         print("bench: CUDA device, using --isolation spawn", file=sys.stderr)
@@ -302,9 +200,9 @@ def main(argv=None) -> int:
     rows = []
     for i, job in enumerate(jobs, 1):
         n += 1
-        stall0, wall0 = _cpu_stall_us(), time.perf_counter()
+        stall0, wall0 = cpu_stall_us(), time.perf_counter()
         res = run_job(job, ctx, args, scratch, n)
-        stall1, wall1 = _cpu_stall_us(), time.perf_counter()
+        stall1, wall1 = cpu_stall_us(), time.perf_counter()
         if res.get("error"):
             res = {**{k: job[k] for k in ("method", "model", "size", "dtype", "image", "steps")}, **res}
         if stall0 is not None and stall1 is not None:  # contention while this row ran (machine-wide)
@@ -323,22 +221,22 @@ def main(argv=None) -> int:
         "dtypes": args.dtypes, "lp_methods": args.lp_methods, "lp_sizes": args.lp_sizes,
         "models": args.models, "images": sorted({r["image"] for r in rows}),
         "repeats": args.repeats, "isolation": args.isolation, "memory_method": memory_method,
-        "grad_ref": _measure.GRAD_REF, "ours": _measure.OURS,
-        "configs": _measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "bench/run.py",
+        "grad_ref": measure.GRAD_REF, "ours": measure.OURS,
+        "configs": measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "bench.run",
                                                       *(sys.argv[1:] if argv is None else argv)]),
-        "git": _git(), "comfyui": _comfyui_version(),
+        "git": git_state(), "comfyui": comfyui_version(),
         "loadavg_start": [round(v, 2) for v in load0], "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-        "cpu_pressure_start": pressure0, "cpu_pressure_end": _cpu_pressure(),
+        "cpu_pressure_start": pressure0, "cpu_pressure_end": cpu_pressure(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "wall_s": round(time.perf_counter() - t0, 1), "note": args.note,
         "errors": sum(1 for r in rows if r.get("error")),
     }
-    result = {"summary": _report.summarize(rows), "rows": rows, "meta": meta}
+    result = {"summary": report.summarize(rows), "rows": rows, "meta": meta}
     stem = f"{meta['date']}-{device_slug}" + (f"-{args.tag}" if args.tag else "")
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
-    md_path.write_text(_report.markdown(result))
+    md_path.write_text(report.markdown(result))
     print(f"bench: wrote {json_path} and {md_path} in {meta['wall_s']:.0f} s"
           + (f" ({meta['errors']} rows failed)" if meta["errors"] else ""), file=sys.stderr)
     for model, s in result["summary"].items():
@@ -346,13 +244,6 @@ def main(argv=None) -> int:
               f"{s['mem_ratio_vs_grad']}, overhead_vs_floor {s['overhead_vs_floor']}, bf16_mem_ratio "
               f"{s['bf16_mem_ratio']}, bf16_nmse_delta_db {s['bf16_nmse_delta_db']}", file=sys.stderr)
     return 1 if meta["errors"] else 0
-
-
-def _comfyui_version():
-    try:
-        return importlib.import_module("comfyui_version").__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """How small may a tile be? Measures, on the real TAEF2 and the four photos (256 px), how far the
 decode of one tile is from the whole image's decode inside the tile's interior (the tile minus the
 feather zone a tiled decode with overlap = tile/4 blends away), for a range of tile sizes:
@@ -7,23 +6,23 @@ feather zone a tiled decode with overlap = tile/4 blends away), for a range of t
     decodes, so the only difference is the zero padding the tile's border brings in;
   * as tiled: the tile decoded as the tiled codec does it (GroupNorm statistics of the tile).
 
-    .venv/bin/python bench/tile_floor.py            # writes bench/results/tile-floor-<date>-cpu.md
+    .venv/bin/python -m bench.tile_floor          # writes bench/results/tile-floor-<date>-cpu.md
 
 The tile sits at the centre of the 32 x 32 latent. PSNR (and max |error| in 8-bit steps) per photo.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import math
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO))  # appended: ComfyUI's top-level `nodes` must win over the repo's nodes/
+import torch
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from .environment import REPO
+from torch import nn
 
 CELLS = (4, 6, 8, 10, 12, 14, 16, 20, 24)  # tile sides in latent cells (8 px each)
 
@@ -65,13 +64,17 @@ def interior_error(decode, z, full, cells):
     return (10 * math.log10(1 / mse) if mse > 0 else math.inf), d.abs().max().item() * 255
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output folder")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
     from tests.support import host, models
     from tests.support.images import load_photo
     from tests.support.paths import image_paths
 
     host.boot()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     lines = ["| photo | decode | " + " | ".join(f"{8 * c} px" for c in CELLS) + " |",
              "|---|---|" + "---|" * len(CELLS)]
     with torch.inference_mode():
@@ -91,8 +94,9 @@ def main() -> int:
                 cols = [interior_error(fn, z, full, c) for c in CELLS]
                 lines.append(f"| {path.stem} | {name} | " + " | ".join(f"{p:.1f} dB ({e:.0f})" for p, e in cols) + " |")
                 print(lines[-1], flush=True)
-    out = REPO / "bench" / "results" / f"tile-floor-{datetime.date.today()}-cpu.md"
-    out.write_text("# Tile interior vs the whole decode, TAEF2, 256 px photos (bench/tile_floor.py)\n\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"tile-floor-{datetime.date.today()}-cpu.md"
+    out.write_text("# Tile interior vs the whole decode, TAEF2, 256 px photos (python -m bench.tile_floor)\n\n"
                    "PSNR of the tile's interior against the whole image's decode (max |error| in 8-bit steps).\n\n"
                    + "\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -21,7 +21,7 @@ class SampleStats:
     residual_db_best: float
     best_iteration: int
     iterations: int  # updates applied before this sample stopped
-    stop_reason: str  # max_steps | tolerance | patience | diverged
+    stop_reason: str  # max_steps | diverged | tolerance | patience | stalled | time_budget (see stop_text)
     # With options.record_every: the paper's assumption along the trajectory
     # (core.diagnostics.cocoercivity: beta_min, beta_median, share_positive, points).
     cocoercivity: Optional[dict] = None
@@ -29,6 +29,27 @@ class SampleStats:
     @property
     def gain_db(self) -> float:
         return self.psnr_best - self.psnr_initial
+
+
+def stop_text(reason: str, options: dict) -> str:
+    """Why a sample stopped, in words, from its stop reason and the run's options.
+
+    >>> stop_text("stalled", {"stall_steps": 20, "stall_flat_db": 1.0})
+    'stalled (no new best in 20 iterations, residual within 1.0 dB)'
+    """
+    o = {k: ("?" if v is None else v) for k, v in options.items()}
+    words = {
+        "max_steps": "all {steps} steps",
+        "diverged": "diverged (residual above {divergence}x its start, or not finite)",
+        "tolerance": "tolerance (residual <= {tolerance})",
+        "patience": "patience (no new best in {patience} iterations)",
+        "stalled": "stalled (no new best in {stall_steps} iterations, residual within {stall_flat_db} dB)",
+        "time_budget": "time_budget ({time_budget} s spent)",
+    }
+    try:
+        return words[reason].format(**o)
+    except KeyError:  # an unknown reason, or options without the key
+        return reason
 
 
 @dataclass
@@ -52,7 +73,7 @@ class InversionResult:
             lines.append(
                 f"image {i + 1}: PSNR {s.psnr_initial:.2f} -> {s.psnr_best:.2f} dB "
                 f"({s.gain_db:+.2f} dB){res}; best at iteration {s.best_iteration}/{s.iterations}, "
-                f"stop: {s.stop_reason}")
+                f"stop: {stop_text(s.stop_reason, self.options)}")
         lines.append(f"{self.method}, {self.dtype}, {self.seconds:.2f} s for {len(self.samples)} image(s)")
         return "\n".join(lines)
 

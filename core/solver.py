@@ -39,6 +39,13 @@ class InversionOptions:
     lr: Optional[float] = None
     tolerance: float = 0.0  # stop a sample once its relative residual falls to this (0: off)
     patience: int = 0  # stop a sample after this many iterations without a new best (0: off)
+    # Auto-stop ("stalled"): a sample stops after `stall_steps` iterations without a new best
+    # during which its residual stayed within `stall_flat_db` dB (without a tracked residual:
+    # no new best alone); 0 turns it off. Chosen from measured traces so that the returned latent
+    # is the full run's on the bench set (bench/results/*-autostop.md).
+    stall_steps: int = 20
+    stall_flat_db: float = 1.0
+    time_budget: float = 0.0  # seconds: stop every sample at the first sync point past it (0: off)
     momentum: float = 0.3  # km: inertia alpha
     memory: int = 5  # anderson: how many past differences to mix (3-6 is typical)
     schedule: bool = True  # adam/gradient: the paper's warm-up + cosine schedule
@@ -69,6 +76,12 @@ class InversionOptions:
             raise ValueError(f"tolerance must be >= 0 (0 turns it off); got {self.tolerance!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 (0 turns it off); got {self.patience!r}")
+        if int(self.stall_steps) != self.stall_steps or self.stall_steps < 0:
+            raise ValueError(f"stall_steps must be an integer >= 0 (0 turns auto-stop off); got {self.stall_steps!r}")
+        if not self.stall_flat_db > 0:
+            raise ValueError(f"stall_flat_db must be > 0 dB; got {self.stall_flat_db!r}")
+        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
+            raise ValueError(f"time_budget must be seconds >= 0 (0 turns it off); got {self.time_budget!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1); got {self.momentum!r}")
         if not 1 <= self.memory <= 20:
@@ -149,13 +162,13 @@ def _to_host(t: Tensor) -> Tensor:
     return out.copy_(t.detach(), non_blocking=pinned)
 
 
-STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience")  # codes 0..3 on the device
+STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience", "stalled", "time_budget")  # codes on the device
 SYNC_SECONDS = 0.25  # read the stats back at least this often, so progress and cancelling stay live
 
 
 class RunState:
     """The per-sample state of one run, kept on the device so the loop never waits for it: the
-    trace, the best iterate, and the stop rules (diverged > tolerance > patience)."""
+    trace, the best iterate, and the stop rules (diverged > tolerance > patience > stalled)."""
 
     def __init__(self, z: Tensor, opts: InversionOptions, tracks_residual: bool):
         batch, device = z.shape[0], z.device
@@ -181,6 +194,12 @@ class RunState:
         self.best_iteration.masked_fill_(improved, k)
         self.since_best.add_(1).masked_fill_(improved, 0)
         code = torch.zeros_like(self.reason)
+        if 0 < opts.stall_steps <= k:
+            stalled = self.since_best >= opts.stall_steps
+            if self.tracks_residual:  # ... and the residual flat over those iterations
+                window = self.trace[1, k - opts.stall_steps:k + 1]
+                stalled &= (window.amax(0) - window.amin(0)) <= opts.stall_flat_db
+            code.masked_fill_(stalled, 4)
         if opts.patience > 0:
             code.masked_fill_(self.since_best >= opts.patience, 3)
         if self.tracks_residual and opts.tolerance > 0:
@@ -198,6 +217,13 @@ class RunState:
         self.active_f.copy_(active.view(self.view))
         self.trace[2, k].copy_(active)
 
+    def stop_all(self, k: int, reason: str) -> None:
+        """Stop every sample still running at iteration k (a host-side rule: time_budget)."""
+        self.reason.masked_fill_(self.active, STOP_REASONS.index(reason))
+        self.stopped_at.masked_fill_(self.active, k)
+        self.active.zero_()
+        self.active_f.zero_()
+
     def mask_stopped(self, step_direction: Tensor | Evaluation) -> None:
         """Zero the step direction(s) of stopped samples, which may hold NaN."""
         if isinstance(step_direction, Evaluation):
@@ -210,25 +236,30 @@ class RunState:
 
 class HostSync:
     """Reads the trace back to the host only every `sync_every` iterations (or SYNC_SECONDS) and at
-    the end, and there runs the callback once per iteration since the last read: the device never
-    idles waiting for the host in between."""
+    the end, and there runs the callback once per iteration since the last read and applies the
+    time budget: the device never idles waiting for the host in between."""
 
-    def __init__(self, steps: int, sync_every: int, callback: Callable[[int, int, dict], None] | None):
-        self.steps, self.every, self.callback = steps, sync_every, callback
+    def __init__(self, opts: InversionOptions, callback: Callable[[int, int, dict], None] | None,
+                 start: float):
+        self.steps, self.every, self.callback = opts.steps, opts.sync_every, callback
+        self.deadline = start + opts.time_budget if opts.time_budget > 0 else math.inf
         self.synced, self.synced_at = -1, time.perf_counter()  # the last iteration read back, and when
 
-    def __call__(self, k: int, trace: Tensor) -> bool:
+    def __call__(self, k: int, state: RunState) -> bool:
         """After evaluation k: True when the run is over (the last step, or every sample stopped)."""
-        final = k == self.steps
-        if not (final or k - self.synced >= self.every or time.perf_counter() - self.synced_at >= SYNC_SECONDS):
+        final, now = k == self.steps, time.perf_counter()
+        if not (final or k - self.synced >= self.every or now - self.synced_at >= SYNC_SECONDS or now >= self.deadline):
             return False
-        rows = trace[:, self.synced + 1:k + 1].cpu()
+        rows = state.trace[:, self.synced + 1:k + 1].cpu()
         if self.callback is not None:
             for j in range(rows.shape[1]):
                 self.callback(self.synced + 1 + j, self.steps, {
                     "psnr": [float(psnr_from_mse(v)) for v in rows[0, j].tolist()],
                     "residual_db": rows[1, j].tolist(), "active": [bool(a) for a in rows[2, j].tolist()]})
         self.synced, self.synced_at = k, time.perf_counter()
+        if not final and rows[2, -1].any() and self.synced_at >= self.deadline:
+            state.stop_all(k, "time_budget")
+            return True
         return final or not rows[2, -1].any()
 
 
@@ -285,12 +316,12 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec))
     evaluate = evaluator_for(method.family, codec, target, z, stepper, opts.track_residual)
     state = RunState(z, opts, evaluate.tracks_residual)
-    log, sync = IterateLog(opts.record_every), HostSync(opts.steps, opts.sync_every, callback)
+    log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start)
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)
         log.keep(k, z, ev)
         state.record(k, z, ev)
-        if sync(k, state.trace):
+        if sync(k, state):
             break
         step_direction = direction(method.family, ev)
         state.mask_stopped(step_direction)

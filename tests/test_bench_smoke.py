@@ -1,5 +1,6 @@
-"""bench/run.py --quick end to end, in a subprocess: the documented keys and sane values.
-No timing assertions (CI machines are shared and slow)."""
+"""`python -m bench.run --quick` end to end, in a subprocess: the documented keys and sane values;
+bench.memory's live-tensor peak against known allocations. No timing assertions (CI machines are
+shared and slow)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ TARGETS = {"speed_6x", "memory_10pct", "overhead_1p10", "bf16"}
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = sorted(out.glob("*.json"))
@@ -89,3 +90,40 @@ def test_quick_values_are_sane(quick):
         sp = s["speedup_to_grad100"]
         assert (finite(sp) and sp > 0) or s["speedup_to_grad100_reason"], s
     assert "## Targets" in md and "taef2" in md and "kl_f8_small" in md
+
+
+def test_live_tensor_peak_counts_the_tensors_a_block_keeps_alive_at_once():
+    """4 MiB kept + 8 MiB freed + 2 MiB kept: the peak is 12 MiB (both alive), not the 14 MiB
+    allocated in total nor the 6 MiB left at the end."""
+    import torch
+
+    from bench.memory import LiveTensorPeak
+
+    with LiveTensorPeak("cpu") as live:
+        a = torch.empty(2**20)
+        b = torch.empty(2**21)
+        del b
+        c = torch.empty(2**19)
+    assert 12 <= live.peak_mb < 12.05, live.peak_mb
+    del a, c
+
+
+def test_gpu_script_quick_mode_passes_here(tmp_path):
+    """bench/gpu.sh --quick: the GPU run's stages, tiny, on this machine's device (CPU in CI):
+    precision rows in fp32 and bf16, the memory rows with a live-tensor ratio, the hybrid stage
+    run or skipped with a message."""
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=2000)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = json.loads((tmp_path / "gpu-run.json").read_text())
+    names = [s["name"] for s in run["stages"]]
+    assert {"precision rows", "memory rows", "hybrid rows"} <= set(names)
+    hybrid = next(s for s in run["stages"] if s["name"] == "hybrid rows")
+    assert hybrid.get("returncode") == 0 or "skipped" in hybrid
+    precision = json.loads(next(tmp_path.glob("*-gpu-precision.json")).read_text())
+    assert {r["dtype"] for r in precision["rows"] if r["method"] == "ours"} >= {"fp32", "bf16"}
+    assert precision["meta"]["errors"] == 0
+    memory = json.loads(next(tmp_path.glob("*-memory-live-gpu.json")).read_text())
+    assert {r["method"] for r in memory["rows"]} == {"encoder", "ours", "gradient"}
+    ratio = memory["ratios"]["32"]["ours_over_gradient_live"]
+    assert finite(ratio) and 0 < ratio < 1, memory["ratios"]  # no backprop activations kept

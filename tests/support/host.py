@@ -34,8 +34,9 @@ def link_pack(custom_nodes: Path) -> Path:
     return link
 
 
-def boot() -> SimpleNamespace:
-    """Import ComfyUI in the order it needs (CPU, extra_config before nodes), load the pack."""
+def boot(cpu: bool = True) -> SimpleNamespace:
+    """Import ComfyUI in the order it needs (CPU, extra_config before nodes), load the pack.
+    `cpu=False` (bench.gpu only) lets ComfyUI use its accelerator; the first call decides."""
     global _HOST
     if _HOST is not None:
         return _HOST
@@ -44,7 +45,7 @@ def boot() -> SimpleNamespace:
     sys.path[:] = [root] + [p for p in sys.path if p not in ("", ".", str(REPO), root)] + [str(REPO)]
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import utils.extra_config  # noqa: F401  (before nodes)
     import nodes

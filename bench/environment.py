@@ -1,0 +1,81 @@
+"""The machine a bench run happens on, and the in-process ComfyUI it measures through."""
+from __future__ import annotations
+
+import importlib
+import platform
+import re
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def boot(threads: int, cpu: bool = True) -> SimpleNamespace:
+    """Import ComfyUI and the pack exactly as the tests do (tests/support/host.boot); no tensor
+    work happens here. `cpu=False` lets ComfyUI pick its accelerator (bench.gpu)."""
+    torch.set_num_threads(threads)
+    from tests.support import host  # the repository's `tests` (run from the repository root)
+
+    h = host.boot(cpu=cpu)
+    pack = h.pack.__name__
+    return SimpleNamespace(host=h, adapter=importlib.import_module(pack + ".nodes.adapter"),
+                           core=importlib.import_module(pack + ".core"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info():
+    """(torch device, a file-name slug, a readable name) of ComfyUI's device."""
+    import comfy.model_management as mm
+
+    dev = mm.get_torch_device()
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        return dev, "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
+    return dev, dev.type, cpu_name()
+
+
+def cpu_pressure():
+    """Linux PSI: % of the last 60 s in which some runnable task waited for a CPU."""
+    try:
+        text = Path("/proc/pressure/cpu").read_text()
+        return float(re.search(r"some avg10=\S+ avg60=(\S+)", text).group(1))
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def cpu_stall_us():
+    """Cumulative microseconds in which some runnable task waited for a CPU (PSI), or None."""
+    try:
+        return int(re.search(r"some .*total=(\d+)", Path("/proc/pressure/cpu").read_text()).group(1))
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def git_state() -> dict:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                                    text=True, timeout=10).stdout.strip())
+        return {"commit": head or None, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def comfyui_version():
+    try:
+        return importlib.import_module("comfyui_version").__version__
+    except Exception:
+        return None
