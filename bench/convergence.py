@@ -63,9 +63,10 @@ def markdown(cells: dict, meta: dict) -> str:
              "| VAE | image | encoder NMSE | " + " | ".join(f"{m} NMSE / PSNR" for m in cells["_methods"])
              + " | default vs best free | hybrid vs best gradient |",
              "|---" * (4 + len(cells["_methods"])) + "|"]
-    for (model, image), c in cells.items():
-        if model == "_methods":
+    for key, c in cells.items():
+        if key == "_methods":
             continue
+        model, image = key
         ms = [c["methods"].get(m) for m in cells["_methods"]]
         d, h = c.get("default"), c.get("hybrid")
         dtxt = "—" if not d else (f"{d['best_free']}: gap {d['gap_db']:.2f} dB, "
