@@ -16,10 +16,11 @@ Adding a method is one entry in METHOD_REGISTRY.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from .codec import Codec
 from .steppers import Adam, Anderson, Forward, InertialKM
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class StepSetup:
     lr: float
     eps: float
     opts: "InversionOptions"
+    codec: Optional[Codec] = None  # for methods that need the differentiable decoder up front (hybrid)
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,22 @@ def _adam(s: StepSetup) -> Adam:
     return Adam(s.z, s.scale, s.lr, s.opts.steps, s.eps, schedule=s.opts.schedule)
 
 
+def _hybrid(s: StepSetup):
+    from .hybrid import Hybrid
+
+    # the decoder copy for the memory estimate is built only when there is a cap to check
+    cap = s.opts.memory_limit_mb
+    decode_grad = s.codec.differentiable_decode() if cap > 0 and s.codec is not None else None
+    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, s.eps, decode_grad, cap)
+
+
 METHOD_REGISTRY: dict[str, Method] = {
     "adam": Method("fixed_point", 0.01, _adam),  # the paper's: Adam moments on the residual
     "forward": Method("fixed_point", 0.5, lambda s: Forward(s.lr)),
     "km": Method("fixed_point", 0.5, lambda s: InertialKM(s.z, s.lr, s.opts.momentum)),
     "anderson": Method("fixed_point", 0.5, lambda s: Anderson(s.z, s.lr, s.opts.memory)),
     "gradient": Method("gradient", 0.01, _adam),  # the baseline: Adam on the pixel-loss gradient
+    "hybrid": Method("both", 0.5, _hybrid),  # anderson, then pixel-gradient Adam once it stalls (core.hybrid)
 }
 METHODS = tuple(METHOD_REGISTRY)
 DEFAULT_LR = {name: m.default_lr for name, m in METHOD_REGISTRY.items()}

@@ -85,6 +85,7 @@ class InversionResult:
     method: str
     dtype: str
     options: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # what the method reports about its path (core.hybrid)
 
     def summary(self) -> str:
         """One line per image, for people."""

@@ -61,6 +61,9 @@ class InversionOptions:
     # never idles waiting for the host in between. A batch whose samples all stopped early runs
     # at most sync_every - 1 extra (zero-step) iterations; results are the same for any value.
     sync_every: int = 8
+    # hybrid: cap (MiB) on the decoder activations its gradient steps may keep; above it the run
+    # stays gradient-free. 0: no cap. On a GPU a host can pass its free-memory estimate.
+    memory_limit_mb: float = 0.0
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -91,6 +94,8 @@ class InversionOptions:
             raise ValueError(f"sync_every must be an integer >= 1; got {self.sync_every!r}")
         if not self.divergence > 1:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
+        if not self.memory_limit_mb >= 0:
+            raise ValueError(f"memory_limit_mb must be >= 0 (0: no cap); got {self.memory_limit_mb!r}")
         return self
 
     @property
@@ -308,7 +313,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
     z = target.start()
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
-    stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts))
+    stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec))
     evaluate = evaluator_for(method.family, codec, target, z, stepper, opts.track_residual)
     state = RunState(z, opts, evaluate.tracks_residual)
     log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start)
@@ -321,4 +326,6 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         step_direction = direction(method.family, ev)
         state.mask_stopped(step_direction)
         stepper.step(z, step_direction, state.active_f)
-    return _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
+    result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
+    result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
+    return result

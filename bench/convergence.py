@@ -1,0 +1,108 @@
+"""Issue 12's table from one bench.run result: per image x VAE, the encoder's latent NMSE, each
+method's NMSE and PSNR, the default against the best gradient-free method, and the hybrid against
+the best gradient configuration (time to reach its final PSNR, measured in the same run).
+
+    .venv/bin/python -m bench.run --sizes 32 --steps 30 --models taef2 kl_f8_small \\
+        --images flat_objects stars --methods encoder paper ours forward km hybrid grad-lr0.1-cos ...
+    .venv/bin/python -m bench.convergence bench/results/<that run>.json   # writes <run>-convergence.md/.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+FREE = ("paper", "ours", "forward", "km", "anderson")  # adam (paper), the default, forward, km, anderson
+TIME_TARGET = 1 / 3  # the hybrid must reach the best gradient PSNR in <= 1/3 of that baseline's time
+
+
+def _time_to_psnr(row: dict, target: float):
+    """Seconds until the row's PSNR trace first reaches `target` (None if never)."""
+    trace = row.get("trace") or {}
+    for t, p in zip(trace.get("t_done", []), trace.get("psnr_db", [])):
+        if p is not None and math.isfinite(p) and p >= target and t is not None:
+            return t
+    return None
+
+
+def cell(rows: list[dict]) -> dict:
+    by = {r["method"]: r for r in rows if not r.get("error")}
+    enc = by["encoder"]["nmse_db"]
+    free = {m: by[m] for m in FREE if m in by and m != "ours"}
+    best_free = min(free, key=lambda m: free[m]["nmse_db"]) if free else None
+    ours = by.get("ours")
+    out = {"encoder_nmse_db": enc, "methods": {m: {"nmse_db": r["nmse_db"], "psnr_db": r["psnr_db"],
+                                                      "seconds": r.get("seconds")} for m, r in by.items()}}
+    if ours and best_free:
+        gap = ours["nmse_db"] - min(free[best_free]["nmse_db"], ours["nmse_db"])
+        out["default"] = {"best_free": best_free, "gap_db": round(gap, 2),
+                          "not_worse_than_encoder": ours["nmse_db"] <= enc, "within_0p5_db": gap <= 0.5}
+    grads = {m: r for m, r in by.items() if m.startswith("grad-")}
+    hyb = by.get("hybrid")
+    if grads and hyb:
+        g = max(grads, key=lambda m: grads[m]["psnr_db"])
+        target, base_s = grads[g]["psnr_db"], grads[g]["seconds"]
+        t = _time_to_psnr(hyb, target)
+        ratio = None if t is None else t / base_s
+        out["hybrid"] = {"best_grad": g, "grad_psnr_db": target, "grad_seconds": base_s,
+                         "hybrid_psnr_db": hyb["psnr_db"], "hybrid_seconds_to_grad_psnr": t,
+                         "time_ratio": None if ratio is None else round(ratio, 3),
+                         "met": ratio is not None and ratio <= TIME_TARGET}
+    return out
+
+
+def _f(v, d=2):
+    return "—" if v is None else f"{v:.{d}f}"
+
+
+def markdown(cells: dict, meta: dict) -> str:
+    lines = [f"# Issue 12 table — {meta.get('date')}, {meta.get('device_name')}", "",
+             f"- Run: `{meta.get('command')}`; {meta.get('steps')} steps, sizes {meta.get('sizes')}.",
+             f"- Note: {meta.get('note')}", "- Table: `python -m bench.convergence <run>.json`.", "",
+             "| VAE | image | encoder NMSE | " + " | ".join(f"{m} NMSE / PSNR" for m in cells["_methods"])
+             + " | default vs best free | hybrid vs best gradient |",
+             "|---" * (4 + len(cells["_methods"])) + "|"]
+    for key, c in cells.items():
+        if key == "_methods":
+            continue
+        model, image = key
+        ms = [c["methods"].get(m) for m in cells["_methods"]]
+        d, h = c.get("default"), c.get("hybrid")
+        dtxt = "—" if not d else (f"{d['best_free']}: gap {d['gap_db']:.2f} dB, "
+                                  f"{'≤' if d['not_worse_than_encoder'] else '>'} encoder, "
+                                  f"{'within' if d['within_0p5_db'] else 'NOT within'} 0.5 dB")
+        htxt = "—" if not h else (f"{h['best_grad']} {h['grad_psnr_db']:.2f} dB in {h['grad_seconds']:.1f} s; hybrid "
+                                  f"{h['hybrid_psnr_db']:.2f} dB, reaches it in {_f(h['hybrid_seconds_to_grad_psnr'], 1)} s "
+                                  f"= {_f(h['time_ratio'])}x: **{'met' if h['met'] else 'not met'}**")
+        lines.append(f"| {model} | {image} | {c['encoder_nmse_db']:.2f} | "
+                     + " | ".join("—" if m is None else f"{m['nmse_db']:.2f} / {m['psnr_db']:.2f}" for m in ms)
+                     + f" | {dtxt} | {htxt} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("result", help="a bench.run JSON")
+    args = p.parse_args(argv)
+    path = Path(args.result)
+    run = json.loads(path.read_text())
+    groups: dict = {}
+    for r in run["rows"]:
+        if r.get("dtype", "fp32") == "fp32":
+            groups.setdefault((r["model"], r["image"]), []).append(r)
+    cells = {key: cell(rows) for key, rows in groups.items()}
+    methods = [m for m in ("encoder", "paper", "ours", "forward", "km", "anderson", "hybrid")
+               if any(m in c["methods"] for c in cells.values())]
+    methods += sorted({m for c in cells.values() for m in c["methods"] if m.startswith("grad-")})
+    md = markdown({"_methods": methods, **cells}, run["meta"])
+    stem = path.with_suffix("")
+    Path(f"{stem}-convergence.md").write_text(md)
+    Path(f"{stem}-convergence.json").write_text(json.dumps(
+        {"cells": [{"model": k[0], "image": k[1], **v} for k, v in cells.items()], "meta": run["meta"]}, indent=1) + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

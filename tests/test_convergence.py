@@ -1,0 +1,115 @@
+"""Issue 12: the hybrid method's memory cap and gain, and the default's latent on hard cases.
+
+Plain-torch tests use a small conv "autoencoder"; host tests use the shared VAEs in the paper's
+protocol (z_gt = E(case), x = D(z_gt) in 8 bits) on the seeded hard cases of bench/cases.py."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from bench import cases
+from core import Codec, invert
+from core.hybrid import backward_activation_mb
+
+
+def _toy_codec(calls: list):
+    """A 4-channel latent at 1/4 resolution; the decoder is a small nonlinear conv net, the encoder
+    a mismatched approximate inverse (so the fixed point and the pixel optimum differ)."""
+    torch.manual_seed(0)
+    dec = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 16, 3, padding=1),
+                              torch.nn.Tanh(), torch.nn.Conv2d(16, 3, 3, padding=1)).requires_grad_(False)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, stride=4)).requires_grad_(False)
+
+    def grad_decode():
+        def decode(z):
+            calls.append((tuple(z.shape), z.requires_grad))
+            return torch.sigmoid(dec(z))
+        return decode
+
+    return Codec(encode=enc, decode=lambda z: torch.sigmoid(dec(z)), grad_decode=grad_decode)
+
+
+ESTIMATE_PASSES = 2  # backward_activation_mb: two forward passes at small crops, no backward
+
+
+def _differentiable_passes(calls):
+    return sum(1 for _, needs_grad in calls if needs_grad)
+
+
+def test_hybrid_under_a_cap_below_its_estimate_takes_no_gradient_step():
+    calls = []
+    codec = _toy_codec(calls)
+    x = torch.rand(1, 3, 32, 32)
+    r = invert(codec, x, method="hybrid", steps=30, memory_limit_mb=1e-4)
+    assert r.extra["activation_estimate_mb"] > 1e-4
+    assert r.extra["gradient_allowed"] is False and r.extra["switch_iteration"] == [None]
+    assert _differentiable_passes(calls) == ESTIMATE_PASSES  # the estimate's, no gradient step
+
+
+def test_hybrid_within_its_cap_switches_to_gradient_steps():
+    calls = []
+    codec = _toy_codec(calls)
+    x = torch.rand(1, 3, 32, 32)
+    r = invert(codec, x, method="hybrid", steps=40, memory_limit_mb=1e4, stall_steps=0)
+    assert r.extra["gradient_allowed"] is True and r.extra["switch_iteration"][0] is not None
+    assert _differentiable_passes(calls) > ESTIMATE_PASSES + 5
+
+
+def test_activation_estimate_scales_with_area():
+    dec = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Conv2d(32, 3, 3, padding=1)).requires_grad_(False)
+    small, large = (backward_activation_mb(dec, torch.zeros(1, 4, n, n)) for n in (8, 16))
+    assert large == pytest.approx(4 * small, rel=0.05)
+
+
+# --- on the real host, shared VAEs --------------------------------------------------------------
+
+SIZE, STEPS = 32, 30
+
+
+@pytest.fixture(scope="module")
+def pack(host):
+    name = host.pack.__name__
+    return importlib.import_module(name + ".nodes.adapter"), importlib.import_module(name + ".core")
+
+
+def _protocol(adapter, vae, case):
+    codec = adapter.vae_codec(vae, "fp32", (1, 3, SIZE, SIZE))
+    with torch.inference_mode():
+        z_gt = codec.encode(cases.make(case, SIZE)).float()
+        x = (codec.decode(z_gt).float().clamp(0, 1) * 255).round() / 255
+        z_enc = codec.encode(x).float()
+    return codec, x.clone(), z_gt.clone(), z_enc.clone()
+
+
+def _nmse_db(z, ref):
+    return float(10 * torch.log10(((z - ref) ** 2).sum() / (ref ** 2).sum()))
+
+
+# Measured 2026-12-02 (32 px, 30 steps): with TAEF2 the default drifts away from z_gt on flat fields
+# and the star field (flat_objects -7.1 vs encoder -11.1 dB, flat_noise -3.4 vs -5.2 dB, stars
+# slightly worse): issue 12 item 2 is not met there yet. strict: a fix turns these into failures
+# to be un-marked.
+DEFAULT_DRIFTS = {("taef2", "flat_objects"), ("taef2", "flat_noise"), ("taef2", "stars")}
+
+
+@pytest.mark.parametrize("vae_name,case", [(v, c) for v in ("kl_small", "taef2")
+                                           for c in ("flat_objects", "flat_noise", "stars", "texture")])
+def test_default_is_never_worse_than_the_encoder_in_the_latent(vae_name, case, request, pack):
+    if (vae_name.replace("kl_small", "kl_f8_small"), case) in DEFAULT_DRIFTS:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason="issue 12 item 2 not met with TAEF2 here"))
+    adapter, core = pack
+    codec, x, z_gt, z_enc = _protocol(adapter, request.getfixturevalue(vae_name), case)
+    r = core.invert(codec, x, steps=STEPS)
+    assert _nmse_db(r.latent, z_gt) <= _nmse_db(z_enc, z_gt)
+
+
+def test_hybrid_beats_the_gradient_free_default_in_pixels_on_a_taef2_hard_case(taef2, pack):
+    adapter, core = pack
+    codec, x, _, _ = _protocol(adapter, taef2, "flat_objects")
+    default = core.invert(codec, x, steps=STEPS).samples[0]
+    hybrid = core.invert(codec, x, method="hybrid", steps=STEPS)
+    assert hybrid.extra["switch_iteration"][0] is not None
+    assert hybrid.samples[0].psnr_best > default.psnr_best + 1.0
