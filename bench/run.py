@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="exact-encode-bench-")) if args.quick else BENCH / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="exact-encode-bench-jobs-"))
+    # inside the output folder: a clean-up of /tmp by another process cannot take the jobs away
+    scratch = Path(tempfile.mkdtemp(prefix=".jobs-", dir=out_dir))
     preps, jobs = build_jobs(args, ctx, scratch)
     print(f"bench: {len(jobs)} rows on {device_name} ({args.isolation} isolation, {args.threads} threads); "
           f"results -> {out_dir}", file=sys.stderr, flush=True)
