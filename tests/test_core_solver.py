@@ -365,6 +365,7 @@ def test_core_imports_without_comfyui():
 
 
 def test_methods_and_default_lr_derive_from_the_registry():
+    import core
     from core import methods
     assert core.METHODS == tuple(methods.METHOD_REGISTRY)
     assert core.DEFAULT_LR == {name: m.default_lr for name, m in methods.METHOD_REGISTRY.items()}
