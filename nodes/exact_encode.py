@@ -60,8 +60,8 @@ class VAEExactEncode(io.ComfyNode):
             # upper bound (video VAEs also compress time): only sizes the assumption check's budget
             latent_numel = image.numel() // 3 // latent_cell(vae) ** 2 * vae.latent_channels
             options = replace(options, record_every=record_every(steps, latent_numel))
-        on_iteration = iteration_callback(steps, send=progress_sender(getattr(getattr(cls, "hidden", None),
-                                                                                "unique_id", None)))
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        on_iteration = iteration_callback(steps, send=progress_sender(node_id))
 
         result = None
         try:

@@ -29,8 +29,11 @@ def check_choice(name: str, value, options) -> None:
         raise ValueError(f"{name}: must be one of {', '.join(options)}; got {value!r}")
 
 
-def steps_input(default: int = 100, tooltip: str = "Iterations; each costs one decoder and one encoder pass. "
-                                                   "100 follows the paper; the best iterate is returned.") -> io.Int.Input:
+STEPS_TOOLTIP = ("Iterations; each costs one decoder and one encoder pass. 100 follows the paper; the best "
+                 "iterate is returned.")
+
+
+def steps_input(default: int = 100, tooltip: str = STEPS_TOOLTIP) -> io.Int.Input:
     return io.Int.Input("steps", default=default, min=1, max=10000, tooltip=tooltip)
 
 

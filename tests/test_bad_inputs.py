@@ -13,6 +13,11 @@ import core
 KEY = core.TreeRingKey((4, 16, 16), "ring", radius=5, channel=3, seed=7)
 
 
+def pack_key(pack):
+    """KEY as the pack's own class (the pack's core is another module than the top-level core)."""
+    return pack("core").TreeRingKey.from_json(KEY.to_json())
+
+
 def detect(pack, noise, key_json=None, key=None):
     node = pack("nodes.treering").TreeRingDetect
     with torch.inference_mode():
@@ -44,17 +49,17 @@ def test_treering_detect_rejects_bad_key_json_fields_by_name(pack, fields, match
 
 def test_empty_batches_are_named_errors_not_fft_errors(pack):
     with pytest.raises(ValueError, match="noise: the batch is empty"):
-        detect(pack, torch.zeros(0, 4, 16, 16), key=KEY)
+        detect(pack, torch.zeros(0, 4, 16, 16), key=pack_key(pack))
     node = pack("nodes.treering").TreeRingWatermarkedNoise
     with torch.inference_mode(), pytest.raises(ValueError, match="latent: the batch is empty"):
-        node.execute(KEY, 0, {"samples": torch.zeros(0, 4, 16, 16)})
+        node.execute(pack_key(pack), 0, {"samples": torch.zeros(0, 4, 16, 16)})
     with pytest.raises(core.WatermarkKeyError, match="noise: the batch is empty"):
         core.inject(torch.zeros(0, 4, 16, 16), KEY)
 
 
 def test_all_zero_noise_error_names_the_noise_input(pack):
     with pytest.raises(ValueError, match=r"^noise: its spectrum is zero"):
-        detect(pack, torch.zeros(1, 4, 16, 16), key=KEY)
+        detect(pack, torch.zeros(1, 4, 16, 16), key=pack_key(pack))
 
 
 def test_diagnostics_says_when_the_trace_belongs_to_another_image(pack, node_cls, taef2, photos64):
