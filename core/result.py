@@ -98,6 +98,9 @@ class InversionResult:
                 f"({s.gain_db:+.2f} dB){res}; best at iteration {s.best_iteration}/{s.iterations}, "
                 f"stop: {stop_text(s.stop_reason, self.options)}")
         lines.append(f"{self.method}, {self.dtype}, {self.seconds:.2f} s for {len(self.samples)} image(s)")
+        if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
+            lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
+                         f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -106,7 +109,7 @@ class InversionResult:
             return [[None if math.isnan(v) else round(v, 4) for v in row] for row in t.T.tolist()]
         return {
             "kind": "inversion", "method": self.method, "dtype": self.dtype, "seconds": self.seconds,
-            "options": self.options,
+            "options": self.options, "extra": self.extra,
             "samples": [dict(asdict(s), gain_db=s.gain_db) for s in self.samples],
             "trace": {"psnr": clean(self.trace_psnr), "residual_db": clean(self.trace_residual_db)},
         }

@@ -108,6 +108,18 @@ def latent_shape(vae, shape: tuple) -> tuple:
     return (shape[0], vae.latent_channels) + spatial
 
 
+def memory_cap_mb(vae, requested_mb: float) -> float:
+    """The hybrid's memory cap: the user's, else ComfyUI's free-memory estimate of the VAE's
+    device on a GPU (a backward pass there competes with the models ComfyUI keeps loaded), else
+    none (0) on the CPU, where the operating system's memory is the limit."""
+    if requested_mb > 0:
+        return float(requested_mb)
+    device = torch.device(getattr(vae, "device", "cpu"))
+    if device.type == "cpu":
+        return 0.0
+    return comfy.model_management.get_free_memory(device) / 2**20
+
+
 def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) -> Codec:
     """Codec for `vae` computing in `precision` (auto = the dtype ComfyUI chose for this VAE).
 

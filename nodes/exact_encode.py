@@ -10,8 +10,8 @@ from comfy_api.latest import io, ui
 
 from ..core import invert
 from . import trace
-from .adapter import check_supported, is_oom, latent_cell, vae_codec
-from .inputs import image_to_pixels, record_every, solver_inputs, solver_options, steps_input
+from .adapter import check_supported, is_oom, latent_cell, memory_cap_mb, vae_codec
+from .inputs import image_to_pixels, record_every, solver_inputs, solver_options, steps_input, stop_inputs
 from .progress import iteration_callback, progress_sender
 from .tiling_glue import oom_fallback
 
@@ -35,11 +35,12 @@ class VAEExactEncode(io.ComfyNode):
                 *solver_inputs(),
                 io.Float.Input("tolerance", default=0.0, min=0.0, max=1.0, step=0.0001, optional=True,
                                tooltip="(advanced) Stop an image early once ||E(D(z)) - E(x)|| / ||E(x)|| "
-                                       "falls to this value. 0 runs all steps."),
+                                       "falls to this value. 0 = off (auto_stop still applies)."),
                 io.Boolean.Input("check_assumption", default=True, optional=True,
                                  tooltip="(advanced) Keep the iterates (host memory, at most 256 MB) to test "
                                          "the paper's convergence assumption (cocoercivity) along the run; "
                                          "Inversion Diagnostics reports it. Off saves that memory."),
+                *stop_inputs(),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
@@ -52,9 +53,11 @@ class VAEExactEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, steps, method, learning_rate=1.0, precision="auto",
-                tolerance=0.0, check_assumption=True) -> io.NodeOutput:
+                tolerance=0.0, check_assumption=True, auto_stop=True, time_budget=0.0,
+                memory_limit_mb=0) -> io.NodeOutput:
         check_supported(vae)
-        options = solver_options(cls, method, steps, learning_rate, precision, tolerance=tolerance)
+        options = solver_options(cls, method, steps, learning_rate, precision, auto_stop=auto_stop, tolerance=tolerance,
+                                 time_budget=time_budget, memory_limit_mb=memory_cap_mb(vae, memory_limit_mb))
         image = image_to_pixels(pixels, vae)
         if check_assumption:
             # upper bound (video VAEs also compress time): only sizes the assumption check's budget

@@ -7,8 +7,8 @@ import torch
 import comfy.model_management
 from comfy_api.latest import io, ui
 
-from .adapter import check_supported
-from .inputs import image_to_pixels, solver_inputs, solver_options, steps_input
+from .adapter import check_supported, memory_cap_mb
+from .inputs import image_to_pixels, stop_inputs, solver_inputs, solver_options, steps_input
 from .tiling_glue import TEMPORAL_DEFAULTS, run_tiled, tile_inputs
 
 
@@ -43,6 +43,7 @@ class VAEExactEncodeTiled(io.ComfyNode):
                 steps_input(tooltip="Iterations per tile grid / time chunk; each costs one tiled decoder and "
                                     "one tiled encoder pass."),
                 *solver_inputs(),
+                *stop_inputs(),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="Same format as VAE Encode (Tiled)'s LATENT."),
@@ -53,9 +54,11 @@ class VAEExactEncodeTiled(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap, steps, method,
-                learning_rate=1.0, precision="auto") -> io.NodeOutput:
+                learning_rate=1.0, precision="auto", auto_stop=True, time_budget=0.0,
+                memory_limit_mb=0) -> io.NodeOutput:
         check_supported(vae)
-        options = solver_options(cls, method, steps, learning_rate, precision)
+        options = solver_options(cls, method, steps, learning_rate, precision, auto_stop=auto_stop, time_budget=time_budget,
+                                 memory_limit_mb=memory_cap_mb(vae, memory_limit_mb))
         x = image_to_pixels(pixels, vae)
         result = run_tiled(vae, x, options, precision, tile_size, overlap, temporal_size, temporal_overlap)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)

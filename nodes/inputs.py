@@ -15,7 +15,9 @@ ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's 
 METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the fixed-point step, the fastest "
                   "here. adam: the paper's method (Adam moments on the residual, warm-up + cosine schedule). "
                   "forward: plain fixed-point step. km: inertial Krasnoselskii-Mann (forward step with momentum). "
-                  "gradient: baseline that backpropagates through the decoder (slower, far more memory).")
+                  "gradient: baseline that backpropagates through the decoder (slower, far more memory). "
+                  "hybrid: anderson until it stalls, then pixel-gradient steps from the best iterate, within "
+                  "memory_limit_mb (the highest PSNR; the memory of a backward pass).")
 
 
 def title(node_cls) -> str:
@@ -59,10 +61,31 @@ def solver_inputs() -> list:
     ]
 
 
+def stop_inputs() -> list:
+    """auto_stop, time_budget, memory_limit_mb: after every other input of a node, so that widget
+    values saved in older workflows (positional) still land on the inputs they were meant for."""
+    return [
+        io.Boolean.Input("auto_stop", default=True, optional=True,
+                         tooltip="Stop an image once it found no better iterate for 20 iterations while its "
+                                 "residual stayed flat (within 1 dB): the returned latent is the one a full "
+                                 "run would return in the benchmark. Off runs all steps."),
+        io.Float.Input("time_budget", default=0.0, min=0.0, max=86400.0, step=1.0, optional=True,
+                       tooltip="(advanced) Seconds; the run stops at the first check past it and returns its "
+                               "best iterate so far. 0 = no limit."),
+        io.Int.Input("memory_limit_mb", default=0, min=0, max=1 << 20, optional=True,
+                     tooltip="(advanced) hybrid only: cap in MiB on the decoder activations its gradient "
+                             "steps keep; above it the run stays gradient-free. 0 = ComfyUI's free-memory "
+                             "estimate of the VAE's device on a GPU, no cap on the CPU."),
+    ]
+
+
 def solver_options(node_cls, method: str, steps: int, learning_rate: float = 1.0, precision: str = "auto",
-                   methods=METHODS, **extra) -> InversionOptions:
-    """Validated options from the node's inputs, or an error naming the input."""
+                   methods=METHODS, auto_stop: bool = True, **extra) -> InversionOptions:
+    """Validated options from the node's inputs, or an error naming the input. `extra` takes
+    InversionOptions fields by name (tolerance, time_budget, memory_limit_mb, ...)."""
     check_choice("method", method, methods)
+    if not auto_stop:
+        extra["stall_steps"] = 0
     check_choice("precision", precision, PRECISIONS)
     if not learning_rate > 0:
         raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")

@@ -1,0 +1,45 @@
+"""VAE Exact Encode's auto_stop, time_budget and memory_limit_mb inputs reach the solver and show
+in the summary and the trace (real ComfyUI host, the shared TAEF2 VAE, 32 px)."""
+from __future__ import annotations
+
+import torch
+
+
+def _trace(pack, latent):
+    return pack("nodes.trace").read(latent["samples"])
+
+
+def test_auto_stop_off_runs_every_step_and_on_is_the_default(run_node, taef2, photos64, pack):
+    image = photos64["astronaut"][:, :32, :32]
+    latent, _ = run_node(image, taef2, steps=30, method="forward", auto_stop=False)
+    off = _trace(pack, latent)
+    assert off["options"]["stall_steps"] == 0
+    assert off["samples"][0]["iterations"] == 30
+    latent, _ = run_node(image, taef2, steps=30, method="forward")
+    assert _trace(pack, latent)["options"]["stall_steps"] == 20
+
+
+def test_time_budget_stops_the_node_and_the_summary_says_so(run_node, taef2, photos64, pack):
+    image = photos64["astronaut"][:, :32, :32]
+    latent, summary = run_node(image, taef2, steps=10000, method="forward", auto_stop=False, time_budget=0.5)
+    sample = _trace(pack, latent)["samples"][0]
+    assert sample["stop_reason"] == "time_budget"
+    assert sample["iterations"] < 10000
+    assert "time" in summary.split("stop:")[1].split("\n")[0]
+
+
+def test_hybrid_keeps_to_memory_limit_mb_and_says_so(run_node, taef2, photos64, pack):
+    image = photos64["astronaut"][:, :32, :32]
+    latent, summary = run_node(image, taef2, steps=30, method="hybrid", memory_limit_mb=1)
+    extra = _trace(pack, latent)["extra"]
+    assert extra["memory_limit_mb"] == 1 and extra["gradient_allowed"] is False
+    assert extra["activation_estimate_mb"] > 1
+    assert "gradient steps skipped" in summary
+    assert torch.isfinite(latent["samples"]).all()
+
+
+def test_a_negative_time_budget_is_an_error_naming_it(run_node, taef2, photos64):
+    import pytest
+
+    with pytest.raises(ValueError, match="time_budget"):
+        run_node(photos64["astronaut"][:, :32, :32], taef2, steps=5, time_budget=-1.0)
