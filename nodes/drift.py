@@ -8,12 +8,15 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..core import METHODS, drift, invert
+from ..core.methods import METHOD_REGISTRY
 from . import plots
 from .adapter import check_supported, vae_codec
 from .inputs import DEFAULT_METHOD, image_to_pixels, method_input, solver_options, steps_input
 
 STOCK, EXACT = "stock VAE Encode", "VAE Exact Encode"
-DRIFT_METHODS = [m for m in METHODS if m != "gradient"]  # the baseline: 100 backprop runs per graph
+# Gradient-free methods only: gradient and hybrid backpropagate through the decoder, and a drift
+# graph runs one inversion per generation.
+DRIFT_METHODS = [m for m in METHODS if METHOD_REGISTRY[m].family == "fixed_point"]
 
 
 class VAERoundTripDrift(io.ComfyNode):
