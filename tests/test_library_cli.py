@@ -110,7 +110,10 @@ def test_ctrl_c_leaves_only_whole_files(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "exact_encode.cli", "encode", str(tmp_path / "in"), "--vae", str(kl_small_dir()),
            "--out", str(out), "--steps", "200"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A job started in the background inherits SIGINT ignored (POSIX), and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal user's shell does.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
