@@ -113,13 +113,16 @@ class PixelGradientEvaluator:
     def __init__(self, codec: Codec, target: Target, track_residual: bool):
         self.codec, self.target, self.tracks_residual = codec, target, track_residual
         self.decode = codec.differentiable_decode()
+        with torch.inference_mode():  # one residual buffer for the whole run, as FixedPointEvaluator's
+            self.residual = torch.empty_like(target.latent)
 
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
         image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad)
         if not (self.tracks_residual or k == 0):
             return Evaluation(err, torch.full_like(err, float("nan")), None, grad)
         with torch.inference_mode():
-            residual = self.codec.encode(image.to(self.codec.dtype)).float() - self.target.latent
+            residual = torch.sub(self.codec.encode(image.to(self.codec.dtype)).float(), self.target.latent,
+                                 out=self.residual)
             res_db = ratio_db(per_sample_norm(residual), self.target.latent_norm)
         return Evaluation(err, res_db, residual, grad)
 

@@ -127,3 +127,25 @@ def test_gpu_script_quick_mode_passes_here(tmp_path):
     assert {r["method"] for r in memory["rows"]} == {"encoder", "ours", "gradient"}
     ratio = memory["ratios"]["32"]["ours_over_gradient_live"]
     assert finite(ratio) and 0 < ratio < 1, memory["ratios"]  # no backprop activations kept
+
+
+def test_watermark_quick_measures_every_cell(tmp_path):
+    """`python -m bench.watermark --quick` on the trained tiny model: one row per attack x encoder x
+    inversion, every measure present and in range, the markdown table written."""
+    proc = subprocess.run([sys.executable, "-m", "bench.watermark", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = sorted(tmp_path.glob("*-watermark-quick.json"))
+    assert len(files) == 1, list(tmp_path.iterdir())
+    result = json.loads(files[0].read_text())
+    assert result["meta"]["complete"] is True
+    cells = {(r["attack"], r["encoder"], r["inversion"]) for r in result["rows"]}
+    assert cells == {(a, e, i) for a in ("none", "jpeg90", "resize0.75", "noise2")
+                     for e in ("stock", "default", "adam", "gradient", "hybrid") for i in ("naive", "exact")}
+    for r in result["rows"]:
+        for k in ("ring_auc", "ring_tpr_at_1pct_fpr", "rand_auc", "rand_tpr_at_1pct_fpr", "key_accuracy_l1",
+                  "key_accuracy_p", "clean_p_below_001"):
+            assert 0.0 <= r[k] <= 1.0, (k, r)
+        assert finite(r["latent_nmse_db"]) and finite(r["noise_nmse_db"]) and r["encode_s_per_image"] > 0
+    table = files[0].with_suffix(".md").read_text()
+    assert table.count("| VAE Encode (stock) |") == 8 and "## attack: resize0.75" in table

@@ -10,6 +10,7 @@ import pkgutil
 import pytest
 
 import core
+from tests.support.library import exact_encode
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(core.__path__, "core."))
 
@@ -20,6 +21,7 @@ def test_every_core_module_is_collected():
 
 @pytest.mark.parametrize("name", ["core"] + MODULES)
 def test_docstring_examples_run(name):
+    exact_encode()  # examples written for the installed package say `from exact_encode import ...`
     # import_module, not getattr: core re-exports functions named like modules (core.drift)
     module = importlib.import_module(name)
     failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

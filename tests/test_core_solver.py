@@ -461,3 +461,24 @@ def test_bad_stop_options_are_rejected_with_the_name(kwargs, match):
     codec, _ = linear_codec()
     with pytest.raises(ValueError, match=match):
         invert(codec, target()[0], **kwargs)
+
+
+def test_the_differentiable_decoder_is_built_once_per_codec():
+    """hybrid with a memory cap estimates its need with the differentiable decoder and then steps
+    with it: one copy of the decoder, not two (the factory usually deep-copies the model)."""
+    import torch
+
+    from core import Codec, invert
+
+    built = []
+    up = torch.nn.Upsample(scale_factor=2)
+
+    def grad_decode():
+        built.append(1)
+        return lambda z: up(z).clamp(0, 1)
+
+    codec = Codec(encode=torch.nn.AvgPool2d(2), decode=lambda z: up(z).clamp(0, 1), grad_decode=grad_decode)
+    x = torch.rand(2, 3, 8, 8)
+    invert(codec, x, method="hybrid", steps=12, memory_limit_mb=1000.0)
+    invert(codec, x, method="gradient", steps=3)
+    assert built == [1]

@@ -159,6 +159,69 @@ def test_embed_then_check_on_the_server(server):
     assert exact < 1e-6 and exact <= plain  # measured: 1.2e-19 vs 3.2e-17
 
 
+TRAINED_SIZE = 64  # px: the trained model's 8 x 8 latents (tests/data/tiny_ldm/README.md)
+TRAINED_RADIUS = 2  # bench/watermark.py's key radius at 8 x 8
+
+
+def _embed_on_the_trained_model(server, watermarked: bool):
+    """treering_embed.json on the trained tiny model (64 px, 10 euler steps, cfg 1, key on every
+    channel); `watermarked=False` swaps Tree-Ring Watermarked Noise for stock Random Noise (same
+    seed), i.e. a clean generation. Returns (PNG path, key JSON)."""
+    embed = json.loads((WORKFLOWS[0].parent / "treering_embed.json").read_text())
+    overrides = overrides_for(embed, kind="trained", steps=10)
+    for n in embed["nodes"]:
+        if n["type"] == "ExactEncodeTreeRingKey":
+            overrides[n["id"]].update(radius=TRAINED_RADIUS, channel=-1)
+        elif n["type"] == "EmptyLatentImage":
+            overrides[n["id"]].update(width=TRAINED_SIZE, height=TRAINED_SIZE)
+        elif n["type"] == "CFGGuider":
+            overrides[n["id"]] = {"cfg": 1.0}
+    info = server.get("/object_info")
+    prompt = to_api(embed, info, overrides, replace=REPLACE)
+    if not watermarked:
+        node = next(k for k, v in prompt.items() if v["class_type"] == "ExactEncodeTreeRingWatermarkedNoise")
+        prompt[node] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt[node]["inputs"]["noise_seed"]}}
+    entry = server.run(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
+    saved = [f for n in prompt if prompt[n]["class_type"] == "SaveImage" for f in server.output_files(entry, n)]
+    key_node = next(n for n in prompt if prompt[n]["class_type"] == "PreviewAny")
+    return saved[0], entry["outputs"][key_node]["text"][0]
+
+
+def _check_on_the_trained_model(server, image_path, key_json, name: str) -> dict:
+    """treering_check.json on the trained model: {title of the verdict: p-value}."""
+    check = json.loads((WORKFLOWS[0].parent / "treering_check.json").read_text())
+    image = server.add_input(image_path, name)
+    overrides = overrides_for(check, image=image, kind="trained", steps=10, encode_steps=20, key_json=key_json)
+    for n in check["nodes"]:
+        if n["type"] == "ExactEncodeDiffusionInversion":
+            overrides[n["id"]]["cfg"] = 1.0
+    prompt, entry = run_graph(server, check, overrides)
+    p = {}
+    for n in prompt:
+        if prompt[n]["class_type"] == "PreviewAny":
+            title = next(x.get("title", "") for x in check["nodes"] if str(x["id"]) == n)
+            text = entry["outputs"][n]["text"][0]
+            print(f"\n{name} {title}: {text}")
+            p[title] = float(re.search(r"p = ([0-9.e+-]+)", text).group(1))
+    return p
+
+
+def test_watermark_workflows_on_the_trained_model(server):
+    """The shipped embed and check graphs on the trained tiny model (a genuinely trained denoiser,
+    tests/data/tiny_ldm/): the watermarked generation is detected through the exact path, a clean
+    generation with the same seed is not (Tree-Ring Detect's verdict at FPR 1 %)."""
+    marked, key_json = _embed_on_the_trained_model(server, watermarked=True)
+    clean, _ = _embed_on_the_trained_model(server, watermarked=False)
+    key = core.TreeRingKey.from_json(key_json)
+    assert key.shape == (4, TRAINED_SIZE // 8, TRAINED_SIZE // 8) and key.radius == TRAINED_RADIUS
+    p_marked = _check_on_the_trained_model(server, marked, key_json, "trained_marked.png")
+    p_clean = _check_on_the_trained_model(server, clean, key_json, "trained_clean.png")
+    assert p_marked["Verdict (exact encode)"] < 0.01, p_marked
+    assert p_clean["Verdict (exact encode)"] >= 0.01, p_clean
+    assert p_clean["Verdict (stock encode)"] >= 0.01, p_clean
+
+
 def test_object_info_lists_the_treering_nodes(server):
     info = server.get("/object_info")
     assert info["ExactEncodeTreeRingKey"]["output"] == ["WATERMARK_KEY", "STRING"]

@@ -10,6 +10,8 @@ is a mild denoiser (like a trained one, whose eps-prediction varies smoothly wit
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -76,3 +78,59 @@ def tiny_conditioning(seed: int = 0, batch: int = 1):
     pos = torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g)
     neg = torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g) * 0.5
     return [[pos, {}]], [[neg, {}]]
+
+
+# ---- the trained tiny latent diffusion model (bench/train_ldm.py, tests/data/tiny_ldm/) ----------
+# An SD1.x-family eps UNet of ComfyUI's own class, trained on kl_f8_small latents of CC0 /
+# public-domain photos with a fixed empty (all-zero) conditioning: unconditional.
+TRAINED_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny_ldm"
+TRAINED_WEIGHTS = TRAINED_DIR / "tiny_ldm.safetensors"
+TRAINED_UNET_CONFIG = {
+    **UNET_CONFIG, "model_channels": 64, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
+    "transformer_depth": [0, 1, 1], "transformer_depth_output": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
+    "num_head_channels": 32,
+}
+
+
+def trained_model_object(scale_factor: float, device=None):
+    """ComfyUI's BaseModel (eps, SD15 sampling and latent format with the given scale factor) around
+    an untrained copy of the trained UNet's architecture."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(TRAINED_UNET_CONFIG))
+    config.unet_config["num_heads"] = -1
+    config.unet_config["num_head_channels"] = TRAINED_UNET_CONFIG["num_head_channels"]
+    config.latent_format = comfy.latent_formats.SD15(scale_factor=scale_factor)
+    with torch.inference_mode(False):
+        return comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS,
+                                          device=device or torch.device("cpu"))
+
+
+def trained_model(path: Path = TRAINED_WEIGHTS):
+    """The trained tiny model as a ComfyUI MODEL (ModelPatcher), weights from `path` (fp16 on disk,
+    fp32 in memory); the latent scale factor comes from the file's metadata."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"missing trained model weights {path}: they are committed test data "
+                                "(tests/data/tiny_ldm/); rebuild them with `python -m bench.train_ldm`.")
+    with safe_open(str(path), "pt") as f:
+        scale_factor = float(f.metadata()["scale_factor"])
+    model = trained_model_object(scale_factor)
+    with torch.inference_mode(False):
+        weights = {k: v.float() for k, v in load_file(str(path)).items()}
+        model.diffusion_model.load_state_dict(weights, strict=True)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def empty_conditioning(batch: int = 1):
+    """(positive, negative) for the trained model: its fixed empty conditioning (zeros)."""
+    zeros = torch.zeros(batch, 1, CONTEXT_DIM)
+    return [[zeros, {}]], [[zeros.clone(), {}]]

@@ -69,30 +69,42 @@ class ExactEncodeTestVAELoader:
 
 
 class TestCLIP:
-    """Stands in for a CLIP: only ExactEncodeTestConditioning accepts it."""
+    """Stands in for a CLIP: only ExactEncodeTestConditioning accepts it. `empty`: the model takes
+    only its fixed empty conditioning (the trained model)."""
+
+    def __init__(self, empty: bool = False):
+        self.empty = empty
+
+
+MODEL_KINDS = list(diffusion.KINDS) + ["trained"]
 
 
 class ExactEncodeTestCheckpointLoader:
-    """A checkpoint loader's three outputs for the tests: the seeded tiny random diffusion model
-    (tests/support/diffusion.py, a real ComfyUI MODEL), a stand-in CLIP and the kl_f8_small VAE."""
+    """A checkpoint loader's three outputs for the tests: a tiny diffusion model (a real ComfyUI
+    MODEL: seeded random eps/v/flow, or `trained`, the eps model trained on kl_f8_small latents,
+    tests/data/tiny_ldm/), a stand-in CLIP and the kl_f8_small VAE."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"kind": (list(diffusion.KINDS), {"default": "eps"})}}
+        return {"required": {"kind": (MODEL_KINDS, {"default": "eps"})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     CATEGORY = "testing/exact-encode"
-    DESCRIPTION = "TEST ONLY: a seeded tiny random diffusion model (eps/v/flow), a stand-in CLIP, kl_f8_small."
+    DESCRIPTION = ("TEST ONLY: a tiny diffusion model (seeded random eps/v/flow, or the trained eps model), "
+                   "a stand-in CLIP, kl_f8_small.")
 
     def load(self, kind):
-        if kind not in diffusion.KINDS:
-            raise ValueError(f"kind: one of {', '.join(diffusion.KINDS)}; got {kind!r}")
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"kind: one of {', '.join(MODEL_KINDS)}; got {kind!r}")
+        if kind == "trained":
+            return (diffusion.trained_model(), TestCLIP(empty=True), models.kl_f8_small_vae())
         return (diffusion.tiny_model(kind), TestCLIP(), models.kl_f8_small_vae())
 
 
 class ExactEncodeTestConditioning:
-    """CLIPTextEncode for the stand-in CLIP: a seeded conditioning for the tiny model (seed = the text's CRC)."""
+    """CLIPTextEncode for the stand-in CLIP: a seeded conditioning for the random model (seed = the
+    text's CRC); the trained model's fixed empty conditioning whatever the text (it is unconditional)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -107,6 +119,8 @@ class ExactEncodeTestConditioning:
 
         if not isinstance(clip, TestCLIP):
             raise ValueError("clip: connect ExactEncodeTestCheckpointLoader's CLIP output")
+        if clip.empty:
+            return (diffusion.empty_conditioning()[0],)
         return (diffusion.tiny_conditioning(seed=zlib.crc32(text.encode()))[0],)
 
 
