@@ -31,6 +31,7 @@ import importlib
 import io
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ from .environment import REPO, boot, device_info, git_state
 
 ATTACKS = ("none", "jpeg90", "resize0.75", "noise2")
 ENCODERS = ("stock", "default", "adam", "gradient", "hybrid")
+ORACLE = "oracle"  # the sampler's own latent: no VAE round trip, the ceiling of every encoder (attack none)
 ENCODER_LABELS = {
+    ORACLE: "sampler's own latent (no VAE: upper bound)",
     "stock": "VAE Encode (stock)", "default": "VAE Exact Encode default (anderson, auto-stop)",
     "adam": "paper's adam", "gradient": "gradient baseline (Adam 0.03 x RMS, constant)",
     "hybrid": "hybrid",
@@ -247,7 +250,7 @@ def run_cell(pack, model, vae, cond, sets, attacked, encoder, setup, ring, rand)
     """One (attack, encoder): encode every set once, invert it both ways."""
     latents, t0 = {}, time.perf_counter()
     for name, images in attacked.items():
-        latents[name] = encode(pack, vae, images, encoder, setup)
+        latents[name] = sets[name]["latent"] if encoder == ORACLE else encode(pack, vae, images, encoder, setup)
     n_images = sum(x.shape[0] for x in attacked.values())
     encode_s = (time.perf_counter() - t0) / n_images
     latent_nmse = nmse_db(torch.cat([latents[s] for s in sets]), torch.cat([sets[s]["latent"] for s in sets]))
@@ -297,14 +300,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.watermark", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (8 images per set, 2 keys, few steps)")
     p.add_argument("--n", type=int, help="images per set")
-    p.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
+    p.add_argument("--keys", type=int, help="K, the number of rand keys")
+    p.add_argument("--radius", type=int, help="key radius (frequency bins)")
+    p.add_argument("--sampler-steps", type=int, help="euler steps of generation and inversion")
+    p.add_argument("--encode-steps", type=int, help="steps of the iterative encoders")
+    p.add_argument("--tag", default="", help="file-name suffix")
+    p.add_argument("--encoders", nargs="+", choices=ENCODERS + (ORACLE,), default=list(ENCODERS),
+                   help=f"{ORACLE}: invert the sampler's own latent (no VAE), the upper bound; with --attacks none")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="output folder (default bench/results; --quick: a new temp folder)")
     args = p.parse_args(argv)
     setup = QUICK if args.quick else Setup()
-    if args.n:
-        setup = Setup(**{**setup.__dict__, "n": args.n})
+    chosen = {k: getattr(args, k) for k in ("n", "keys", "radius", "sampler_steps", "encode_steps")}
+    setup = Setup(**{**setup.__dict__, **{k: v for k, v in chosen.items() if v is not None}})
     out = args.out or (Path(tempfile.mkdtemp(prefix="watermark-")) if args.quick else REPO / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -316,7 +325,7 @@ def main(argv=None) -> int:
     model, vae, cond = trained_model(), kl_f8_small_vae(), empty_conditioning()
     _, slug, device_name = device_info()
     date = datetime.date.today().isoformat()
-    stem = out / f"{date}-{slug}-watermark{'-quick' if args.quick else ''}"
+    stem = out / f"{date}-{slug}-watermark{'-quick' if args.quick else ''}{'-' + args.tag if args.tag else ''}"
     with tempfile.TemporaryDirectory() as pngs:
         sets, ring, rand = make_sets(pack, model, vae, cond, setup, Path(pngs))
     result = {"setup": setup.__dict__, "counts": {k: int(v["images"].shape[0]) for k, v in sets.items()},
@@ -330,7 +339,8 @@ def main(argv=None) -> int:
                 result["rows"].append({"attack": attack_name, **row})
                 print(json.dumps(result["rows"][-1]), flush=True)
             result["meta"] = {"date": date, "device": device_name, "git": git_state(),
-                              "command": "python -m bench.watermark" + (" --quick" if args.quick else ""),
+                              "command": " ".join(["python -m bench.watermark"] + (argv if argv is not None
+                                                                                     else sys.argv[1:])),
                               "seconds": time.perf_counter() - start, "complete": False}
             stem.with_suffix(".json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
     result["meta"]["complete"] = True
