@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tests.support.diffusion import CONTEXT_DIM
+
 from .environment import REPO, boot
 
 OUT = REPO / "tests" / "data" / "tiny_ldm"
@@ -107,16 +109,15 @@ def eval_loss(unet, maps, scale, alphas_cumprod) -> float:
     with torch.inference_mode():
         for i in range(0, EVAL_CROPS, 256):
             sl = slice(i, i + 256)
-            ctx = torch.zeros(x0[sl].shape[0], 1, unet_context_dim())
+            ctx = torch.zeros(x0[sl].shape[0], 1, CONTEXT_DIM)
             pred = unet(noised(x0[sl], t[sl], eps[sl], alphas_cumprod), t[sl].float(), context=ctx)
             total += float((pred - eps[sl]).pow(2).sum())
     return total / eps.numel()
 
 
-def unet_context_dim() -> int:
-    from tests.support.diffusion import CONTEXT_DIM
-
-    return CONTEXT_DIM
+def alphas_cumprod(model_sampling) -> torch.Tensor:
+    """SD1.5's cumulative alphas from ComfyUI's model_sampling (sigma^2 = (1 - a) / a)."""
+    return (1.0 / (1.0 + model_sampling.sigmas.double() ** 2)).float()
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -129,22 +130,22 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def train(args, maps, scale, model) -> tuple[dict, list[float], float]:
     unet = model.diffusion_model
-    alphas_cumprod = (1.0 / (1.0 + model.model_sampling.sigmas.double() ** 2)).float()
+    schedule = alphas_cumprod(model.model_sampling)
     with torch.inference_mode(False):
         unet.load_state_dict(initial_weights(unet, args.seed))
         unet.train()
         ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
         opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
         g = torch.Generator().manual_seed(args.seed + 1)
-        ctx = torch.zeros(args.batch, 1, unet_context_dim())
+        ctx = torch.zeros(args.batch, 1, CONTEXT_DIM)
         losses, start = [], time.time()
         for step in range(args.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             x0 = crops(maps, args.batch, g) * scale
-            t = torch.randint(len(alphas_cumprod), (args.batch,), generator=g)
+            t = torch.randint(len(schedule), (args.batch,), generator=g)
             eps = torch.randn(x0.shape, generator=g)
-            loss = (unet(noised(x0, t, eps, alphas_cumprod), t.float(), context=ctx) - eps).pow(2).mean()
+            loss = (unet(noised(x0, t, eps, schedule), t.float(), context=ctx) - eps).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -240,8 +241,7 @@ def main(argv=None) -> int:
     weights = {k: v.half().contiguous() for k, v in ema.items()}  # what the file holds: evaluate that
     with torch.inference_mode(False):
         model.diffusion_model.load_state_dict({k: v.float() for k, v in weights.items()})
-    alphas_cumprod = (1.0 / (1.0 + model.model_sampling.sigmas.double() ** 2)).float()
-    ev = eval_loss(model.diffusion_model, maps, scale, alphas_cumprod)
+    ev = eval_loss(model.diffusion_model, maps, scale, alphas_cumprod(model.model_sampling))
     meta = {"scale_factor": f"{scale:.8f}", "steps": str(args.steps), "batch": str(args.batch),
             "lr": str(args.lr), "seed": str(args.seed), "train_seconds": f"{seconds:.1f}",
             "eval_loss": f"{ev:.6f}", "torch": torch.__version__, "threads": str(args.threads),

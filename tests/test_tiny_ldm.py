@@ -33,9 +33,8 @@ def trained(host):
 def _eval_loss(model, maps, meta) -> float:
     from bench import train_ldm
 
-    ms = model.get_model_object("model_sampling")
-    alphas_cumprod = (1.0 / (1.0 + ms.sigmas.double() ** 2)).float()
-    return train_ldm.eval_loss(model.model.diffusion_model, maps, float(meta["scale_factor"]), alphas_cumprod)
+    schedule = train_ldm.alphas_cumprod(model.get_model_object("model_sampling"))
+    return train_ldm.eval_loss(model.model.diffusion_model, maps, float(meta["scale_factor"]), schedule)
 
 
 def test_committed_weights_are_a_comfyui_eps_model(trained):
