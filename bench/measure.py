@@ -26,11 +26,14 @@ GRAD_REF = "grad-lr0.1-cos"  # the reference gradient baseline of the summary
 
 FREE_CONFIGS = {
     # The paper's gradient-free Adam: lr 0.01 (relative), warm-up + cosine schedule.
-    "paper": dict(method="adam", lr=0.01, schedule=True, stall_steps=0),  # the paper's: no auto-stop
-    # Our default: exactly what core.invert does with no options (the node at learning_rate 1.0).
+    # The plain methods return their best pixel iterate (select="pixel"), as the paper's code does.
+    "paper": dict(method="adam", lr=0.01, schedule=True, stall_steps=0, select="pixel"),  # no auto-stop
+    # Our default: exactly what core.invert does with no options (the node at learning_rate 1.0):
+    # anderson, auto-stop, the twin problem picking the returned iterate (core.twin).
     OURS: dict(),
-    "forward": dict(method="forward"),
-    "km": dict(method="km"),
+    "forward": dict(method="forward", select="pixel"),
+    "km": dict(method="km", select="pixel"),
+    "anderson": dict(method="anderson", select="pixel"),  # the default before the twin (issue 12)
 }
 GRAD_CONFIGS = {
     # The paper's gradient baseline: Adam on ||D(z) - x||^2 through the decoder, no encoder passes,

@@ -48,6 +48,9 @@ class SampleStats:
     # With options.record_every: the paper's assumption along the trajectory
     # (core.diagnostics.cocoercivity: beta_min, beta_median, share_positive, points).
     cocoercivity: Optional[dict] = None
+    # What picked the returned iterate (core.twin): "pixel" its pixel error, "twin" the twin problem's
+    # lowest latent error, "encoder" E(x) because the twin's pick decoded worse than it.
+    selection: str = "pixel"
 
     @property
     def gain_db(self) -> float:
@@ -75,6 +78,13 @@ def stop_text(reason: str, options: dict) -> str:
         return reason
 
 
+SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats.selection
+    "pixel": "best at iteration",
+    "twin": "returned the twin problem's pick (its latent error was lowest) at iteration",
+    "encoder": "returned E(x): the twin's pick decoded worse, iteration",
+}
+
+
 @dataclass
 class InversionResult:
     latent: torch.Tensor  # (B, C, h, w) fp32, the best iterate per sample
@@ -95,7 +105,7 @@ class InversionResult:
                 f", residual {s.residual_db_initial:.1f} -> {s.residual_db_best:.1f} dB")
             lines.append(
                 f"image {i + 1}: PSNR {s.psnr_initial:.2f} -> {s.psnr_best:.2f} dB "
-                f"({s.gain_db:+.2f} dB){res}; best at iteration {s.best_iteration}/{s.iterations}, "
+                f"({s.gain_db:+.2f} dB){res}; {SELECTION_TEXT[s.selection]} {s.best_iteration}/{s.iterations}, "
                 f"stop: {stop_text(s.stop_reason, self.options)}")
         lines.append(f"{self.method}, {self.dtype}, {self.seconds:.2f} s for {len(self.samples)} image(s)")
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap

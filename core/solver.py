@@ -21,6 +21,7 @@ from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, StepSetup
 from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
+from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "DEFAULT_LR", "STOP_REASONS"]
@@ -64,6 +65,11 @@ class InversionOptions:
     # hybrid: cap (MiB) on the decoder activations its gradient steps may keep; above it the run
     # stays gradient-free. 0: no cap. On a GPU a host can pass its free-memory estimate.
     memory_limit_mb: float = 0.0
+    # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
+    # a twin problem with a known answer, run in the same batch, had its lowest latent error;
+    # "auto" the twin for fixed-point methods unless the decode reached the input's noise floor
+    # (then pixel), pixel for gradient methods. The twin doubles the batch (time, and memory on GPU).
+    select: str = "auto"
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -96,6 +102,8 @@ class InversionOptions:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
         if not self.memory_limit_mb >= 0:
             raise ValueError(f"memory_limit_mb must be >= 0 (0: no cap); got {self.memory_limit_mb!r}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}; got {self.select!r}")
         return self
 
     @property
@@ -170,8 +178,11 @@ class RunState:
     """The per-sample state of one run, kept on the device so the loop never waits for it: the
     trace, the best iterate, and the stop rules (diverged > tolerance > patience > stalled)."""
 
-    def __init__(self, z: Tensor, opts: InversionOptions, tracks_residual: bool):
+    def __init__(self, z: Tensor, opts: InversionOptions, tracks_residual: bool, real_rows: int | None = None):
+        """`real_rows`: with a twin batch (core.twin) the rows from there on are twins, which stop
+        with their real sample."""
         batch, device = z.shape[0], z.device
+        self.real_rows = real_rows
         self.opts, self.view, self.tracks_residual = opts, (batch,) + (1,) * (z.ndim - 1), tracks_residual
         self.best_z = z.clone()
         self.best_err = torch.full((batch,), math.inf, device=device)
@@ -214,6 +225,8 @@ class RunState:
         torch.where(stop, code, self.reason, out=self.reason)
         self.stopped_at.masked_fill_(stop, k)
         active &= ~stop
+        if self.real_rows is not None:
+            active[self.real_rows:] &= active[:self.real_rows].clone()
         self.active_f.copy_(active.view(self.view))
         self.trace[2, k].copy_(active)
 
@@ -240,8 +253,9 @@ class HostSync:
     time budget: the device never idles waiting for the host in between."""
 
     def __init__(self, opts: InversionOptions, callback: Callable[[int, int, dict], None] | None,
-                 start: float):
-        self.steps, self.every, self.callback = opts.steps, opts.sync_every, callback
+                 start: float, rows: int | None = None):
+        """`rows`: how many samples the callback sees (a twin batch's real ones)."""
+        self.steps, self.every, self.callback, self.rows = opts.steps, opts.sync_every, callback, rows
         self.deadline = start + opts.time_budget if opts.time_budget > 0 else math.inf
         self.synced, self.synced_at = -1, time.perf_counter()  # the last iteration read back, and when
 
@@ -252,10 +266,11 @@ class HostSync:
             return False
         rows = state.trace[:, self.synced + 1:k + 1].cpu()
         if self.callback is not None:
-            for j in range(rows.shape[1]):
+            seen = rows[:, :, :self.rows]
+            for j in range(seen.shape[1]):
                 self.callback(self.synced + 1 + j, self.steps, {
-                    "psnr": [float(psnr_from_mse(v)) for v in rows[0, j].tolist()],
-                    "residual_db": rows[1, j].tolist(), "active": [bool(a) for a in rows[2, j].tolist()]})
+                    "psnr": [float(psnr_from_mse(v)) for v in seen[0, j].tolist()],
+                    "residual_db": seen[1, j].tolist(), "active": [bool(a) for a in seen[2, j].tolist()]})
         self.synced, self.synced_at = k, time.perf_counter()
         if not final and rows[2, -1].any() and self.synced_at >= self.deadline:
             state.stop_all(k, "time_budget")
@@ -306,20 +321,67 @@ def _result(state: RunState, log: IterateLog, final_k: int, opts: InversionOptio
                            options=asdict(opts))
 
 
+def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: InversionOptions, family: str):
+    """(image, weight, target latent, tracker) with each sample's twin appended (core.twin), or the
+    inputs unchanged and no tracker where the twin does not apply: selection "pixel", "auto" for
+    a gradient method, or a caller-given target latent (it has no image of its own to twin)."""
+    if opts.select == "pixel" or (opts.select == "auto" and family != "fixed_point") or target_latent is not None:
+        return image, weight, target_latent, None
+    x = image.to(device=codec.device, dtype=torch.float32)
+    with torch.inference_mode():
+        latent = codec.encode(x.to(codec.dtype)).float().contiguous()
+    x_t, truth = twin_of(codec, x, latent)
+    floor = noise_floor_psnr(x) if opts.select == "auto" else torch.full((x.shape[0],), math.inf)
+    with torch.inference_mode():
+        latents = torch.cat([latent, codec.encode(x_t.to(codec.dtype)).float()])
+    if weight is not None and weight.shape[0] == x.shape[0] > 1:
+        weight = torch.cat([weight, weight])
+    return torch.cat([x, x_t]), weight, latents, TwinTracker(truth, floor.to(codec.device))
+
+
+def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor) -> InversionResult:
+    """The real samples of a twin batch, each returning its twin's pick where its decode did not reach
+    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse."""
+    b = tracker.batch
+    samples, latent = result.samples[:b], result.latent[:b].clone()
+    trace_psnr, trace_res = result.trace_psnr[:, :b], result.trace_residual_db[:, :b]
+    floors, twin_k, twin_db = tracker.floor_psnr.tolist(), tracker.iteration.tolist(), tracker.twin_nmse_db()
+    for i, s in enumerate(samples):
+        if s.psnr_best >= floors[i] - FLOOR_MARGIN_DB:
+            continue  # the decode explains x to within its noise: the best pixel iterate stands
+        k = twin_k[i]
+        worse = not trace_psnr[k, i].item() >= s.psnr_initial  # NaN counts as worse
+        latent[i] = start_latent[i] if worse else tracker.z[i]
+        k = 0 if worse else k
+        samples[i] = replace(s, best_iteration=k, psnr_best=trace_psnr[k, i].item(),
+                             residual_db_best=trace_res[k, i].item(), selection="encoder" if worse else "twin")
+    for key, value in result.extra.items():  # per-sample lists of the stepper (hybrid): the real rows
+        if isinstance(value, list) and len(value) == 2 * b:
+            result.extra[key] = value[:b]
+    result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2)}
+                            for k, d, f in zip(twin_k, twin_db, floors)]
+    return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res)
+
+
 def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
          weight=None) -> InversionResult:
     start = time.perf_counter()
     method = METHOD_REGISTRY[opts.method]
+    batch = image.shape[0]
+    image, weight, target_latent, twin = _twin_batch(codec, image, weight, target_latent, opts, method.family)
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
     z = target.start()
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
     stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec))
     evaluate = evaluator_for(method.family, codec, target, z, stepper, opts.track_residual)
-    state = RunState(z, opts, evaluate.tracks_residual)
-    log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start)
+    real_rows = batch if twin is not None else None
+    state = RunState(z, opts, evaluate.tracks_residual, real_rows)
+    log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start, real_rows)
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)
         log.keep(k, z, ev)
+        if twin is not None:
+            twin.observe(k, z, state.active, ev.pixel_mse)
         state.record(k, z, ev)
         if sync(k, state):
             break
@@ -328,4 +390,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         stepper.step(z, step_direction, state.active_f)
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
+    if twin is not None:
+        result = _select(result, twin, target.latent)
+        result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,89 @@
+"""Which iterate to return: the twin problem that picks the stopping iteration (issue 12).
+
+Why (docs/convergence.md): with an encoder that is not the decoder's inverse (TAEF2), the
+fixed-point iterates keep lowering the pixel error while their latent drifts away from the true
+one along directions the decoder barely responds to. Like Landweber iteration on an ill-posed
+problem they semi-converge: the latent error falls for a few steps, then rises. The pixel error
+cannot see where; a problem whose answer is known can. The twin of image x is the paper's protocol
+applied to x itself: truth z_t = E(x), image x_t = D(z_t) (8-bit rounded when x is 8-bit). It is
+run in the same batch with the same method and steps, and each real sample keeps its iterate at
+the iteration where its twin's latent error was lowest.
+
+Selection `auto` uses the twin only where the pixel error cannot decide: a sample whose decode
+reached the input's noise floor (8-bit rounding, within FLOOR_MARGIN_DB) has found a latent that
+explains x to within its noise, and returns its best pixel iterate as before (jointly trained
+VAEs such as kl-f8: there the best pixel iterate is also about the best latent); the others
+return the twin's choice. Either way the returned iterate is never worse in pixels than E(x).
+
+    >>> import torch
+    >>> noise_floor_psnr(torch.full((1, 3, 4, 4), 128 / 255)).round().tolist()
+    [59.0]
+    >>> noise_floor_psnr(torch.full((1, 3, 4, 4), 0.3)).tolist()  # not 8-bit: no known floor
+    [inf]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .codec import Codec
+
+Tensor = torch.Tensor
+SELECTIONS = ("auto", "pixel", "twin")
+FLOOR_MARGIN_DB = 1.0  # a decode within this of the noise floor explains x (kl-f8 reached 0.3 dB of it)
+QUANT_MSE = (1 / 255) ** 2 / 12  # the error variance of rounding to 8 bits
+
+
+def is_8bit(x: Tensor) -> Tensor:
+    """(B,) True where every value of the sample lies on the 8-bit grid (as loaded from a PNG)."""
+    flat = x.reshape(x.shape[0], -1).float() * 255
+    return ((flat - flat.round()).abs() <= 1e-3).all(1)
+
+
+def noise_floor_psnr(x: Tensor) -> Tensor:
+    """(B,) PSNR (dB) of the rounding error of an 8-bit sample: the most a latent can explain of it.
+    Pixels at exactly 0 or 1 may be clipped decodes, which rounding does not change; inf where the
+    sample is not 8-bit (no known floor)."""
+    flat = x.reshape(x.shape[0], -1)
+    inner = ((flat > 0) & (flat < 1)).float().mean(1).clamp_min(1e-6)
+    psnr = 10 * torch.log10(1 / (QUANT_MSE * inner))
+    return torch.where(is_8bit(x), psnr, torch.full_like(psnr, math.inf))
+
+
+def twin_of(codec: Codec, image: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, z_t): the twin images D(E(x)) (rounded to 8 bits where x is) and their truth E(x)."""
+    with torch.inference_mode():  # the decode as it is: E(x) must decode exactly to x_t before rounding
+        x_t = codec.decode(latent.to(codec.dtype)).float()
+        view = (image.shape[0],) + (1,) * (image.ndim - 1)
+        x_t = torch.where(is_8bit(image).view(view), (x_t.clamp(0, 1) * 255).round() / 255, x_t)
+    return x_t, latent
+
+
+class TwinTracker:
+    """During the run of a doubled batch (rows :B real, B: their twins): per real sample, the
+    iterate at the twin's lowest latent error so far, while the real sample was still active."""
+
+    def __init__(self, truth: Tensor, floor_psnr: Tensor):
+        self.batch = truth.shape[0]
+        self.view = (self.batch,) + (1,) * (truth.ndim - 1)
+        self.truth, self.floor_psnr = truth, floor_psnr
+        self.truth_sq = truth.square().flatten(1).sum(1).clamp_min(1e-30)
+        self.best_err = torch.full((self.batch,), math.inf, device=truth.device)
+        self.z = truth.new_zeros(truth.shape)
+        self.diff = torch.empty_like(truth)
+        self.iteration = torch.zeros(self.batch, dtype=torch.long, device=truth.device)
+
+    def observe(self, k: int, z: Tensor, active: Tensor, pixel_mse: Tensor) -> None:
+        """Iterate k of the doubled batch, with each row's activity before this iteration's stop
+        rules; a real iterate whose decode is not finite is never picked."""
+        b = self.batch
+        diff = torch.sub(z[b:], self.truth, out=self.diff).square_()  # in place: nothing latent-sized per step
+        err = diff.flatten(1).sum(1) / self.truth_sq
+        better = (err < self.best_err) & active[:b] & torch.isfinite(pixel_mse[:b])
+        torch.where(better, err, self.best_err, out=self.best_err)
+        torch.where(better.view(self.view), z[:b], self.z, out=self.z)
+        self.iteration.masked_fill_(better, k)
+
+    def twin_nmse_db(self) -> list[float]:
+        return (10 * torch.log10(self.best_err.clamp_min(1e-30))).tolist()
