@@ -206,7 +206,8 @@ def run_row(job: dict, ctx) -> dict:
     z_gt = pair["z_gt"].to(device)
     x_in, z_in = x.to(dtype), z_gt.to(dtype)
     grad = is_gradient(config)
-    if grad:  # built before the measurement: the baseline is not charged for copying the decoder
+    hybrid = bool(config) and config.get("method") == "hybrid"
+    if grad or hybrid:  # built before the measurement: no method is charged for copying the decoder
         decode_grad = codec.differentiable_decode()
         codec = replace(codec, grad_decode=lambda: decode_grad)
 
@@ -214,7 +215,7 @@ def run_row(job: dict, ctx) -> dict:
     with torch.inference_mode():
         codec.decode(z_in)
         codec.encode(x_in)
-    if grad:
+    if grad or hybrid:
         zg = z_gt.clone().requires_grad_(True)
         torch.autograd.grad(metrics.per_sample_mse(decode_grad(zg), x).sum(), zg)
         del zg
@@ -242,8 +243,10 @@ def run_row(job: dict, ctx) -> dict:
         if grad:
             traced = tracer.wrap(decode_grad)
             run_codec = replace(codec, grad_decode=lambda: traced)
-        else:
-            run_codec = replace(codec, decode=tracer.wrap(codec.decode))
+        else:  # the hybrid's gradient steps decode through the differentiable copy: traced too
+            traced_grad = tracer.wrap(decode_grad) if hybrid else None
+            run_codec = replace(codec, decode=tracer.wrap(codec.decode),
+                                grad_decode=(lambda: traced_grad) if hybrid else codec.grad_decode)
         opts = core.InversionOptions(steps=job["steps"], **config)
         with PeakMemory(device) as mem:
             tracer.start()

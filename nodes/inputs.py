@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core import METHODS, InversionOptions
+from ..core.twin import SELECTIONS
 from .adapter import PRECISIONS, latent_cell, to_vae_layout
 
 DEFAULT_METHOD = InversionOptions().method
@@ -62,7 +63,7 @@ def solver_inputs() -> list:
 
 
 def stop_inputs() -> list:
-    """auto_stop, time_budget, memory_limit_mb: after every other input of a node, so that widget
+    """auto_stop, time_budget, memory_limit_mb, select: after every other input of a node, so that widget
     values saved in older workflows (positional) still land on the inputs they were meant for."""
     return [
         io.Boolean.Input("auto_stop", default=True, optional=True,
@@ -76,6 +77,13 @@ def stop_inputs() -> list:
                      tooltip="(advanced) hybrid only: cap in MiB on the decoder activations its gradient "
                              "steps keep; above it the run stays gradient-free. 0 = ComfyUI's free-memory "
                              "estimate of the VAE's device on a GPU, no cap on the CPU."),
+        io.Combo.Input("select", options=list(SELECTIONS), default="auto", optional=True,
+                       tooltip="(advanced) Which iterate is returned. auto: where the decode cannot reach the "
+                               "image's 8-bit noise floor (e.g. TAEF2), the one a twin problem with a known "
+                               "answer, run alongside, finds closest in the latent (the pixel-best one can "
+                               "drift away from the true latent); else the pixel-best. pixel: always the "
+                               "pixel-best (sharpest decode). twin: always the twin's pick. The twin doubles "
+                               "the batch; gradient methods use pixel under auto."),
     ]
 
 
@@ -87,6 +95,8 @@ def solver_options(node_cls, method: str, steps: int, learning_rate: float = 1.0
     if not auto_stop:
         extra["stall_steps"] = 0
     check_choice("precision", precision, PRECISIONS)
+    if "select" in extra:
+        check_choice("select", extra["select"], SELECTIONS)
     if not learning_rate > 0:
         raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
     options = InversionOptions(method=method, steps=steps,
