@@ -26,7 +26,8 @@ class VAEExactEncode(io.ComfyNode):
             description=(
                 "Encodes an image to the latent whose decode reproduces it, instead of trusting the "
                 "encoder: iterates z <- z - lr * (E(D(z)) - E(x)) from z = E(x) with no backprop "
-                "(Hong et al., NeurIPS 2024) and returns the iterate whose decode is closest to the image, "
+                "(Hong et al., NeurIPS 2024) and returns the iterate whose decode is closest to the image "
+                "(or, where that one drifts in the latent, the one a twin problem picks: see select), "
                 "never worse than plain VAE Encode. Same LATENT format as VAE Encode."),
             inputs=[
                 io.Image.Input("pixels", tooltip="The image to encode (alpha is dropped, as VAE Encode does)."),

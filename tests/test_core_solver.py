@@ -309,7 +309,7 @@ def test_the_loop_allocates_nothing_latent_sized_beyond_the_codec(method):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
     (dict(tolerance=-0.1), "tolerance"), (dict(method="newton"), "method"),
-    (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"), (dict(memory=0), "memory"),
+    (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"), (dict(memory=0), "memory"), (dict(select="best"), "select"),
     (dict(sync_every=0), "sync_every"),
 ])
 def test_bad_options_are_rejected_with_the_name(kwargs, match):

@@ -1,4 +1,9 @@
-"""temporary probe: does a simulated twin problem predict the real run's latent-error curve?"""
+"""Issue 12 probe (docs/convergence.md): does the twin problem (core.twin) predict where the real run's
+latent error is lowest? Per VAE x image x method, the latent NMSE, PSNR and residual of every iterate
+of the real paper-protocol run and of its twin, each run alone (select="pixel"), to a JSON.
+
+    .venv/bin/python -m bench.twin_probe 32 100 taef2,kl_f8_small flat_objects,stars anderson,forward /tmp/twin.json
+"""
 import importlib, json, math, sys, time
 from dataclasses import replace
 import torch
@@ -28,7 +33,7 @@ def curve(codec, x, zg, method):
         zs.append(z.detach().clone()); return codec.decode(z)
     c = replace(codec, decode=tr)
     t = time.perf_counter()
-    r = core.invert(c, x, core.InversionOptions(method=method, steps=steps, stall_steps=0))
+    r = core.invert(c, x, core.InversionOptions(method=method, steps=steps, stall_steps=0, select="pixel"))
     return dict(nmse=[nmse(z, zg) for z in zs], psnr=r.trace_psnr[:, 0].tolist(),
                 res=r.trace_residual_db[:, 0].tolist(), move=[nmse(z, zs[0]) for z in zs],
                 best=r.samples[0].best_iteration, sec=time.perf_counter() - t)

@@ -1,0 +1,82 @@
+"""The twin problem that picks the returned iterate (core.twin), on plain-torch codecs."""
+from __future__ import annotations
+
+import torch
+
+from core import Codec, invert
+from core.twin import is_8bit, noise_floor_psnr, twin_of
+from test_core_solver import linear_codec, target
+
+
+def _eight_bit(x):
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def test_the_twin_is_the_papers_protocol_on_the_image_itself():
+    codec, _ = linear_codec()
+    x, _ = target()
+    for image, rounded in ((_eight_bit(x), True), (x, False)):
+        x_t, truth = twin_of(codec, image, codec.encode(image))
+        assert torch.equal(truth, codec.encode(image))
+        assert bool(is_8bit(x_t).all()) is rounded
+        if not rounded:
+            assert torch.equal(x_t, codec.decode(truth))
+
+
+def test_noise_floor_counts_only_pixels_rounding_can_move():
+    half_black = torch.full((1, 3, 4, 4), 100 / 255)
+    half_black[..., :2, :] = 0.0  # possibly clipped: rounding leaves them exact
+    full, half = noise_floor_psnr(torch.full((1, 3, 4, 4), 100 / 255)), noise_floor_psnr(half_black)
+    assert float(half - full) == __import__("pytest").approx(3.01, abs=0.01)  # half the noisy pixels
+
+
+def test_the_twin_rows_are_invisible_to_the_caller():
+    codec, _ = linear_codec()
+    x, _ = target(batch=2)
+    seen = []
+    r = invert(codec, _eight_bit(x), method="forward", steps=12, select="twin",
+               callback=lambda k, n, info: seen.append(len(info["psnr"])))
+    assert len(r.samples) == 2 and r.latent.shape[0] == 2 and r.trace_psnr.shape[1] == 2
+    assert set(seen) == {2} and len(r.extra["twin"]) == 2
+
+
+def test_on_a_solvable_float_problem_the_twin_lets_the_run_converge():
+    """x = D(z) exactly, not 8-bit (no noise floor): auto uses the twin, whose own problem is solvable
+    too, so its lowest latent error comes once both reached fp32's floor: the exact latent is returned."""
+    codec, _ = linear_codec()
+    x, z_true = target()
+    r = invert(codec, x, method="forward", lr=0.8, steps=200, stall_steps=0)
+    assert r.samples[0].selection == "twin" and r.samples[0].psnr_best > 100
+    assert torch.allclose(r.latent, z_true, atol=1e-4)
+
+
+def test_the_twin_never_returns_an_iterate_that_decodes_to_nan():
+    codec, dec = linear_codec()
+    calls = {"n": 0}
+
+    def flaky(z):
+        calls["n"] += 1
+        out = dec(z)
+        return out * float("nan") if calls["n"] > 4 else out
+
+    x, _ = target()
+    r = invert(Codec(codec.encode, flaky), x, method="adam", steps=50, select="twin")
+    s = r.samples[0]
+    assert s.stop_reason == "diverged" and torch.isfinite(r.latent).all()
+    assert s.psnr_best >= s.psnr_initial  # a finite PSNR, never below the encoder's
+
+
+def test_a_twin_pick_that_decodes_worse_than_the_encoder_returns_the_encoder():
+    torch.manual_seed(0)
+    dec = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 16, 3, padding=1),
+                              torch.nn.Tanh(), torch.nn.Conv2d(16, 3, 3, padding=1)).requires_grad_(False)
+    enc = torch.nn.Conv2d(3, 4, 4, stride=4).requires_grad_(False)
+    codec = Codec(enc, lambda z: torch.sigmoid(dec(z)))
+    x = _eight_bit(torch.rand(6, 3, 32, 32))
+    r = invert(codec, x, method="anderson", steps=30, select="twin")
+    selections = [s.selection for s in r.samples]
+    assert "encoder" in selections  # not vacuous: this mismatched pair has such samples
+    for i, s in enumerate(r.samples):
+        assert s.psnr_best >= s.psnr_initial
+        if s.selection == "encoder":
+            assert torch.equal(r.latent[i], enc(x[i:i + 1])[0]) and s.best_iteration == 0
