@@ -110,15 +110,20 @@ def test_divergence_guard_stops_and_keeps_the_best():
     assert s.psnr_best == s.psnr_initial
 
 
-def test_nan_decode_is_treated_as_divergence():
-    codec, dec = linear_codec()
-    calls = {"n": 0}
+def nan_after(dec, calls: int):
+    """`dec`, decoding to NaN from call calls + 1 on."""
+    count = {"n": 0}
 
     def flaky(z):
-        calls["n"] += 1
+        count["n"] += 1
         out = dec(z)
-        return out * float("nan") if calls["n"] > 3 else out
+        return out * float("nan") if count["n"] > calls else out
+    return flaky
 
+
+def test_nan_decode_is_treated_as_divergence():
+    codec, dec = linear_codec()
+    flaky = nan_after(dec, 3)
     x, _ = target()  # select="pixel": this counts decode calls, and the twin's setup would add one
     r = invert(Codec(codec.encode, flaky), x, method="adam", steps=50, select="pixel")
     s = r.samples[0]

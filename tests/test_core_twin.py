@@ -1,11 +1,12 @@
 """The twin problem that picks the returned iterate (core.twin), on plain-torch codecs."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from core import Codec, invert
 from core.twin import is_8bit, noise_floor_psnr, twin_of
-from test_core_solver import linear_codec, target
+from test_core_solver import linear_codec, nan_after, target
 
 
 def _eight_bit(x):
@@ -27,7 +28,7 @@ def test_noise_floor_counts_only_pixels_rounding_can_move():
     half_black = torch.full((1, 3, 4, 4), 100 / 255)
     half_black[..., :2, :] = 0.0  # possibly clipped: rounding leaves them exact
     full, half = noise_floor_psnr(torch.full((1, 3, 4, 4), 100 / 255)), noise_floor_psnr(half_black)
-    assert float(half - full) == __import__("pytest").approx(3.01, abs=0.01)  # half the noisy pixels
+    assert float(half - full) == pytest.approx(3.01, abs=0.01)  # half the noisy pixels
 
 
 def test_the_twin_rows_are_invisible_to_the_caller():
@@ -52,15 +53,8 @@ def test_on_a_solvable_float_problem_the_twin_lets_the_run_converge():
 
 def test_the_twin_never_returns_an_iterate_that_decodes_to_nan():
     codec, dec = linear_codec()
-    calls = {"n": 0}
-
-    def flaky(z):
-        calls["n"] += 1
-        out = dec(z)
-        return out * float("nan") if calls["n"] > 4 else out
-
     x, _ = target()
-    r = invert(Codec(codec.encode, flaky), x, method="adam", steps=50, select="twin")
+    r = invert(Codec(codec.encode, nan_after(dec, 4)), x, method="adam", steps=50, select="twin")
     s = r.samples[0]
     assert s.stop_reason == "diverged" and torch.isfinite(r.latent).all()
     assert s.psnr_best >= s.psnr_initial  # a finite PSNR, never below the encoder's
