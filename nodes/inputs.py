@@ -83,7 +83,7 @@ def stop_inputs() -> list:
                                "answer, run alongside, finds closest in the latent (the pixel-best one can "
                                "drift away from the true latent); else the pixel-best. pixel: always the "
                                "pixel-best (sharpest decode). twin: always the twin's pick. The twin doubles "
-                               "the batch; gradient methods use pixel under auto."),
+                               "the batch; gradient methods and fp16/bf16 use pixel under auto."),
     ]
 
 
