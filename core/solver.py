@@ -228,7 +228,7 @@ class RunState:
         self.stopped_at.masked_fill_(stop, k)
         active &= ~stop
         if self.real_rows is not None:
-            active[self.real_rows:] &= active[:self.real_rows].clone()
+            active[self.real_rows:] &= active[:self.real_rows]  # disjoint halves: no copy needed
         self.active_f.copy_(active.view(self.view))
         self.trace[2, k].copy_(active)
 

@@ -28,6 +28,7 @@ import math
 import torch
 
 from .codec import Codec
+from .metrics import psnr_from_mse
 
 Tensor = torch.Tensor
 SELECTIONS = ("auto", "pixel", "twin")
@@ -47,7 +48,7 @@ def noise_floor_psnr(x: Tensor) -> Tensor:
     sample is not 8-bit (no known floor)."""
     flat = x.reshape(x.shape[0], -1)
     inner = ((flat > 0) & (flat < 1)).float().mean(1).clamp_min(1e-6)
-    psnr = 10 * torch.log10(1 / (QUANT_MSE * inner))
+    psnr = psnr_from_mse(QUANT_MSE * inner)
     return torch.where(is_8bit(x), psnr, torch.full_like(psnr, math.inf))
 
 
