@@ -197,7 +197,9 @@ class RunState:
         # rows: pixel MSE, residual dB, active after the stop rules; NaN once a sample stopped
         self.trace = torch.full((3, opts.steps + 1, batch), math.nan, device=device)
 
-    def record(self, k: int, z: Tensor, ev: Evaluation) -> None:
+    def record(self, k: int, z: Tensor, ev: Evaluation, hold: Tensor | None = None) -> None:
+        """`hold` (real rows of a twin batch): samples that may not stall yet, because their twin's
+        latent error is still falling (the iterate it would pick is not reached)."""
         opts, active, err, res = self.opts, self.active, ev.pixel_mse, ev.residual_db
         self.trace[0, k].copy_(err).masked_fill_(~active, math.nan)
         self.trace[1, k].copy_(res).masked_fill_(~active, math.nan)
@@ -212,6 +214,8 @@ class RunState:
             if self.tracks_residual:  # ... and the residual flat over those iterations
                 window = self.trace[1, k - opts.stall_steps:k + 1]
                 stalled &= (window.amax(0) - window.amin(0)) <= opts.stall_flat_db
+            if hold is not None:
+                stalled[:hold.shape[0]] &= ~hold
             code.masked_fill_(stalled, 4)
         if opts.patience > 0:
             code.masked_fill_(self.since_best >= opts.patience, 3)
@@ -386,9 +390,11 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)
         log.keep(k, z, ev)
+        hold = None
         if twin is not None:
             twin.observe(k, z, state.active, ev.pixel_mse)
-        state.record(k, z, ev)
+            hold = twin.improved_within(k, opts.stall_steps)
+        state.record(k, z, ev, hold)
         if sync(k, state):
             break
         step_direction = direction(method.family, ev)

@@ -86,5 +86,10 @@ class TwinTracker:
         torch.where(better.view(self.view), z[:b], self.z, out=self.z)
         self.iteration.masked_fill_(better, k)
 
+    def improved_within(self, k: int, window: int) -> Tensor:
+        """(B,) True where the twin's latent error reached a new low in the last `window` iterations:
+        auto-stop waits for those samples, so that stopping early keeps the full run's pick."""
+        return (k - self.iteration) < window
+
     def twin_nmse_db(self) -> list[float]:
         return (10 * torch.log10(self.best_err.clamp_min(1e-30))).tolist()

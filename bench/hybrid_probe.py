@@ -1,0 +1,108 @@
+"""Seconds to reach the best gradient baseline's 100-step PSNR (Adam 0.03 x RMS, constant), side by
+side in one process, for gradient-phase variants tried for issue 12's item 3 (docs/convergence.md):
+
+    .venv/bin/python -m bench.hybrid_probe taef2 astronaut,flat_objects 64 hybrid,hybrid@0.01,lbfgs10,and+lbfgs
+
+`hybrid@LR`: the hybrid with its gradient phase at relative Adam step LR (default 0.03);
+`lbfgsH`: torch.optim.LBFGS (strong Wolfe, history H) on ||D(z) - x||^2 from E(x);
+`and+lbfgs`: 30 Anderson steps, then L-BFGS from their best pixel iterate. Prints one line per
+variant and writes /tmp/hybrid-probe-<model>.json.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import time
+
+import torch
+
+from .environment import boot
+from .measure import load_vae, paper_pair, photo_bchw
+
+
+def psnr(mse: float) -> float:
+    return 10 * math.log10(1 / max(mse, 1e-20))
+
+
+def timed_run(core, codec, x, **options) -> tuple[list, list]:
+    """(seconds, PSNR) after every evaluation of core.invert (sync_every=1: every one is seen)."""
+    ts, ps = [], []
+    t0 = time.perf_counter()
+
+    def seen(k, n, info):
+        ts.append(time.perf_counter() - t0)
+        ps.append(info["psnr"][0])
+
+    r = core.invert(codec, x, callback=seen, sync_every=1, **options)
+    return ts, ps, r
+
+
+def lbfgs_run(codec, x, z0, steps: int, history: int = 10) -> tuple[list, list]:
+    """torch.optim.LBFGS on the pixel MSE: (seconds, PSNR) at every function evaluation."""
+    decode = codec.differentiable_decode()
+    z = z0.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], lr=1, max_iter=steps, history_size=history, line_search_fn="strong_wolfe",
+                            tolerance_grad=0, tolerance_change=0)
+    ts, ps = [], []
+    t0 = time.perf_counter()
+
+    def closure():
+        opt.zero_grad()
+        loss = (decode(z) - x).square().mean()
+        loss.backward()
+        ts.append(time.perf_counter() - t0)
+        ps.append(psnr(loss.item()))
+        return loss
+
+    with torch.inference_mode(False), torch.enable_grad():
+        opt.step(closure)
+    return ts, ps
+
+
+def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
+    if variant.startswith("hybrid"):
+        hybrid = importlib.import_module(core.__name__ + ".hybrid")
+        kept, hybrid.GRAD_LR = hybrid.GRAD_LR, float(variant.split("@")[1]) if "@" in variant else hybrid.GRAD_LR
+        try:
+            ts, ps, _ = timed_run(core, codec, x, method="hybrid", steps=100, stall_steps=0)
+        finally:
+            hybrid.GRAD_LR = kept
+        return ts, ps
+    if variant.startswith("lbfgs"):
+        with torch.inference_mode():
+            z0 = codec.encode(x).float()
+        return lbfgs_run(codec, x, z0, 100, int(variant[5:] or 10))
+    if variant == "and+lbfgs":
+        _, _, r = timed_run(core, codec, x, method="anderson", steps=30, select="pixel")
+        ts, ps = lbfgs_run(codec, x, r.latent.clone(), 80)
+        return [t + r.seconds for t in ts], ps
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def main(argv=None) -> int:
+    model, images, size, variants = (argv or sys.argv[1:])[:4]
+    ctx = boot(2)
+    codec = ctx.adapter.vae_codec(load_vae(model), "fp32", (1, 3, int(size), int(size)))
+    out = {}
+    for name in images.split(","):
+        x, _ = paper_pair(codec, photo_bchw(name, int(size)))
+        ts, ps, _ = timed_run(ctx.core, codec, x, method="gradient", lr=0.03, schedule=False, track_residual=False,
+                              stall_steps=0, steps=100)
+        target, t_base = ps[-1], ts[-1]
+        row = {"baseline": dict(psnr=target, seconds=t_base)}
+        for v in variants.split(","):
+            ts2, ps2 = variant_curve(ctx.core, codec, x, v)
+            hit = next((t for t, p in zip(ts2, ps2) if p >= target), None)
+            row[v] = dict(final=max(ps2), seconds=ts2[-1], seconds_to_baseline=hit,
+                          ratio=None if hit is None else round(hit / t_base, 3))
+            print(name, v, f"baseline {target:.2f} dB in {t_base:.1f} s", row[v], flush=True)
+        out[name] = row
+    with open(f"/tmp/hybrid-probe-{model}.json", "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
