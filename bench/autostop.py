@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                   f"{case['seconds_full']:.1f} s -> {case['seconds_auto']:.1f} s", file=sys.stderr, flush=True)
     rules = grid(cases)
     t_full, t_auto = sum(c["seconds_full"] for c in cases), sum(c["seconds_auto"] for c in cases)
-    summary = dict(method=defaults.method, stall_steps=defaults.stall_steps, stall_flat_db=defaults.stall_flat_db,
+    summary = dict(method=defaults.method, select=defaults.select, stall_steps=defaults.stall_steps, stall_flat_db=defaults.stall_flat_db,
                    same_latent=sum(c["same_latent"] for c in cases), cases=len(cases),
                    no_worse_psnr=sum(c["psnr_auto"] >= c["psnr_full"] for c in cases),
                    seconds_full=round(t_full, 2), seconds_auto=round(t_auto, 2),
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 def markdown(meta, s, rules, cases) -> str:
     lines = [f"# Auto-stop on the paper's protocol — {meta['date']}, CPU ({meta['cpu']}), {meta['threads']} threads", "",
              f"`{meta['command']}`: {', '.join(meta['models'])} x {', '.join(meta['images'])}, {meta['size']} px, "
-             f"{meta['steps']} steps, fp32, method `{s['method']}`.", "",
+             f"{meta['steps']} steps, fp32, the default: method `{s['method']}`, select `{s.get('select', 'pixel')}`.", "",
              f"**Default rule** (stall_steps {s['stall_steps']}, stall_flat_db {s['stall_flat_db']}): the same latent as "
              f"the full run in {s['same_latent']}/{s['cases']} cases (PSNR no worse in {s['no_worse_psnr']}/{s['cases']}); "
              f"{s['iterations_saved_pct']} % of the iterations and {s['time_saved_pct']} % of the wall time saved "

@@ -432,6 +432,24 @@ def test_auto_stop_returns_the_full_runs_latent_when_the_best_is_early(method):
     assert "stalled (no new best in 20 iterations" in auto.summary()
 
 
+def test_auto_stop_waits_while_the_twins_latent_error_still_falls():
+    """The default returns its twin's pick (core.twin) where the decode does not reach a noise floor
+    (this float toy has none): the pixel stall rule alone would stop before that pick is reached
+    (measured: at iteration 74 of a pick at 89), so the run waits for the twin, and stopping early
+    returns exactly the full run's latent."""
+    codec, _ = linear_codec()
+    x = off_range_target()
+    rule = dict(method="forward", lr=0.2, steps=400, stall_steps=10, stall_flat_db=math.inf)
+    full = invert(codec, x, **{**rule, "stall_steps": 0})
+    auto = invert(codec, x, **rule)
+    twin_pick = full.extra["twin"][0]["iteration"]
+    pixel_stop = invert(codec, x, **rule, select="pixel").samples[0].iterations
+    assert pixel_stop < twin_pick, "the case must be one the pixel rule alone gets wrong"
+    s = auto.samples[0]
+    assert s.stop_reason == "stalled" and twin_pick + 10 <= s.iterations < 400
+    assert s.selection == "twin" and torch.equal(auto.latent, full.latent)
+
+
 def test_auto_stop_waits_while_the_residual_still_moves():
     """No new best for stall_steps iterations is not enough while the residual keeps falling:
     with the flatness condition relaxed to infinity the same run stops earlier."""
