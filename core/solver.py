@@ -22,7 +22,7 @@ from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, StepSetup
 from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
-from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
+from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, faithful, noise_floor_psnr, twin_of
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "DEFAULT_LR", "STOP_REASONS"]
@@ -351,25 +351,34 @@ def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Invers
 
 def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor) -> InversionResult:
     """The real samples of a twin batch, each returning its twin's pick where its decode did not reach
-    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse."""
+    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse
+    or the twin did not behave like the image (core.twin.faithful). extra["twin"][i]["why"] says which."""
     b = tracker.batch
     samples, latent = result.samples[:b], result.latent[:b].clone()
     trace_psnr, trace_res = result.trace_psnr[:, :b], result.trace_residual_db[:, :b]
     floors, twin_k, twin_db = tracker.floor_psnr.tolist(), tracker.iteration.tolist(), tracker.twin_nmse_db()
+    twin_psnr, why = result.trace_psnr[:, b:], ["floor"] * b
     for i, s in enumerate(samples):
         if s.psnr_best >= floors[i] - FLOOR_MARGIN_DB:
             continue  # the decode explains x to within its noise: the best pixel iterate stands
         k = twin_k[i]
-        worse = not trace_psnr[k, i].item() >= s.psnr_initial  # NaN counts as worse
-        latent[i] = start_latent[i] if worse else tracker.z[i]
-        k = 0 if worse else k
+        why[i] = "twin"
+        if not trace_psnr[k, i].item() >= s.psnr_initial:  # NaN counts as worse
+            why[i] = "decoded worse"
+        elif math.isfinite(floors[i]) and not faithful(trace_psnr[k, i].item() - s.psnr_initial,
+                                                       (twin_psnr[k, i] - twin_psnr[0, i]).item()):
+            # only for 8-bit inputs: a twin of a float image is not rounded, so noise-free and always easier
+            why[i] = "twin not like the image"
+        use_twin = why[i] == "twin"
+        latent[i] = tracker.z[i] if use_twin else start_latent[i]
+        k = k if use_twin else 0
         samples[i] = replace(s, best_iteration=k, psnr_best=trace_psnr[k, i].item(),
-                             residual_db_best=trace_res[k, i].item(), selection="encoder" if worse else "twin")
+                             residual_db_best=trace_res[k, i].item(), selection="twin" if use_twin else "encoder")
     for key, value in result.extra.items():  # per-sample lists of the stepper (hybrid): the real rows
         if isinstance(value, list) and len(value) == 2 * b:
             result.extra[key] = value[:b]
-    result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2)}
-                            for k, d, f in zip(twin_k, twin_db, floors)]
+    result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2), "why": w}
+                            for k, d, f, w in zip(twin_k, twin_db, floors, why)]
     return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res)
 
 
