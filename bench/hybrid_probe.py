@@ -5,7 +5,8 @@ side in one process, for gradient-phase variants tried for issue 12's item 3 (do
 
 `hybrid@LR`: the hybrid with its gradient phase at relative Adam step LR (default 0.03);
 `lbfgsH`: torch.optim.LBFGS (strong Wolfe, history H) on ||D(z) - x||^2 from E(x);
-`and+lbfgs`: 30 Anderson steps, then L-BFGS from their best pixel iterate. Prints one line per
+`and+lbfgs`: 30 Anderson steps, then L-BFGS from their best pixel iterate; `anderson-grad@LR`: core's
+Anderson stepper on the RMSprop-preconditioned pixel gradient (memory 5, step LR x RMS(E(x))), from E(x). Prints one line per
 variant and writes /tmp/hybrid-probe-<model>.json.
 """
 from __future__ import annotations
@@ -61,7 +62,35 @@ def lbfgs_run(codec, x, z0, steps: int, history: int = 10) -> tuple[list, list]:
     return ts, ps
 
 
+class AndersonOnGradient:
+    """Anderson acceleration of the preconditioned gradient step z - lr * scale * g / sqrt(v), with v
+    an RMSprop average of g^2 (a stationary-enough map for Anderson's mixing)."""
+
+    def __init__(self, setup, steppers):
+        self.anderson = steppers.Anderson(setup.z, setup.lr, 5)
+        self.scale, self.v = setup.scale, None
+
+    def step(self, z, g, active):
+        self.v = g.square() if self.v is None else self.v.mul_(0.999).addcmul_(g, g, value=0.001)
+        self.anderson.step(z, g / (self.v.sqrt() + 1e-12) * self.scale, active)
+
+
+def anderson_grad_run(core, codec, x, lr: float) -> tuple[list, list]:
+    methods = importlib.import_module(core.__name__ + ".methods")
+    steppers = importlib.import_module(core.__name__ + ".steppers")
+    methods.METHOD_REGISTRY["anderson-grad"] = methods.Method(
+        "gradient", lr, lambda setup: AndersonOnGradient(setup, steppers))
+    try:
+        ts, ps, _ = timed_run(core, codec, x, method="anderson-grad", lr=lr, track_residual=False, stall_steps=0,
+                              steps=100, select="pixel")
+    finally:
+        del methods.METHOD_REGISTRY["anderson-grad"]
+    return ts, ps
+
+
 def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
+    if variant.startswith("anderson-grad@"):
+        return anderson_grad_run(core, codec, x, float(variant.split("@")[1]))
     if variant.startswith("hybrid"):
         hybrid = importlib.import_module(core.__name__ + ".hybrid")
         kept, hybrid.GRAD_LR = hybrid.GRAD_LR, float(variant.split("@")[1]) if "@" in variant else hybrid.GRAD_LR
