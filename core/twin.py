@@ -37,7 +37,7 @@ SELECTIONS = ("auto", "pixel", "twin")
 FLOOR_MARGIN_DB = 1.0  # a decode within this of the noise floor explains x (kl-f8 reached 0.3 dB of it)
 # The twin's pick is evidence only while the twin behaves like the image: up to the pick, the real
 # run's pixel gain (dB) must be at least this share of its twin's. Measured (bench.twin_probe, 64 px,
-# anderson, the 14 pairs that use the twin): 0.63-0.91, except kl-f8 `texture` at 0.28 (its twin reached
+# anderson, the 12 pairs that use the twin): 0.63-0.91, except kl-f8 `texture` at 0.28 (its twin reached
 # the noise floor while the real run stalled 18 dB below it and its latent only drifted).
 # Only for 8-bit inputs, whose twin carries the same rounding noise; a float image's twin is noise-free.
 FAITHFUL_GAIN = 0.5
