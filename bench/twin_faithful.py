@@ -2,7 +2,8 @@
 Reads a `bench.twin_probe` JSON (real and twin traces per VAE x image x method, each run alone) and
 prints, per pair: the encoder's latent NMSE, what auto returns (pixel-best at the noise floor, else the
 twin's pick, else E(x)), and the faithfulness ratio core.twin.faithful tests (the real run's pixel
-gain up to the twin's pick over its twin's; below FAITHFUL_GAIN the pick is rejected).
+gain up to the twin's pick over its twin's; below FAITHFUL_GAIN the pick is rejected once the real
+run's pixel error has settled).
 
     .venv/bin/python -m bench.twin_probe 64 100 kl_f8_small,taef2 astronaut,stars anderson /tmp/twin64.json
     .venv/bin/python -m bench.twin_faithful 64 /tmp/twin64.json
@@ -14,6 +15,9 @@ import sys
 
 from .environment import boot
 from .measure import load_vae, paper_pair, photo_bchw
+
+
+SETTLE = 20  # core.solver: the faithfulness test applies once the pixel error had this many iterations without a new best
 
 
 def floors(ctx, size: int, keys: list[str]) -> dict:
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
         g_real, g_twin = real["psnr"][k] - real["psnr"][0], sim["psnr"][k] - sim["psnr"][0]
         if max(real["psnr"]) >= fl - twin.FLOOR_MARGIN_DB:
             pick, nmse = "pixel (floor)", real["nmse"][real["psnr"].index(max(real["psnr"]))]
-        elif real["psnr"][k] < real["psnr"][0] or not twin.faithful(g_real, g_twin):
+        elif real["psnr"][k] < real["psnr"][0] or (
+                len(real["psnr"]) - 1 - real["psnr"].index(max(real["psnr"])) >= SETTLE and not twin.faithful(g_real, g_twin)):
             pick, nmse = "E(x)", real["nmse"][0]
         else:
             pick, nmse = f"twin @{k}", real["nmse"][k]

@@ -349,10 +349,11 @@ def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Invers
     return torch.cat([x, x_t]), weight, latents, TwinTracker(truth, floor.to(codec.device))
 
 
-def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor) -> InversionResult:
+def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor, settle: int) -> InversionResult:
     """The real samples of a twin batch, each returning its twin's pick where its decode did not reach
     the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse
-    or the twin did not behave like the image (core.twin.faithful). extra["twin"][i]["why"] says which."""
+    or the twin did not behave like the image (core.twin.faithful) although the real run had `settle`
+    iterations without a new best pixel error at the end. extra["twin"][i]["why"] says which."""
     b = tracker.batch
     samples, latent = result.samples[:b], result.latent[:b].clone()
     trace_psnr, trace_res = result.trace_psnr[:, :b], result.trace_residual_db[:, :b]
@@ -365,9 +366,11 @@ def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor)
         why[i] = "twin"
         if not trace_psnr[k, i].item() >= s.psnr_initial:  # NaN counts as worse
             why[i] = "decoded worse"
-        elif math.isfinite(floors[i]) and not faithful(trace_psnr[k, i].item() - s.psnr_initial,
-                                                       (twin_psnr[k, i] - twin_psnr[0, i]).item()):
-            # only for 8-bit inputs: a twin of a float image is not rounded, so noise-free and always easier
+        elif (math.isfinite(floors[i]) and s.iterations - s.best_iteration >= settle
+              and not faithful(trace_psnr[k, i].item() - s.psnr_initial, (twin_psnr[k, i] - twin_psnr[0, i]).item())):
+            # Only for 8-bit inputs (a float image's twin is not rounded: noise-free, always easier), and only
+            # once the real run's pixel error has settled: a run cut short while still gaining (few steps)
+            # gains less than its faster twin without being a different problem.
             why[i] = "twin not like the image"
         use_twin = why[i] == "twin"
         latent[i] = tracker.z[i] if use_twin else start_latent[i]
@@ -412,6 +415,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
     if twin is not None:
-        result = _select(result, twin, target.latent)
+        # settled = as many iterations without a new best as auto-stop waits for (its default when off)
+        result = _select(result, twin, target.latent, opts.stall_steps or InversionOptions.stall_steps)
         result.seconds = time.perf_counter() - start
     return result

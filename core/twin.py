@@ -14,7 +14,8 @@ reached the input's noise floor (8-bit rounding, within FLOOR_MARGIN_DB) has fou
 explains x to within its noise, and returns its best pixel iterate as before (jointly trained
 VAEs such as kl-f8: there the best pixel iterate is also about the best latent); the others
 return the twin's choice, unless the twin did not behave like the image (its pixel gain up to the
-pick more than twice the real run's: FAITHFUL_GAIN) or the pick decodes worse than E(x): then E(x).
+pick more than twice the real run's once that has settled: FAITHFUL_GAIN) or the pick decodes worse
+than E(x): then E(x).
 Either way the returned iterate is never worse in pixels than E(x).
 
     >>> import torch
@@ -39,7 +40,10 @@ FLOOR_MARGIN_DB = 1.0  # a decode within this of the noise floor explains x (kl-
 # run's pixel gain (dB) must be at least this share of its twin's. Measured (bench.twin_probe, 64 px,
 # anderson, the 12 pairs that use the twin): 0.63-0.91, except kl-f8 `texture` at 0.28 (its twin reached
 # the noise floor while the real run stalled 18 dB below it and its latent only drifted).
-# Only for 8-bit inputs, whose twin carries the same rounding noise; a float image's twin is noise-free.
+# Only for 8-bit inputs, whose twin carries the same rounding noise (a float image's twin is noise-free),
+# and only once the real run's pixel error has settled (core.solver._select): cut short while still
+# gaining (kl-f8 at 5-30 steps), the real run gains less than its faster twin without being another
+# problem; on the probes' prefixes that rejected good picks (up to 13.8 dB) at 32 px.
 FAITHFUL_GAIN = 0.5
 QUANT_MSE = (1 / 255) ** 2 / 12  # the error variance of rounding to 8 bits
 
