@@ -49,8 +49,7 @@ class SampleStats:
     # (core.diagnostics.cocoercivity: beta_min, beta_median, share_positive, points).
     cocoercivity: Optional[dict] = None
     # What picked the returned iterate (core.twin): "pixel" its pixel error, "twin" the twin problem's
-    # lowest latent error, "encoder" E(x) because the twin's pick decoded worse or the twin did not behave like
-    # the image (core.twin.faithful; InversionResult.extra["twin"] says which).
+    # lowest latent error, "encoder" E(x) because the twin's pick decoded worse than it.
     selection: str = "pixel"
 
     @property
@@ -82,7 +81,7 @@ def stop_text(reason: str, options: dict) -> str:
 SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats.selection
     "pixel": "best at iteration",
     "twin": "returned the twin problem's pick (its latent error was lowest) at iteration",
-    "encoder": "returned E(x) (the twin's pick decoded worse, or the twin did not behave like the image), iteration",
+    "encoder": "returned E(x): the twin's pick decoded worse, iteration",
 }
 
 

@@ -22,7 +22,7 @@ from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, StepSetup
 from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
-from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, faithful, noise_floor_psnr, twin_of
+from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "DEFAULT_LR", "STOP_REASONS"]
@@ -349,34 +349,25 @@ def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Invers
     return torch.cat([x, x_t]), weight, latents, TwinTracker(truth, floor.to(codec.device))
 
 
-def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor, settle: int) -> InversionResult:
+def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor) -> InversionResult:
     """The real samples of a twin batch, each returning its twin's pick where its decode did not reach
-    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse
-    or the twin did not behave like the image (core.twin.faithful) although the real run had `settle`
-    iterations without a new best pixel error at the end. extra["twin"][i]["why"] says which."""
+    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse.
+    extra["twin"][i]["why"] says which rule decided ("floor", "twin", "decoded worse")."""
     b = tracker.batch
     samples, latent = result.samples[:b], result.latent[:b].clone()
     trace_psnr, trace_res = result.trace_psnr[:, :b], result.trace_residual_db[:, :b]
     floors, twin_k, twin_db = tracker.floor_psnr.tolist(), tracker.iteration.tolist(), tracker.twin_nmse_db()
-    twin_psnr, why = result.trace_psnr[:, b:], ["floor"] * b
+    why = ["floor"] * b
     for i, s in enumerate(samples):
         if s.psnr_best >= floors[i] - FLOOR_MARGIN_DB:
             continue  # the decode explains x to within its noise: the best pixel iterate stands
         k = twin_k[i]
-        why[i] = "twin"
-        if not trace_psnr[k, i].item() >= s.psnr_initial:  # NaN counts as worse
-            why[i] = "decoded worse"
-        elif (math.isfinite(floors[i]) and s.iterations - s.best_iteration >= settle
-              and not faithful(trace_psnr[k, i].item() - s.psnr_initial, (twin_psnr[k, i] - twin_psnr[0, i]).item())):
-            # Only for 8-bit inputs (a float image's twin is not rounded: noise-free, always easier), and only
-            # once the real run's pixel error has settled: a run cut short while still gaining (few steps)
-            # gains less than its faster twin without being a different problem.
-            why[i] = "twin not like the image"
-        use_twin = why[i] == "twin"
-        latent[i] = tracker.z[i] if use_twin else start_latent[i]
-        k = k if use_twin else 0
+        worse = not trace_psnr[k, i].item() >= s.psnr_initial  # NaN counts as worse
+        why[i] = "decoded worse" if worse else "twin"
+        latent[i] = start_latent[i] if worse else tracker.z[i]
+        k = 0 if worse else k
         samples[i] = replace(s, best_iteration=k, psnr_best=trace_psnr[k, i].item(),
-                             residual_db_best=trace_res[k, i].item(), selection="twin" if use_twin else "encoder")
+                             residual_db_best=trace_res[k, i].item(), selection="encoder" if worse else "twin")
     for key, value in result.extra.items():  # per-sample lists of the stepper (hybrid): the real rows
         if isinstance(value, list) and len(value) == 2 * b:
             result.extra[key] = value[:b]
@@ -415,7 +406,6 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
     if twin is not None:
-        # settled = as many iterations without a new best as auto-stop waits for (its default when off)
-        result = _select(result, twin, target.latent, opts.stall_steps or InversionOptions.stall_steps)
+        result = _select(result, twin, target.latent)
         result.seconds = time.perf_counter() - start
     return result

@@ -13,10 +13,8 @@ Selection `auto` uses the twin only where the pixel error cannot decide: a sampl
 reached the input's noise floor (8-bit rounding, within FLOOR_MARGIN_DB) has found a latent that
 explains x to within its noise, and returns its best pixel iterate as before (jointly trained
 VAEs such as kl-f8: there the best pixel iterate is also about the best latent); the others
-return the twin's choice, unless the twin did not behave like the image (its pixel gain up to the
-pick more than twice the real run's once that has settled: FAITHFUL_GAIN) or the pick decodes worse
-than E(x): then E(x).
-Either way the returned iterate is never worse in pixels than E(x).
+return the twin's choice (E(x) if that decodes worse). Either way the returned iterate is never
+worse in pixels than E(x).
 
     >>> import torch
     >>> noise_floor_psnr(torch.full((1, 3, 4, 4), 128 / 255)).round().tolist()
@@ -36,15 +34,6 @@ from .metrics import psnr_from_mse
 Tensor = torch.Tensor
 SELECTIONS = ("auto", "pixel", "twin")
 FLOOR_MARGIN_DB = 1.0  # a decode within this of the noise floor explains x (kl-f8 reached 0.3 dB of it)
-# The twin's pick is evidence only while the twin behaves like the image: up to the pick, the real
-# run's pixel gain (dB) must be at least this share of its twin's. Measured (bench.twin_probe, 64 px,
-# anderson, the 12 pairs that use the twin): 0.63-0.91, except kl-f8 `texture` at 0.28 (its twin reached
-# the noise floor while the real run stalled 18 dB below it and its latent only drifted).
-# Only for 8-bit inputs, whose twin carries the same rounding noise (a float image's twin is noise-free),
-# and only once the real run's pixel error has settled (core.solver._select): cut short while still
-# gaining (kl-f8 at 5-30 steps), the real run gains less than its faster twin without being another
-# problem; on the probes' prefixes that rejected good picks (up to 13.8 dB) at 32 px.
-FAITHFUL_GAIN = 0.5
 QUANT_MSE = (1 / 255) ** 2 / 12  # the error variance of rounding to 8 bits
 
 
@@ -62,16 +51,6 @@ def noise_floor_psnr(x: Tensor) -> Tensor:
     inner = ((flat > 0) & (flat < 1)).float().mean(1).clamp_min(1e-6)
     psnr = psnr_from_mse(QUANT_MSE * inner)
     return torch.where(is_8bit(x), psnr, torch.full_like(psnr, math.inf))
-
-
-def faithful(real_gain_db: float, twin_gain_db: float) -> bool:
-    """Whether the twin's pick may stand for the real sample's: up to the pick, the real run's pixel
-    gain is at least FAITHFUL_GAIN of its twin's (a twin that gained nothing is no contrary evidence).
-
-    >>> faithful(7.2, 25.2), faithful(9.7, 13.3), faithful(0.0, 0.0)
-    (False, True, True)
-    """
-    return not twin_gain_db > 0 or real_gain_db >= FAITHFUL_GAIN * twin_gain_db
 
 
 def twin_of(codec: Codec, image: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
