@@ -75,10 +75,10 @@ def pack(host):
     return importlib.import_module(name + ".nodes.adapter"), importlib.import_module(name + ".core")
 
 
-def _protocol(adapter, vae, case, size=SIZE):
-    codec = adapter.vae_codec(vae, "fp32", (1, 3, size, size))
+def _protocol(adapter, vae, case):
+    codec = adapter.vae_codec(vae, "fp32", (1, 3, SIZE, SIZE))
     with torch.inference_mode():
-        z_gt = codec.encode(cases.make(case, size)).float()
+        z_gt = codec.encode(cases.make(case, SIZE)).float()
         x = (codec.decode(z_gt).float().clamp(0, 1) * 255).round() / 255
         z_enc = codec.encode(x).float()
     return codec, x.clone(), z_gt.clone(), z_enc.clone()

@@ -74,4 +74,3 @@ def test_a_twin_pick_that_decodes_worse_than_the_encoder_returns_the_encoder():
         assert s.psnr_best >= s.psnr_initial
         if s.selection == "encoder":
             assert torch.equal(r.latent[i], enc(x[i:i + 1])[0]) and s.best_iteration == 0
-
