@@ -74,7 +74,7 @@ def grid(cases: list[dict]) -> list[dict]:
     for w in WINDOWS:
         for f in FLATS_DB:
             stops = [replay(c["psnr"], c["residual_db"], w, f) for c in cases]
-            kept = [s >= max(c["best_iteration"], c["pixel_best_iteration"], c["twin_iteration"] or 0)
+            kept = [s >= max(c["pixel_best_iteration"], c["twin_iteration"] or 0)  # the returned one is either
                     for s, c in zip(stops, cases)]
             n = len(cases[0]["psnr"]) - 1
             out.append(dict(window=w, flat_db=None if math.isinf(f) else f, same_latent=sum(kept), cases=len(cases),

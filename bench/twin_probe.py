@@ -16,11 +16,7 @@ from dataclasses import replace
 import torch
 
 from .environment import boot
-from .measure import load_vae, photo_bchw
-
-
-def q8(t: torch.Tensor) -> torch.Tensor:
-    return (t.float().clamp(0, 1) * 255).round() / 255
+from .measure import load_vae, paper_pair, photo_bchw
 
 
 def nmse(z: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,12 +47,10 @@ def main(argv=None) -> int:
     for m in models.split(","):
         codec = ctx.adapter.vae_codec(load_vae(m), "fp32", (1, 3, size, size))
         for n in names.split(","):
-            with torch.inference_mode():  # the real pair (x, z_gt) and its twin (D(E(x)) in 8 bits, E(x))
-                z_gt = codec.encode(photo_bchw(n, size)).float()
-                x = q8(codec.decode(z_gt))
-                z_twin = codec.encode(x).float()
-                x_twin = q8(codec.decode(z_twin))
-            x, z_gt, z_twin, x_twin = (t.clone() for t in (x, z_gt, z_twin, x_twin))
+            # the real pair (x, z_gt), and its twin: the same protocol on x itself (D(E(x)) in 8 bits, E(x))
+            x, z_gt = paper_pair(codec, photo_bchw(n, size))
+            x_twin, z_twin = paper_pair(codec, x)
+            x, z_gt, x_twin, z_twin = (t.clone() for t in (x, z_gt, x_twin, z_twin))
             for meth in methods.split(","):
                 real = curve(ctx.core, codec, x, z_gt, meth, steps)
                 twin = curve(ctx.core, codec, x_twin, z_twin, meth, steps)
