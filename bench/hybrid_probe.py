@@ -88,7 +88,50 @@ def anderson_grad_run(core, codec, x, lr: float) -> tuple[list, list]:
     return ts, ps
 
 
+def pixel_anderson_run(codec, x, steps: int, memory: int, rho: float = 0.5, reg: float = 1e-6):
+    """Anderson mixing (type II) whose coefficients minimise the *pixel* residual D(z) - x of the
+    mixed iterate (DIIS with pixel error vectors) instead of the latent one; the new direction is
+    still the gradient-free E(D(z)) - E(x) ~ J_E (D(z) - x): GMRES-like on D(z) = x, right-
+    preconditioned by the encoder, so it is not stuck at the fixed point of E o D. No backprop."""
+    ts, ps = [], []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        e0 = codec.encode(x).float()
+        z = e0.clone()
+        hist = []  # (z, p, s) flattened
+        prev = math.inf
+        for k in range(steps + 1):
+            img = codec.decode(z).float()
+            p = (img - x).flatten()
+            mse = p.square().mean().item()
+            ts.append(time.perf_counter() - t0)
+            ps.append(psnr(mse))
+            if k == steps:
+                break
+            s = (codec.encode(img) - e0).float().flatten()
+            if mse > prev:
+                hist = hist[-1:]  # safeguard: forget all but the last point
+            prev = mse
+            hist.append((z.flatten().clone(), p, s))
+            hist = hist[-(memory + 1):]
+            if len(hist) == 1:
+                z = (z.flatten() - rho * s).view_as(z)
+                continue
+            zk, pk, sk = hist[-1]
+            dz = torch.stack([hist[i + 1][0] - hist[i][0] for i in range(len(hist) - 1)])
+            dp = torch.stack([hist[i + 1][1] - hist[i][1] for i in range(len(hist) - 1)])
+            ds = torch.stack([hist[i + 1][2] - hist[i][2] for i in range(len(hist) - 1)])
+            gram = dp @ dp.T
+            gram += reg * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram))
+            gamma = torch.linalg.solve(gram, dp @ pk)
+            z = ((zk - gamma @ dz) - rho * (sk - gamma @ ds)).view_as(z)
+    return ts, ps
+
+
 def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
+    if variant.startswith("pixel-anderson"):
+        m, _, rho = (variant.split("@")[1] if "@" in variant else "5").partition(":")
+        return pixel_anderson_run(codec, x, 100, int(m), float(rho or 0.5))
     if variant.startswith("anderson-grad@"):
         return anderson_grad_run(core, codec, x, float(variant.split("@")[1]))
     if variant.startswith("hybrid"):
