@@ -54,8 +54,9 @@ def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int
     plan = [("precision rows", ["bench.run", *rows, *accel, "--out", str(out), "--tag", "gpu-precision"], shares[0]),
             ("memory rows", ["bench.memory_live", *memory, "--out", str(out), "--tag", "gpu"], shares[1])]
     if found:
-        plan.append(("hybrid rows", ["bench.run", *hybrid, *accel, "--methods", "ours", *found, "grad-lr0.1-cos",
-                                     "grad-lr0.1-const", "--out", str(out), "--tag", "gpu-hybrid"], shares[2]))
+        plan.append(("hybrid rows", ["bench.run", *hybrid, *accel, "--methods", "ours", *found, "diis", "grad-lr0.1-cos",
+                                     "grad-lr0.1-const", "grad-lr0.03-const", "--out", str(out), "--tag", "gpu-hybrid"],
+                     shares[2]))
     return plan
 
 

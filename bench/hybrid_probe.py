@@ -6,8 +6,12 @@ side in one process, for gradient-phase variants tried for issue 12's item 3 (do
 `hybrid@LR`: the hybrid with its gradient phase at relative Adam step LR (default 0.03);
 `lbfgsH`: torch.optim.LBFGS (strong Wolfe, history H) on ||D(z) - x||^2 from E(x);
 `and+lbfgs`: 30 Anderson steps, then L-BFGS from their best pixel iterate; `anderson-grad@LR`: core's
-Anderson stepper on the RMSprop-preconditioned pixel gradient (memory 5, step LR x RMS(E(x))), from E(x). Prints one line per
-variant and writes /tmp/hybrid-probe-<model>.json.
+Anderson stepper on the RMSprop-preconditioned pixel gradient (memory 5, step LR x RMS(E(x))), from E(x);
+`pixel-anderson@M[:RHO]` / `pixel-diis-grad@M[:LR]` / `pixel-diis-alt@M[:LR]`: DIIS on the pixel residual with
+gradient-free / preconditioned-gradient / alternating directions (`pixel-diis-grad` is what core.diis does);
+`and+diis@M[:LR]`: Anderson until 3 steps without a new best, then `pixel-diis-grad` from its best iterate;
+`gn@INNER`: Gauss-Newton with INNER CGLS steps, 8 s budget. Prints one line per variant (seconds and
+evaluations to the baseline's PSNR) and writes /tmp/hybrid-probe-<model>.json.
 """
 from __future__ import annotations
 
@@ -88,50 +92,132 @@ def anderson_grad_run(core, codec, x, lr: float) -> tuple[list, list]:
     return ts, ps
 
 
-def pixel_anderson_run(codec, x, steps: int, memory: int, rho: float = 0.5, reg: float = 1e-6):
+def _pixel_and_direction(codec, x, z, e0, scale, kind: str, v):
+    """(pixel residual, step direction, v): the free direction E(D(z)) - E(x), or the pixel gradient
+    preconditioned by an RMSprop average v of its square (times RMS(E(x)))."""
+    if kind == "free":
+        with torch.inference_mode():
+            img = codec.decode(z).float()
+            return (img - x).flatten(), (codec.encode(img) - e0).float().flatten(), v
+    decode = codec.differentiable_decode()
+    with torch.inference_mode(False), torch.enable_grad():
+        zg = z.detach().clone().requires_grad_(True)
+        img = decode(zg)
+        g = torch.autograd.grad((img - x).square().sum(), zg)[0].flatten()
+    v = g.square() if v is None else v.mul_(0.999).addcmul_(g, g, value=0.001)
+    return (img.detach() - x).flatten(), g / (v.sqrt() + 1e-20) * scale, v
+
+
+def pixel_anderson_run(codec, x, steps: int, memory: int, rho: float = 0.5, kind: str = "free",
+                       reg: float = 1e-6, z0=None):
     """Anderson mixing (type II) whose coefficients minimise the *pixel* residual D(z) - x of the
-    mixed iterate (DIIS with pixel error vectors) instead of the latent one; the new direction is
-    still the gradient-free E(D(z)) - E(x) ~ J_E (D(z) - x): GMRES-like on D(z) = x, right-
-    preconditioned by the encoder, so it is not stuck at the fixed point of E o D. No backprop."""
+    mixed iterate (DIIS with pixel error vectors) instead of the latent one. kind "free": directions
+    E(D(z)) - E(x) ~ J_E (D(z) - x), GMRES-like on D(z) = x right-preconditioned by the encoder, no
+    backprop; kind "grad": RMSprop-preconditioned pixel-gradient steps (DIIS-accelerated descent)."""
     ts, ps = [], []
     t0 = time.perf_counter()
     with torch.inference_mode():
+        x = x.clone()
         e0 = codec.encode(x).float()
-        z = e0.clone()
-        hist = []  # (z, p, s) flattened
-        prev = math.inf
-        for k in range(steps + 1):
-            img = codec.decode(z).float()
-            p = (img - x).flatten()
-            mse = p.square().mean().item()
-            ts.append(time.perf_counter() - t0)
-            ps.append(psnr(mse))
-            if k == steps:
-                break
-            s = (codec.encode(img) - e0).float().flatten()
-            if mse > prev:
-                hist = hist[-1:]  # safeguard: forget all but the last point
-            prev = mse
-            hist.append((z.flatten().clone(), p, s))
-            hist = hist[-(memory + 1):]
-            if len(hist) == 1:
-                z = (z.flatten() - rho * s).view_as(z)
-                continue
-            zk, pk, sk = hist[-1]
-            dz = torch.stack([hist[i + 1][0] - hist[i][0] for i in range(len(hist) - 1)])
-            dp = torch.stack([hist[i + 1][1] - hist[i][1] for i in range(len(hist) - 1)])
-            ds = torch.stack([hist[i + 1][2] - hist[i][2] for i in range(len(hist) - 1)])
+    x, e0 = x.clone(), e0.clone()  # ordinary tensors, for autograd
+    scale = e0.square().mean().sqrt()
+    z, hist, prev, v = (e0 if z0 is None else z0).clone(), [], math.inf, None
+    for k in range(steps + 1):
+        # kind "alt": free and gradient proposals in turn, one DIIS history (any proposal can join it)
+        step_kind = ("free", "grad")[k % 2] if kind == "alt" else kind
+        p, s, v = _pixel_and_direction(codec, x, z, e0, scale, step_kind, v)
+        if kind == "alt" and step_kind == "free":
+            s = s * (0.5 / rho)  # the free step keeps its own rho 0.5
+        mse = p.square().mean().item()
+        ts.append(time.perf_counter() - t0)
+        ps.append(psnr(mse))
+        if k == steps:
+            break
+        if mse > prev:
+            hist = hist[-1:]  # safeguard: forget all but the last point
+        prev = mse
+        hist = (hist + [(z.flatten().clone(), p, s)])[-(memory + 1):]
+        zk, pk, sk = hist[-1]
+        if len(hist) > 1:
+            dz, dp, ds = (torch.stack([b[i] - a[i] for a, b in zip(hist, hist[1:])]) for i in range(3))
             gram = dp @ dp.T
             gram += reg * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram))
             gamma = torch.linalg.solve(gram, dp @ pk)
-            z = ((zk - gamma @ dz) - rho * (sk - gamma @ ds)).view_as(z)
+            zk, sk = zk - gamma @ dz, sk - gamma @ ds
+        z = (zk - rho * sk).view_as(z)
+    return ts, ps
+
+
+def gauss_newton_run(codec, x, z0, budget_s: float, inner: int, fd: float = 1e-3):
+    """Gauss-Newton on ||D(z) - x||^2 (a small-residual problem in the paper protocol): each outer
+    step solves J d = -(D(z) - x) by `inner` CGLS iterations, J^T u by backward passes through one kept
+    graph, J v by a forward difference (one decode). Halves the step while it does not lower the error."""
+    decode = codec.differentiable_decode()
+    ts, ps = [], []
+    t0 = time.perf_counter()
+    z = z0.detach().clone()
+    x = x.clone()
+    with torch.inference_mode(False), torch.enable_grad():
+        while True:
+            zg = z.detach().clone().requires_grad_(True)
+            img = decode(zg)
+            r = img.detach() - x
+            ts.append(time.perf_counter() - t0)
+            ps.append(psnr(r.square().mean().item()))
+            if ts[-1] > budget_s:
+                break
+
+            def jt(u):
+                return torch.autograd.grad(img, zg, grad_outputs=u, retain_graph=True)[0]
+
+            def jv(v):
+                eps = fd * z.norm() / v.norm().clamp_min(1e-30)
+                with torch.no_grad():
+                    return (decode(z + eps * v) - img.detach()) / eps
+
+            d = torch.zeros_like(z)
+            res = -r
+            g = jt(res)
+            q, gam = g.clone(), g.square().sum()
+            for _ in range(inner):
+                t = jv(q)
+                a = gam / t.square().sum().clamp_min(1e-30)
+                d += a * q
+                res -= a * t
+                g = jt(res)
+                gnew = g.square().sum()
+                q = g + (gnew / gam) * q
+                gam = gnew
+            err0 = r.square().sum()
+            with torch.no_grad():
+                for _ in range(6):
+                    if (decode(z + d) - x).square().sum() < err0:
+                        break
+                    d *= 0.5
+            z = z + d
     return ts, ps
 
 
 def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
-    if variant.startswith("pixel-anderson"):
+    if variant.startswith("gn@"):
+        inner = int(variant.split("@")[1])
+        with torch.inference_mode():
+            z0 = codec.encode(x).float()
+        return gauss_newton_run(codec, x, z0.clone(), 8.0, inner)
+    if variant.startswith(("pixel-anderson", "pixel-diis-grad", "pixel-diis-alt")):
         m, _, rho = (variant.split("@")[1] if "@" in variant else "5").partition(":")
-        return pixel_anderson_run(codec, x, 100, int(m), float(rho or 0.5))
+        kind = {"pixel-anderson": "free", "pixel-diis-grad": "grad"}.get(variant.split("@")[0], "alt")
+        return pixel_anderson_run(codec, x, 100, int(m), float(rho or (0.5 if kind == "free" else 0.03)), kind)
+    if variant.startswith("and+diis@"):  # Anderson until it stalls 3 steps, then pixel-diis-grad from its best
+        m, _, lr = variant.split("@")[1].partition(":")
+        ts0, ps0, r = timed_run(core, codec, x, method="anderson", steps=100, select="pixel", stall_steps=3)
+        with torch.inference_mode():
+            z0 = r.latent.float().clone()
+        ts, ps = pixel_anderson_run(codec, x, 101 - len(ps0), int(m), float(lr or 0.03), "grad", z0=z0.clone())
+        return ts0 + [t + r.seconds for t in ts], ps0 + ps
+    if variant == "diis":  # core's method, under the baseline's protocol
+        ts, ps, _ = timed_run(core, codec, x, method="diis", steps=100, stall_steps=0, track_residual=False)
+        return ts, ps
     if variant.startswith("anderson-grad@"):
         return anderson_grad_run(core, codec, x, float(variant.split("@")[1]))
     if variant.startswith("hybrid"):
@@ -167,7 +253,8 @@ def main(argv=None) -> int:
         for v in variants.split(","):
             ts2, ps2 = variant_curve(ctx.core, codec, x, v)
             hit = next((t for t, p in zip(ts2, ps2) if p >= target), None)
-            row[v] = dict(final=max(ps2), seconds=ts2[-1], seconds_to_baseline=hit,
+            k = next((i for i, p in enumerate(ps2) if p >= target), None)
+            row[v] = dict(final=max(ps2), seconds=ts2[-1], seconds_to_baseline=hit, evaluations_to_baseline=k,
                           ratio=None if hit is None else round(hit / t_base, 3))
             print(name, v, f"baseline {target:.2f} dB in {t_base:.1f} s", row[v], flush=True)
         out[name] = row

@@ -44,6 +44,8 @@ GRAD_CONFIGS = {
     "grad-lr0.03-const": dict(method="gradient", lr=0.03, schedule=False, track_residual=False, stall_steps=0),
     "grad-lr0.01-cos": dict(method="gradient", lr=0.01, schedule=True, track_residual=False, stall_steps=0),
     "grad-lr0.01-const": dict(method="gradient", lr=0.01, schedule=False, track_residual=False, stall_steps=0),
+    # DIIS-accelerated pixel-gradient steps (core.diis), under the same protocol
+    "diis": dict(method="diis", track_residual=False, stall_steps=0),
 }
 CHECKPOINT_FRACTIONS = (0.2, 0.5)  # gradient rows also run 20 and 50 of 100 steps
 
@@ -60,7 +62,8 @@ def method_configs(core_methods, default_method: str) -> dict:
 
 
 def is_gradient(config: dict | None) -> bool:
-    return bool(config) and config.get("method") == "gradient"
+    """Backpropagates through the decoder (core's `pixel_only` methods; fp32 rows only)."""
+    return bool(config) and config.get("method") in ("gradient", "diis")
 
 
 # ---------------------------------------------------------------------------------------------

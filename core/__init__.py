@@ -3,7 +3,7 @@ in pure PyTorch (no ComfyUI import).
 
     >>> from core import Codec, invert, METHODS
     >>> METHODS
-    ('adam', 'forward', 'km', 'anderson', 'gradient', 'hybrid')
+    ('adam', 'forward', 'km', 'anderson', 'gradient', 'diis', 'hybrid')
     >>> from core import TreeRingKey, inject, detect, invert_euler, INVERSION_MODES
     >>> INVERSION_MODES
     ('naive', 'exact')

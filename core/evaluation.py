@@ -2,7 +2,7 @@
 (which picks the best iterate), the latent residual E(D(z)) - E(x), and the pixel-loss gradient."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -57,6 +57,18 @@ class Evaluation:
     residual_db: Tensor  # ||E(D(z_k)) - E(x)|| / ||E(x)|| in dB; NaN where not computed
     residual: Optional[Tensor] = None  # E(D(z_k)) - E(x), latent-shaped; None where not computed
     pixel_grad: Optional[Tensor] = None  # d sum(pixel_mse) / dz at z_k, latent-shaped; None unless asked
+    pixel_residual: Optional[Tensor] = None  # sqrt(weight) (D(z_k) - x), image-shaped; family "pixel" only
+
+
+def pixel_residual(image: Tensor, target: Target) -> Tensor:
+    """sqrt(w) (D(z) - x): its squared norm is the weighted pixel error up to a per-sample factor;
+    a sample whose weights are all zero gets the plain difference, as PixelError's plain MSE."""
+    diff = image.float() - target.image
+    if target.weight is None:
+        return diff
+    w = target.weight.expand(diff.shape[0], 1, *diff.shape[2:])
+    empty = (w.flatten(1).sum(1) == 0).view(-1, 1, 1, 1)
+    return torch.where(empty, diff, diff * w.sqrt())
 
 
 def pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, target: Target,
@@ -107,36 +119,41 @@ class FixedPointEvaluator:
 
 
 class PixelGradientEvaluator:
-    """Family "gradient": the pixel-loss gradient by autograd through the differentiable decoder;
-    the residual (one encode more) only with `track_residual`, and always at k = 0 for the trace."""
+    """Families "gradient" and "pixel": the pixel-loss gradient by autograd through the differentiable
+    decoder (and for "pixel" the pixel residual); the latent residual (one encode more) only with
+    `track_residual`, and always at k = 0 for the trace."""
 
-    def __init__(self, codec: Codec, target: Target, track_residual: bool):
+    def __init__(self, codec: Codec, target: Target, track_residual: bool, keeps_pixel_residual: bool = False):
         self.codec, self.target, self.tracks_residual = codec, target, track_residual
+        self.keeps_pixel_residual = keeps_pixel_residual
         self.decode = codec.differentiable_decode()
         with torch.inference_mode():  # one residual buffer for the whole run, as FixedPointEvaluator's
             self.residual = torch.empty_like(target.latent)
 
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
         image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad)
+        pixels = pixel_residual(image, self.target) if self.keeps_pixel_residual else None
         if not (self.tracks_residual or k == 0):
-            return Evaluation(err, torch.full_like(err, float("nan")), None, grad)
+            return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)
         with torch.inference_mode():
             residual = torch.sub(self.codec.encode(image.to(self.codec.dtype)).float(), self.target.latent,
                                  out=self.residual)
             res_db = ratio_db(per_sample_norm(residual), self.target.latent_norm)
-        return Evaluation(err, res_db, residual, grad)
+        return Evaluation(err, res_db, residual, grad, pixels)
 
 
 def evaluator_for(family: str, codec: Codec, target: Target, z: Tensor, stepper, track_residual: bool):
     """The evaluator of a method family (core.methods.FAMILIES) for this run."""
-    if family == "gradient":
-        return PixelGradientEvaluator(codec, target, track_residual)
+    if family in ("gradient", "pixel"):
+        return PixelGradientEvaluator(codec, target, track_residual, keeps_pixel_residual=family == "pixel")
     return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad if family == "both" else None)
 
 
 def direction(family: str, evaluation: Evaluation):
-    """What a stepper of this family steps along: the residual, the pixel gradient, or (family
-    "both") the whole evaluation."""
+    """What a stepper of this family steps along: the residual, the pixel gradient, or (families
+    "both" and "pixel") the whole evaluation."""
     if family == "fixed_point":
         return evaluation.residual
+    if family == "pixel":  # the residual is the trace's (an inference tensor): not the stepper's to see
+        return replace(evaluation, residual=None)
     return evaluation.pixel_grad if family == "gradient" else evaluation

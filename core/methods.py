@@ -10,6 +10,8 @@ family decides what `core.evaluation` computes at each iterate and what the step
 - "both": the whole `Evaluation` (the residual at every iterate, the pixel gradient at the
   iterates where the stepper's `wants_pixel_grad(k)` returns True); `step(z, evaluation, active)`.
   For hybrids that mix or switch between the two directions.
+- "pixel": what "gradient" computes plus the pixel residual sqrt(w) (D(z) - x); the stepper gets the
+  whole `Evaluation` (for accelerations that mix iterates by their pixel residual: core.diis).
 
 Adding a method is one entry in METHOD_REGISTRY.
 """
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from .solver import InversionOptions
 
 Tensor = torch.Tensor
-FAMILIES = ("fixed_point", "gradient", "both")
+FAMILIES = ("fixed_point", "gradient", "both", "pixel")
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,20 @@ class Method:
     def needs_autograd(self) -> bool:
         return self.family != "fixed_point"
 
+    @property
+    def pixel_only(self) -> bool:
+        """Steps on the pixel gradient alone: the latent residual is only for the trace."""
+        return self.family in ("gradient", "pixel")
+
 
 def _adam(s: StepSetup) -> Adam:
     return Adam(s.z, s.scale, s.lr, s.opts.steps, s.eps, schedule=s.opts.schedule)
+
+
+def _diis(s: StepSetup):
+    from .diis import PixelDIIS
+
+    return PixelDIIS(s.z, s.scale, s.lr)
 
 
 def _hybrid(s: StepSetup):
@@ -78,6 +91,7 @@ METHOD_REGISTRY: dict[str, Method] = {
     "km": Method("fixed_point", 0.5, lambda s: InertialKM(s.z, s.lr, s.opts.momentum)),
     "anderson": Method("fixed_point", 0.5, lambda s: Anderson(s.z, s.lr, s.opts.memory)),
     "gradient": Method("gradient", 0.01, _adam),  # the baseline: Adam on the pixel-loss gradient
+    "diis": Method("pixel", 0.02, _diis),  # pixel-gradient steps mixed by their pixel residual (core.diis)
     "hybrid": Method("both", 0.5, _hybrid),  # anderson, then pixel-gradient Adam once it stalls (core.hybrid)
 }
 METHODS = tuple(METHOD_REGISTRY)

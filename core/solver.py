@@ -96,7 +96,7 @@ class InversionOptions:
             raise ValueError(f"memory must be in [1, 20]; got {self.memory!r}")
         if self.record_every < 0:
             raise ValueError(f"record_every must be >= 0 (0 turns it off); got {self.record_every!r}")
-        if self.record_every > 0 and METHOD_REGISTRY[self.method].family == "gradient" and not self.track_residual:
+        if self.record_every > 0 and METHOD_REGISTRY[self.method].pixel_only and not self.track_residual:
             raise ValueError(f"record_every needs the residual: set track_residual=True for {self.method!r}")
         if int(self.sync_every) != self.sync_every or self.sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1; got {self.sync_every!r}")
@@ -246,7 +246,8 @@ class RunState:
     def mask_stopped(self, step_direction: Tensor | Evaluation) -> None:
         """Zero the step direction(s) of stopped samples, which may hold NaN."""
         if isinstance(step_direction, Evaluation):
-            tensors = [t for t in (step_direction.residual, step_direction.pixel_grad) if t is not None]
+            tensors = [t for t in (step_direction.residual, step_direction.pixel_grad,
+                                   step_direction.pixel_residual) if t is not None]
         else:
             tensors = [step_direction]
         for t in tensors:

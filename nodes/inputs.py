@@ -17,6 +17,8 @@ METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the 
                   "here. adam: the paper's method (Adam moments on the residual, warm-up + cosine schedule). "
                   "forward: plain fixed-point step. km: inertial Krasnoselskii-Mann (forward step with momentum). "
                   "gradient: baseline that backpropagates through the decoder (slower, far more memory). "
+                  "diis: gradient steps mixed by their pixel error (DIIS), the highest PSNR on TAEF2-like VAEs whose "
+                  "encoder is not the decoder's inverse; the memory of a backward pass. "
                   "hybrid: anderson until it stalls, then pixel-gradient steps from the best iterate, within "
                   "memory_limit_mb (the highest PSNR; the memory of a backward pass).")
 
@@ -57,7 +59,7 @@ def solver_inputs() -> list:
         io.Float.Input("learning_rate", default=1.0, min=0.0001, max=100.0, step=0.01, optional=True,
                        tooltip="(advanced) Multiplier on the method's tuned step: 1.0 = lr 0.01 x "
                                "RMS of the latent for adam/gradient (the paper's 0.01 on SD-scaled "
-                               "latents, for any VAE), step 0.5 for forward/km/anderson."),
+                               "latents, for any VAE), 0.02 x RMS for diis, step 0.5 for forward/km/anderson."),
         precision_input(),
     ]
 

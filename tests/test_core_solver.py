@@ -46,7 +46,7 @@ def test_paper_schedule_warmup_cosine_and_freeze():
     assert short[2] == pytest.approx(1.0) and short[23] == short[29]  # horizon = min(steps, 100)
 
 
-@pytest.mark.parametrize("method", ["forward", "km", "anderson", "adam", "gradient"])
+@pytest.mark.parametrize("method", ["forward", "km", "anderson", "adam", "gradient", "diis"])
 def test_every_method_improves_a_solvable_problem(method):
     codec, _ = linear_codec()
     x, _ = target()
