@@ -10,7 +10,7 @@ Anderson stepper on the RMSprop-preconditioned pixel gradient (memory 5, step LR
 `pixel-anderson@M[:RHO]` / `pixel-diis-grad@M[:LR]` / `pixel-diis-alt@M[:LR]`: DIIS on the pixel residual with
 gradient-free / preconditioned-gradient / alternating directions (`pixel-diis-grad` is what core.diis does);
 `and+diis@M[:LR]`: Anderson until 3 steps without a new best, then `pixel-diis-grad` from its best iterate;
-`gn@INNER`: Gauss-Newton with INNER CGLS steps, 8 s budget. Prints one line per variant (seconds and
+`gn@INNER`: Gauss-Newton with INNER CGLS steps, 8 s budget; `diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
 evaluations to the baseline's PSNR) and writes /tmp/hybrid-probe-<model>.json.
 """
 from __future__ import annotations
@@ -215,8 +215,15 @@ def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
             z0 = r.latent.float().clone()
         ts, ps = pixel_anderson_run(codec, x, 101 - len(ps0), int(m), float(lr or 0.03), "grad", z0=z0.clone())
         return ts0 + [t + r.seconds for t in ts], ps0 + ps
-    if variant == "diis":  # core's method, under the baseline's protocol
-        ts, ps, _ = timed_run(core, codec, x, method="diis", steps=100, stall_steps=0, track_residual=False)
+    if variant.startswith("diis"):  # core's method under the baseline's protocol; diis@B2:LR patches its decay
+        diis = importlib.import_module(core.__name__ + ".diis")
+        b2, _, lr = (variant.split("@")[1] if "@" in variant else "").partition(":")
+        kept, diis.BETA2 = diis.BETA2, float(b2 or diis.BETA2)
+        try:
+            ts, ps, _ = timed_run(core, codec, x, method="diis", steps=100, stall_steps=0, track_residual=False,
+                                  lr=float(lr) if lr else None)
+        finally:
+            diis.BETA2 = kept
         return ts, ps
     if variant.startswith("anderson-grad@"):
         return anderson_grad_run(core, codec, x, float(variant.split("@")[1]))
