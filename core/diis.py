@@ -40,7 +40,7 @@ class PixelDIIS:
         self.d_p = None  # (B, memory, pixels), allocated at the first step (the image size is known then)
         self.z_prev, self.s_prev = z0.new_zeros(b, n), z0.new_zeros(b, n)
         self.p_prev, self.err_prev = None, None
-        self.s = z0.new_empty(b, n)
+        self.s, self.update = z0.new_empty(b, n), z0.new_empty(b, 1, n)  # buffers: no allocation per step
         self.eye = torch.eye(memory, device=z0.device, dtype=z0.dtype)
         self.slot, self.filled = 0, 0
 
@@ -76,12 +76,13 @@ class PixelDIIS:
         p = ev.pixel_residual.reshape(z.shape[0], -1)
         s = self._direction(ev.pixel_grad.reshape(zf.shape))
         self._remember(zf, p, s, ev.pixel_mse)
-        update = s.clone()  # z_{k+1} = z_k - update
+        update = self.update  # z_{k+1} = z_k - update
+        update[:, 0].copy_(s)
         if self.filled:
             gram = self.d_p @ self.d_p.transpose(1, 2)  # (B, m, m)
             diag = gram.diagonal(dim1=1, dim2=2)  # the regularisation is relative to the kept differences
             level = (diag.sum(1) / (diag > 0).sum(1).clamp_min(1)).clamp_min(1e-30)
             gamma = torch.linalg.solve(gram + (self.reg * level)[:, None, None] * self.eye,
                                        self.d_p @ p[:, :, None]).transpose(1, 2)  # (B, 1, m)
-            update = update[:, None].baddbmm_(gamma, self.d_z).baddbmm_(gamma, self.d_s, alpha=-1)[:, 0]
-        zf.addcmul_(update, active.view(-1, 1), value=-1)
+            update.baddbmm_(gamma, self.d_z).baddbmm_(gamma, self.d_s, alpha=-1)
+        zf.addcmul_(update[:, 0], active.view(-1, 1), value=-1)
