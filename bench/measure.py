@@ -61,9 +61,9 @@ def method_configs(core_methods, default_method: str) -> dict:
     return configs
 
 
-def is_gradient(config: dict | None) -> bool:
-    """Backpropagates through the decoder (core's `pixel_only` methods; fp32 rows only)."""
-    return bool(config) and config.get("method") in ("gradient", "diis")
+def is_gradient(config: dict | None, pixel_only: tuple) -> bool:
+    """Backpropagates through the decoder: one of core's PIXEL_ONLY_METHODS (fp32 rows only)."""
+    return bool(config) and config.get("method") in pixel_only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def run_row(job: dict, ctx) -> dict:
     x = pair["x"].to(device)
     z_gt = pair["z_gt"].to(device)
     x_in, z_in = x.to(dtype), z_gt.to(dtype)
-    grad = is_gradient(config)
+    grad = is_gradient(config, ctx.core.PIXEL_ONLY_METHODS)
     hybrid = bool(config) and config.get("method") == "hybrid"
     if grad or hybrid:  # built before the measurement: no method is charged for copying the decoder
         decode_grad = codec.differentiable_decode()

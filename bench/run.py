@@ -135,7 +135,7 @@ def build_jobs(args, ctx, scratch: Path) -> tuple[list, list]:
     unknown = set(args.lp_methods or ()) - set(measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method))
     if unknown:
         raise SystemExit(f"unknown --lp-methods {sorted(unknown)}; rows are: {', '.join(configs)}")
-    free = [m for m, c in configs.items() if not measure.is_gradient(c)]  # encoder included
+    free = [m for m, c in configs.items() if not measure.is_gradient(c, ctx.core.PIXEL_ONLY_METHODS)]  # encoder included
     lp = set(free if args.lp_methods is None else args.lp_methods)
     images = args.images or [p.stem for p in image_paths()]
     preps, rows = [], []
@@ -146,7 +146,7 @@ def build_jobs(args, ctx, scratch: Path) -> tuple[list, list]:
             for dtype in args.dtypes:
                 for image in images:
                     for method, config in configs.items():
-                        if measure.is_gradient(config) and dtype != "fp32":
+                        if measure.is_gradient(config, ctx.core.PIXEL_ONLY_METHODS) and dtype != "fp32":
                             continue  # core's gradient baseline always decodes in fp32
                         if dtype != "fp32" and args.lp_sizes and size not in args.lp_sizes:
                             continue

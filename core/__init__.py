@@ -16,12 +16,12 @@ from .diffusion_inversion import MODES as INVERSION_MODES
 from .diffusion_inversion import DiffusionInversionResult, invert_euler, noise_scale, sample_euler
 from .metrics import nmse_db, per_sample_mse, per_sample_weighted_mse, psnr_from_mse, region_error
 from .result import InversionResult, Result, SampleStats
-from .solver import DEFAULT_LR, METHODS, InversionOptions, invert
+from .solver import DEFAULT_LR, METHODS, PIXEL_ONLY_METHODS, InversionOptions, invert
 from .treering import (PATTERNS, SIGMA_ESTIMATORS, Detection, TreeRingKey, WatermarkKeyError, detect, inject,
                        spectrum, spectrum_image)
 
 __all__ = ["Codec", "invert", "InversionOptions", "InversionResult", "Result", "SampleStats", "METHODS",
-           "DEFAULT_LR", "nmse_db", "per_sample_mse", "per_sample_weighted_mse", "psnr_from_mse", "region_error",
+           "PIXEL_ONLY_METHODS", "DEFAULT_LR", "nmse_db", "per_sample_mse", "per_sample_weighted_mse", "psnr_from_mse", "region_error",
            "drift", "DriftResult",
            "TreeRingKey", "WatermarkKeyError", "Detection", "PATTERNS", "SIGMA_ESTIMATORS", "inject", "detect",
            "spectrum", "spectrum_image",

@@ -46,7 +46,7 @@ class PixelDIIS:
 
     def _direction(self, g: Tensor) -> Tensor:
         """The preconditioned step s = lr * scale * g / sqrt(v) (RMSprop; v starts at the first g^2)."""
-        if self.filled == 0 and self.p_prev is None:
+        if self.p_prev is None:  # the first step
             self.v.copy_(g.square())
         else:
             self.v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)

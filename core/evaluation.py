@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from .codec import Codec
+from .methods import Method
 from .metrics import PixelError, per_sample_norm, per_sample_weighted_mse, ratio_db
 
 Tensor = torch.Tensor
@@ -58,17 +59,6 @@ class Evaluation:
     residual: Optional[Tensor] = None  # E(D(z_k)) - E(x), latent-shaped; None where not computed
     pixel_grad: Optional[Tensor] = None  # d sum(pixel_mse) / dz at z_k, latent-shaped; None unless asked
     pixel_residual: Optional[Tensor] = None  # sqrt(weight) (D(z_k) - x), image-shaped; family "pixel" only
-
-
-def pixel_residual(image: Tensor, target: Target) -> Tensor:
-    """sqrt(w) (D(z) - x): its squared norm is the weighted pixel error up to a per-sample factor;
-    a sample whose weights are all zero gets the plain difference, as PixelError's plain MSE."""
-    diff = image.float() - target.image
-    if target.weight is None:
-        return diff
-    w = target.weight.expand(diff.shape[0], 1, *diff.shape[2:])
-    empty = (w.flatten(1).sum(1) == 0).view(-1, 1, 1, 1)
-    return torch.where(empty, diff, diff * w.sqrt())
 
 
 def pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, target: Target,
@@ -125,14 +115,15 @@ class PixelGradientEvaluator:
 
     def __init__(self, codec: Codec, target: Target, track_residual: bool, keeps_pixel_residual: bool = False):
         self.codec, self.target, self.tracks_residual = codec, target, track_residual
-        self.keeps_pixel_residual = keeps_pixel_residual
+        # sqrt(w) (D(z) - x) for family "pixel"; not in place: the stepper keeps it past the next call
+        self.pixel_error = PixelError(target.image, target.weight, in_place=False) if keeps_pixel_residual else None
         self.decode = codec.differentiable_decode()
         with torch.inference_mode():  # one residual buffer for the whole run, as FixedPointEvaluator's
             self.residual = torch.empty_like(target.latent)
 
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
         image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad)
-        pixels = pixel_residual(image, self.target) if self.keeps_pixel_residual else None
+        pixels = self.pixel_error.residual(image) if self.pixel_error is not None else None
         if not (self.tracks_residual or k == 0):
             return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)
         with torch.inference_mode():
@@ -142,11 +133,11 @@ class PixelGradientEvaluator:
         return Evaluation(err, res_db, residual, grad, pixels)
 
 
-def evaluator_for(family: str, codec: Codec, target: Target, z: Tensor, stepper, track_residual: bool):
-    """The evaluator of a method family (core.methods.FAMILIES) for this run."""
-    if family in ("gradient", "pixel"):
-        return PixelGradientEvaluator(codec, target, track_residual, keeps_pixel_residual=family == "pixel")
-    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad if family == "both" else None)
+def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepper, track_residual: bool):
+    """The evaluator of a method's family (core.methods.FAMILIES) for this run."""
+    if method.pixel_only:
+        return PixelGradientEvaluator(codec, target, track_residual, keeps_pixel_residual=method.family == "pixel")
+    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad if method.family == "both" else None)
 
 
 def direction(family: str, evaluation: Evaluation):

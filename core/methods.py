@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 FAMILIES = ("fixed_point", "gradient", "both", "pixel")
+PIXEL_ONLY_FAMILIES = ("gradient", "pixel")  # step on the pixel gradient alone (no encoder in the step)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Method:
     @property
     def pixel_only(self) -> bool:
         """Steps on the pixel gradient alone: the latent residual is only for the trace."""
-        return self.family in ("gradient", "pixel")
+        return self.family in PIXEL_ONLY_FAMILIES
 
 
 def _adam(s: StepSetup) -> Adam:
@@ -95,4 +96,5 @@ METHOD_REGISTRY: dict[str, Method] = {
     "hybrid": Method("both", 0.5, _hybrid),  # anderson, then pixel-gradient Adam once it stalls (core.hybrid)
 }
 METHODS = tuple(METHOD_REGISTRY)
+PIXEL_ONLY_METHODS = tuple(name for name, m in METHOD_REGISTRY.items() if m.pixel_only)
 DEFAULT_LR = {name: m.default_lr for name, m in METHOD_REGISTRY.items()}

@@ -89,3 +89,11 @@ class PixelError:
         sq = sq * self.w if self.buf is None else sq.mul_(self.w)
         weighted = sq.flatten(1).sum(1) / self.total.clamp_min(1e-12)
         return torch.where(self.total > 0, weighted, plain)
+
+    def residual(self, a: Tensor) -> Tensor:
+        """sqrt(w) (a - x), a new tensor: its squared norm is the weighted error up to a per-sample
+        factor; a sample whose weights are all zero gets the plain difference, as the error does."""
+        diff = a.float() - self.x
+        if self.w is None:
+            return diff
+        return torch.where((self.total > 0).view(-1, 1, 1, 1), diff * self.w.sqrt(), diff)

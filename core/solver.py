@@ -19,13 +19,13 @@ import torch
 from .codec import Codec
 from .diagnostics import cocoercivity
 from .evaluation import Evaluation, Target, direction, evaluator_for
-from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, StepSetup
+from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
 from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
 from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
 
 Tensor = torch.Tensor
-__all__ = ["InversionOptions", "invert", "METHODS", "DEFAULT_LR", "STOP_REASONS"]
+__all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS"]
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     z = target.start()
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
     stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec))
-    evaluate = evaluator_for(method.family, codec, target, z, stepper, opts.track_residual)
+    evaluate = evaluator_for(method, codec, target, z, stepper, opts.track_residual)
     real_rows = batch if twin is not None else None
     state = RunState(z, opts, evaluate.tracks_residual, real_rows)
     log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start, real_rows)

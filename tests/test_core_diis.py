@@ -3,8 +3,8 @@ import torch
 
 from core import invert
 from core.diis import PixelDIIS
-from core.evaluation import Evaluation, Target, pixel_residual
-from core.metrics import per_sample_weighted_mse
+from core.evaluation import Evaluation
+from core.metrics import PixelError, per_sample_weighted_mse
 from tests.test_core_solver import linear_codec, target
 
 ILL = torch.tensor([[1.0, 0.6, 0.3], [0.6, 1.0, 0.6], [0.3, 0.6, 1.0]])  # ill-conditioned mix
@@ -56,8 +56,7 @@ def test_the_pixel_residual_is_the_weighted_error_and_falls_back_where_no_weight
     image, x = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     w = torch.rand(2, 1, 4, 4)
     w[1] = 0  # nothing weighted: the plain error, as PixelError gives
-    t = Target(x, w, torch.zeros(2, 1), torch.ones(2), torch.ones(2, 1))
-    p = pixel_residual(image, t)
+    p = PixelError(x, w, in_place=False).residual(image)
     mse = per_sample_weighted_mse(image, x, w)
     assert torch.allclose(p[0].square().sum() / (3 * w[0].sum()), mse[0])
     assert torch.allclose(p[1].square().mean(), mse[1])
