@@ -3,14 +3,17 @@ side in one process, for gradient-phase variants tried for issue 12's item 3 (do
 
     .venv/bin/python -m bench.hybrid_probe taef2 astronaut,flat_objects 64 hybrid,hybrid@0.01,lbfgs10,and+lbfgs
 
-`hybrid@LR`: the hybrid with its gradient phase at relative Adam step LR (default 0.03);
+`hybrid[@G]`: core's hybrid without encodes in its gradient phase (track_residual=False), switching
+where Anderson gained <= G dB per iteration over 3 (default 0: no new best); until session 5 its
+gradient phase was Adam from the best iterate, and `hybrid@LR` set that Adam's step;
 `lbfgsH`: torch.optim.LBFGS (strong Wolfe, history H) on ||D(z) - x||^2 from E(x);
 `and+lbfgs`: 30 Anderson steps, then L-BFGS from their best pixel iterate; `anderson-grad@LR`: core's
 Anderson stepper on the RMSprop-preconditioned pixel gradient (memory 5, step LR x RMS(E(x))), from E(x);
 `pixel-anderson@M[:RHO]` / `pixel-diis-grad@M[:LR]` / `pixel-diis-alt@M[:LR]`: DIIS on the pixel residual with
 gradient-free / preconditioned-gradient / alternating directions (`pixel-diis-grad` is what core.diis does);
 `and+diis@M[:LR]`: Anderson until 3 steps without a new best, then `pixel-diis-grad` from its best iterate;
-`gn@INNER`: Gauss-Newton with INNER CGLS steps, 8 s budget; `diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
+`and|diis`: Anderson until 3 steps without a new best, then (unless its best reached the input's noise
+floor) core's `diis` from E(x); `gn@INNER`: Gauss-Newton with INNER CGLS steps, 8 s budget; `diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
 evaluations to the baseline's PSNR) and writes /tmp/hybrid-probe-<model>.json.
 """
 from __future__ import annotations
@@ -215,6 +218,13 @@ def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
             z0 = r.latent.float().clone()
         ts, ps = pixel_anderson_run(codec, x, 101 - len(ps0), int(m), float(lr or 0.03), "grad", z0=z0.clone())
         return ts0 + [t + r.seconds for t in ts], ps0 + ps
+    if variant == "and|diis":  # Anderson until it stalls 3 steps; below the noise floor, core's diis from E(x)
+        twin = importlib.import_module(core.__name__ + ".twin")
+        ts0, ps0, r = timed_run(core, codec, x, method="anderson", steps=100, select="pixel", stall_steps=3)
+        if max(ps0) >= float(twin.noise_floor_psnr(x)[0]) - twin.FLOOR_MARGIN_DB:
+            return ts0, ps0
+        ts, ps, _ = timed_run(core, codec, x, method="diis", steps=101 - len(ps0), stall_steps=0, track_residual=False)
+        return ts0 + [t + ts0[-1] for t in ts], ps0 + ps
     if variant.startswith("diis"):  # core's method under the baseline's protocol; diis@B2:LR patches its decay
         diis = importlib.import_module(core.__name__ + ".diis")
         b2, _, lr = (variant.split("@")[1] if "@" in variant else "").partition(":")
@@ -227,13 +237,13 @@ def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
         return ts, ps
     if variant.startswith("anderson-grad@"):
         return anderson_grad_run(core, codec, x, float(variant.split("@")[1]))
-    if variant.startswith("hybrid"):
+    if variant.startswith("hybrid"):  # core's, under the baseline's protocol; hybrid@G patches MIN_GAIN_DB
         hybrid = importlib.import_module(core.__name__ + ".hybrid")
-        kept, hybrid.GRAD_LR = hybrid.GRAD_LR, float(variant.split("@")[1]) if "@" in variant else hybrid.GRAD_LR
+        kept, hybrid.MIN_GAIN_DB = hybrid.MIN_GAIN_DB, float(variant.split("@")[1]) if "@" in variant else hybrid.MIN_GAIN_DB
         try:
-            ts, ps, _ = timed_run(core, codec, x, method="hybrid", steps=100, stall_steps=0)
+            ts, ps, _ = timed_run(core, codec, x, method="hybrid", steps=100, stall_steps=0, track_residual=False)
         finally:
-            hybrid.GRAD_LR = kept
+            hybrid.MIN_GAIN_DB = kept
         return ts, ps
     if variant.startswith("lbfgs"):
         with torch.inference_mode():

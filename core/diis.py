@@ -40,32 +40,36 @@ class PixelDIIS:
         self.d_p = None  # (B, memory, pixels), allocated at the first step (the image size is known then)
         self.z_prev, self.s_prev = z0.new_zeros(b, n), z0.new_zeros(b, n)
         self.p_prev, self.err_prev = None, None
+        self.fresh = torch.ones(b, dtype=torch.bool, device=z0.device)  # no previous iterate to difference
         self.s, self.update = z0.new_empty(b, n), z0.new_empty(b, 1, n)  # buffers: no allocation per step
         self.eye = torch.eye(memory, device=z0.device, dtype=z0.dtype)
         self.slot, self.filled = 0, 0
 
+    def forget(self, samples: Tensor) -> None:
+        """Restart the history (differences and preconditioner) of `samples` (B,) bool, e.g. after
+        their iterate was moved by someone else (core.hybrid's restart)."""
+        self.fresh |= samples
+
     def _direction(self, g: Tensor) -> Tensor:
         """The preconditioned step s = lr * scale * g / sqrt(v) (RMSprop; v starts at the first g^2)."""
-        if self.p_prev is None:  # the first step
-            self.v.copy_(g.square())
-        else:
-            self.v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
+        self.v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
+        torch.where(self.fresh[:, None], g.square(), self.v, out=self.v)
         s = torch.div(g, self.v.sqrt().clamp_min(1e-30), out=self.s)  # g = 0 gives 0, not NaN
         return s.mul_(self.scale).mul_(self.lr)
 
     def _remember(self, z: Tensor, p: Tensor, s: Tensor, err: Tensor) -> None:
         if self.p_prev is None:
             self.d_p = p.new_zeros(p.shape[0], self.memory, p.shape[1])
-            self.p_prev = torch.empty_like(p)
-        else:
-            keep = (err <= self.err_prev).to(z.dtype)[:, None, None]
-            for buf in (self.d_z, self.d_s, self.d_p):
-                buf.mul_(keep)  # a sample whose error rose forgets all but the newest difference
-            i = self.slot
-            torch.sub(z, self.z_prev, out=self.d_z[:, i])
-            torch.sub(s, self.s_prev, out=self.d_s[:, i])
-            torch.sub(p, self.p_prev, out=self.d_p[:, i])
-            self.slot, self.filled = (i + 1) % self.memory, self.filled + 1
+            self.p_prev, self.err_prev = torch.zeros_like(p), err.clone()
+        fresh = self.fresh[:, None, None]
+        keep = ((err <= self.err_prev)[:, None, None] & ~fresh).to(z.dtype)
+        i = self.slot
+        for buf, now, prev in ((self.d_z, z, self.z_prev), (self.d_s, s, self.s_prev), (self.d_p, p, self.p_prev)):
+            buf.mul_(keep)  # a sample whose error rose forgets all but the newest difference
+            torch.sub(now, prev, out=buf[:, i])
+            buf[:, i].masked_fill_(fresh[:, 0], 0)  # ... and a fresh one has none yet
+        self.slot, self.filled = (i + 1) % self.memory, self.filled + 1
+        self.fresh.zero_()
         self.z_prev.copy_(z)
         self.s_prev.copy_(s)
         self.p_prev.copy_(p)
@@ -78,10 +82,11 @@ class PixelDIIS:
         self._remember(zf, p, s, ev.pixel_mse)
         update = self.update  # z_{k+1} = z_k - update
         update[:, 0].copy_(s)
-        if self.filled:
+        if self.filled > 1:  # the first step has no difference
             gram = self.d_p @ self.d_p.transpose(1, 2)  # (B, m, m)
             diag = gram.diagonal(dim1=1, dim2=2)  # the regularisation is relative to the kept differences
-            level = (diag.sum(1) / (diag > 0).sum(1).clamp_min(1)).clamp_min(1e-30)
+            kept = (diag > 0).sum(1)
+            level = torch.where(kept > 0, diag.sum(1) / kept.clamp_min(1), 1.0)  # no difference: gamma = 0
             gamma = torch.linalg.solve(gram + (self.reg * level)[:, None, None] * self.eye,
                                        self.d_p @ p[:, :, None]).transpose(1, 2)  # (B, 1, m)
             update.baddbmm_(gamma, self.d_z).baddbmm_(gamma, self.d_s, alpha=-1)

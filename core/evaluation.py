@@ -58,7 +58,7 @@ class Evaluation:
     residual_db: Tensor  # ||E(D(z_k)) - E(x)|| / ||E(x)|| in dB; NaN where not computed
     residual: Optional[Tensor] = None  # E(D(z_k)) - E(x), latent-shaped; None where not computed
     pixel_grad: Optional[Tensor] = None  # d sum(pixel_mse) / dz at z_k, latent-shaped; None unless asked
-    pixel_residual: Optional[Tensor] = None  # sqrt(weight) (D(z_k) - x), image-shaped; family "pixel" only
+    pixel_residual: Optional[Tensor] = None  # sqrt(weight) (D(z_k) - x), image-shaped; with pixel_grad (not "gradient")
 
 
 def pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, target: Target,
@@ -78,23 +78,28 @@ class FixedPointEvaluator:
 
     `wants_pixel_grad(k)` (family "both", None otherwise): at the iterates where it returns True the
     decode goes through the differentiable decoder instead, so the pixel gradient costs one
-    backward more and no extra forward."""
+    backward more and no extra forward; the pixel residual comes with it. `wants_residual(k)`
+    (None: always): where it returns False the encode is skipped (residual None, residual_db NaN)."""
 
     tracks_residual = True
 
     def __init__(self, codec: Codec, target: Target, z: Tensor,
-                 wants_pixel_grad: Optional[Callable[[int], bool]] = None):
+                 wants_pixel_grad: Optional[Callable[[int], bool]] = None,
+                 wants_residual: Optional[Callable[[int], bool]] = None):
         self.codec, self.target, self.wants_pixel_grad = codec, target, wants_pixel_grad
+        self.wants_residual = wants_residual
         self.pixel_error = PixelError(target.image, target.weight)
         self.residual = torch.empty_like(target.latent)
         # the codec's dtype copy of z; in fp32 the iterate itself
         self.z_in = z if codec.dtype == torch.float32 else torch.empty_like(z, dtype=codec.dtype)
         self.decode_grad = codec.differentiable_decode() if wants_pixel_grad is not None else None
+        self.pixel_residual = PixelError(target.image, target.weight, in_place=False).residual
 
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
-        codec, grad = self.codec, None
+        codec, grad, pixels = self.codec, None, None
         if self.decode_grad is not None and with_grad and self.wants_pixel_grad(k):
             image, err, grad = pixel_gradient(self.decode_grad, z, self.target, True)
+            pixels = self.pixel_residual(image)
             image = image.to(codec.dtype)
         else:
             with torch.inference_mode():
@@ -102,10 +107,12 @@ class FixedPointEvaluator:
                     self.z_in.copy_(z)
                 image = codec.decode(self.z_in)
                 err = self.pixel_error(image)
+        if self.wants_residual is not None and not self.wants_residual(k):
+            return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)
         with torch.inference_mode():
             residual = torch.sub(codec.encode(image), self.target.latent, out=self.residual)
             res_db = ratio_db(per_sample_norm(residual), self.target.latent_norm)
-        return Evaluation(err, res_db, residual, grad)
+        return Evaluation(err, res_db, residual, grad, pixels)
 
 
 class PixelGradientEvaluator:
@@ -137,7 +144,11 @@ def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepp
     """The evaluator of a method's family (core.methods.FAMILIES) for this run."""
     if method.pixel_only:
         return PixelGradientEvaluator(codec, target, track_residual, keeps_pixel_residual=method.family == "pixel")
-    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad if method.family == "both" else None)
+    if method.family != "both":
+        return FixedPointEvaluator(codec, target, z)
+    # a hybrid's gradient phase encodes only for the trace: skipped with track_residual=False
+    wants_residual = None if track_residual else getattr(stepper, "wants_residual", None)
+    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad, wants_residual)
 
 
 def direction(family: str, evaluation: Evaluation):

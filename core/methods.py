@@ -7,8 +7,9 @@ family decides what `core.evaluation` computes at each iterate and what the step
   autograd); the stepper's `step(z, residual, active)`.
 - "gradient": the pixel-loss gradient d||D(z) - x||^2 / dz by autograd (the residual only for the
   trace); the stepper's `step(z, pixel_grad, active)`.
-- "both": the whole `Evaluation` (the residual at every iterate, the pixel gradient at the
-  iterates where the stepper's `wants_pixel_grad(k)` returns True); `step(z, evaluation, active)`.
+- "both": the whole `Evaluation` (the residual at every iterate, the pixel gradient and the pixel
+  residual at the iterates where the stepper's `wants_pixel_grad(k)` returns True);
+  `step(z, evaluation, active)`.
   For hybrids that mix or switch between the two directions.
 - "pixel": what "gradient" computes plus the pixel residual sqrt(w) (D(z) - x); the stepper gets the
   whole `Evaluation` (for accelerations that mix iterates by their pixel residual: core.diis).
@@ -45,6 +46,7 @@ class StepSetup:
     eps: float
     opts: "InversionOptions"
     codec: Optional[Codec] = None  # for methods that need the differentiable decoder up front (hybrid)
+    image: Optional[Tensor] = None  # the target x (fp32), for methods that read its noise floor (hybrid)
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def _hybrid(s: StepSetup):
     # the decoder copy for the memory estimate is built only when there is a cap to check
     cap = s.opts.memory_limit_mb
     decode_grad = s.codec.differentiable_decode() if cap > 0 and s.codec is not None else None
-    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, s.eps, decode_grad, cap)
+    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, s.image, decode_grad, cap)
 
 
 METHOD_REGISTRY: dict[str, Method] = {
@@ -93,7 +95,7 @@ METHOD_REGISTRY: dict[str, Method] = {
     "anderson": Method("fixed_point", 0.5, lambda s: Anderson(s.z, s.lr, s.opts.memory)),
     "gradient": Method("gradient", 0.01, _adam),  # the baseline: Adam on the pixel-loss gradient
     "diis": Method("pixel", 0.02, _diis),  # pixel-gradient steps mixed by their pixel residual (core.diis)
-    "hybrid": Method("both", 0.5, _hybrid),  # anderson, then pixel-gradient Adam once it stalls (core.hybrid)
+    "hybrid": Method("both", 0.5, _hybrid),  # anderson, then diis from E(x) where it stalls below the noise floor
 }
 METHODS = tuple(METHOD_REGISTRY)
 PIXEL_ONLY_METHODS = tuple(name for name, m in METHOD_REGISTRY.items() if m.pixel_only)

@@ -52,7 +52,7 @@ class InversionOptions:
     memory: int = 5  # anderson: how many past differences to mix (3-6 is typical)
     schedule: bool = True  # adam/gradient: the paper's warm-up + cosine schedule
     divergence: float = 100.0  # stop a sample whose residual exceeds this x its initial one
-    track_residual: bool = True  # gradient: also encode each iterate to report the residual
+    track_residual: bool = True  # gradient, diis, hybrid's gradient phase: also encode each iterate to report the residual
     # Keep every n-th iterate and its residual (CPU, fp32) to test the paper's cocoercivity
     # assumption along the trajectory (core.diagnostics.cocoercivity); 0 keeps none. Costs
     # 2 x latent size per kept iterate in host memory; from a GPU the copies go to pinned memory
@@ -96,7 +96,7 @@ class InversionOptions:
             raise ValueError(f"memory must be in [1, 20]; got {self.memory!r}")
         if self.record_every < 0:
             raise ValueError(f"record_every must be >= 0 (0 turns it off); got {self.record_every!r}")
-        if self.record_every > 0 and METHOD_REGISTRY[self.method].pixel_only and not self.track_residual:
+        if self.record_every > 0 and METHOD_REGISTRY[self.method].needs_autograd and not self.track_residual:
             raise ValueError(f"record_every needs the residual: set track_residual=True for {self.method!r}")
         if int(self.sync_every) != self.sync_every or self.sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1; got {self.sync_every!r}")
@@ -201,6 +201,7 @@ class RunState:
         """`hold` (real rows of a twin batch): samples that may not stall yet, because their twin's
         latent error is still falling (the iterate it would pick is not reached)."""
         opts, active, err, res = self.opts, self.active, ev.pixel_mse, ev.residual_db
+        tracks_residual = self.tracks_residual and ev.residual is not None  # a hybrid may stop encoding
         self.trace[0, k].copy_(err).masked_fill_(~active, math.nan)
         self.trace[1, k].copy_(res).masked_fill_(~active, math.nan)
         improved = (err < self.best_err) & active
@@ -211,7 +212,7 @@ class RunState:
         code = torch.zeros_like(self.reason)
         if 0 < opts.stall_steps <= k:
             stalled = self.since_best >= opts.stall_steps
-            if self.tracks_residual:  # ... and the residual flat over those iterations
+            if tracks_residual:  # ... and the residual flat over those iterations
                 window = self.trace[1, k - opts.stall_steps:k + 1]
                 stalled &= (window.amax(0) - window.amin(0)) <= opts.stall_flat_db
             if hold is not None:
@@ -219,10 +220,10 @@ class RunState:
             code.masked_fill_(stalled, 4)
         if opts.patience > 0:
             code.masked_fill_(self.since_best >= opts.patience, 3)
-        if self.tracks_residual and opts.tolerance > 0:
+        if tracks_residual and opts.tolerance > 0:
             code.masked_fill_(res <= 20 * math.log10(opts.tolerance), 2)
         bad = ~torch.isfinite(err)
-        if self.tracks_residual:
+        if tracks_residual:
             if k == 0:  # A floor on the reference: an exact initial fixed point has a residual of -inf dB.
                 self.limit = res.clamp_min(-120.0) + 20 * math.log10(opts.divergence)
             bad |= res.isnan() | (res == math.inf) | (res > self.limit)
@@ -386,7 +387,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
     z = target.start()
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
-    stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec))
+    stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec, target.image))
     evaluate = evaluator_for(method, codec, target, z, stepper, opts.track_residual)
     real_rows = batch if twin is not None else None
     state = RunState(z, opts, evaluate.tracks_residual, real_rows)

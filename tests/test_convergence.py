@@ -57,6 +57,26 @@ def test_hybrid_within_its_cap_switches_to_gradient_steps():
     assert _differentiable_passes(calls) > ESTIMATE_PASSES + 5
 
 
+def test_hybrid_stays_gradient_free_at_the_noise_floor_and_restarts_from_the_encoding_below_it():
+    """Sample 0 is in the decoder's range (8-bit rounded): Anderson gets its decode to the floor, so it
+    never switches. Sample 1 (8-bit noise) stalls far below it: it restarts from E(x), so its iterate
+    at the switch decodes exactly as E(x) did, and the diis steps that follow improve on it."""
+    from tests.test_core_solver import linear_codec
+
+    codec, dec = linear_codec()
+    g = torch.Generator().manual_seed(1)
+    in_range = dec(0.2 + 0.5 * torch.rand(1, 3, 4, 4, generator=g))
+    x = (torch.cat([in_range, torch.rand(1, 3, 8, 8, generator=g)]).clamp(0, 1) * 255).round() / 255
+    r = invert(codec, x, method="hybrid", steps=60, stall_steps=0)
+    assert r.extra["at_noise_floor"] == [True, False]
+    k = r.extra["switch_iteration"][1]
+    assert r.extra["switch_iteration"][0] is None and k is not None
+    assert r.trace_psnr[k, 1] == pytest.approx(r.trace_psnr[0, 1].item(), abs=1e-4)
+    assert r.samples[0].psnr_best > 80
+    after, before = r.trace_psnr[k + 1:, 1].max(), r.trace_psnr[:k, 1].max()
+    assert after > r.trace_psnr[k, 1] + 0.5 and after >= before - 0.01  # back at the fixed point's optimum
+
+
 def test_activation_estimate_scales_with_area():
     dec = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.Tanh(),
                               torch.nn.Conv2d(32, 3, 3, padding=1)).requires_grad_(False)
