@@ -47,13 +47,15 @@ GRAD_CONFIGS = {
     # DIIS-accelerated pixel-gradient steps (core.diis), under the same protocol
     "diis": dict(method="diis", track_residual=False, stall_steps=0),
 }
+# The hybrid under the same protocol: its gradient phase does not encode (as the rows above)
+HYBRID_CONFIGS = {"hybrid": dict(method="hybrid", track_residual=False, stall_steps=0)}
 CHECKPOINT_FRACTIONS = (0.2, 0.5)  # gradient rows also run 20 and 50 of 100 steps
 
 
 def method_configs(core_methods, default_method: str) -> dict:
     """name -> invert overrides (None for the plain encoder). Gradient-free methods that core
     offers beyond adam/forward/km (e.g. anderson) get a row of their own with core's defaults."""
-    configs = {ENCODER: None, **FREE_CONFIGS}
+    configs = {ENCODER: None, **FREE_CONFIGS, **HYBRID_CONFIGS}
     for m in core_methods:  # the default method already has its row: "ours"
         if m not in ("adam", "gradient", default_method) and m not in configs:
             configs[m] = dict(method=m)

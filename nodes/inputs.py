@@ -19,8 +19,9 @@ METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the 
                   "gradient: baseline that backpropagates through the decoder (slower, far more memory). "
                   "diis: gradient steps mixed by their pixel error (DIIS), the highest PSNR on TAEF2-like VAEs whose "
                   "encoder is not the decoder's inverse; the memory of a backward pass. "
-                  "hybrid: anderson until it stalls, then pixel-gradient steps from the best iterate, within "
-                  "memory_limit_mb (the highest PSNR; the memory of a backward pass).")
+                  "hybrid: anderson until it stops paying; where its decode did not reach the image's noise floor, "
+                  "diis from the plain encoding, within memory_limit_mb (fast on jointly trained VAEs, the memory "
+                  "of a backward pass).")
 
 
 def title(node_cls) -> str:
