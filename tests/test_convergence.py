@@ -151,3 +151,15 @@ def test_hybrid_beats_the_gradient_free_default_in_pixels_on_a_taef2_hard_case(t
     hybrid = core.invert(codec, x, method="hybrid", steps=STEPS)
     assert hybrid.extra["switch_iteration"][0] is not None
     assert hybrid.samples[0].psnr_best > default.psnr_best + 1.0
+
+
+def test_hybrid_on_kl_f8_finishes_gradient_free_at_the_noise_floor(kl_small, pack):
+    """A jointly trained VAE in the paper protocol: Anderson takes the decode to the 8-bit noise floor,
+    so the hybrid never pays for a gradient step there, and its result is the fixed point's."""
+    adapter, core = pack
+    codec, x, _, _ = _protocol(adapter, kl_small, "flat_noise")
+    r = core.invert(codec, x, method="hybrid", steps=STEPS)
+    assert r.extra["at_noise_floor"] == [True] and r.extra["switch_iteration"] == [None]
+    free = core.invert(codec, x, method="anderson", steps=STEPS, select="pixel")
+    assert r.samples[0].psnr_best == pytest.approx(free.samples[0].psnr_best, abs=0.05)
+

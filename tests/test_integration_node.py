@@ -46,7 +46,7 @@ def test_taef2_default_method_gains_1db_on_every_photo(method, taef2, photos128,
     assert summary.count("image ") == 4
 
 
-@pytest.mark.parametrize("method", ["adam", "forward", "km", "anderson", "gradient", "diis"])
+@pytest.mark.parametrize("method", ["adam", "forward", "km", "anderson", "gradient", "diis", "hybrid"])
 @pytest.mark.parametrize("vae_name", ["taef2", "kl_small"])
 def test_every_method_never_decodes_worse_than_the_encoder(method, vae_name, request, photos64,
                                                            run_node, stock):
