@@ -6,9 +6,9 @@ converges linearly and slowly (the decoder's Jacobian is ill-conditioned). DIIS 
 MEMORY iterates and mixes them so that the linearised pixel residual D(z) - x of the mix is least
 squares, then steps from the mix along the mixed preconditioned gradient: a Krylov-type
 acceleration of the gradient step, aimed at D(z) = x itself rather than at a fixed point of E o D.
-Measured (`python -m bench.hybrid_probe <vae> <9 bench images> 64 pixel-diis-grad@20:0.02`, the same
-update): it reaches the 100-step PSNR of Adam at 0.03 x RMS, constant, in 34-89 steps on TAEF2 and
-50-72 on kl-f8, and ends higher on all 18 (docs/convergence.md has the bench.run table).
+Measured (`python -m bench.hybrid_probe <vae> <9 bench images> 64 diis`, BETA2 0.995): it reaches the
+100-step PSNR of Adam at 0.03 x RMS, constant, in 32-91 steps on TAEF2 and 44-67 on kl-f8, and ends
+higher on all 18 (docs/convergence.md has the bench.run table).
 
 Costs over Adam: 2 x MEMORY latent-sized and MEMORY image-sized fp32 buffers per sample (the pixel
 differences), and one (MEMORY x MEMORY) solve per step.
@@ -19,7 +19,10 @@ import torch
 
 Tensor = torch.Tensor
 MEMORY = 20  # differences mixed: 5 stalled on a TAEF2 photo; 20 ended higher than 10 on 17 of 18 bench cells
-BETA2 = 0.999  # decay of the RMSprop average of g^2 that preconditions the gradient
+# decay of the RMSprop average of g^2 that preconditions the gradient: 0.995 took as few or fewer evaluations to
+# Adam's 100-step PSNR than 0.999 on 17 of 18 bench cells (8 % fewer in all) and ended higher on 15;
+# 0.99 never reached it on TAEF2 texture (bench/results/2026-12-03-cpu-diis-beta2-probe.md)
+BETA2 = 0.995
 
 
 class PixelDIIS:
