@@ -93,7 +93,8 @@ class FixedPointEvaluator:
         # the codec's dtype copy of z; in fp32 the iterate itself
         self.z_in = z if codec.dtype == torch.float32 else torch.empty_like(z, dtype=codec.dtype)
         self.decode_grad = codec.differentiable_decode() if wants_pixel_grad is not None else None
-        self.pixel_residual = PixelError(target.image, target.weight, in_place=False).residual
+        self.pixel_residual = (PixelError(target.image, target.weight, in_place=False).residual
+                               if wants_pixel_grad is not None else None)  # only with the pixel gradient
 
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
         codec, grad, pixels = self.codec, None, None
