@@ -119,10 +119,11 @@ class FixedPointEvaluator:
 class PixelGradientEvaluator:
     """Families "gradient" and "pixel": the pixel-loss gradient by autograd through the differentiable
     decoder (and for "pixel" the pixel residual); the latent residual (one encode more) only with
-    `track_residual`, and always at k = 0 for the trace."""
+    `track_residual` (every `residual_every`-th iterate; 0: none), and always at k = 0 for the trace."""
 
-    def __init__(self, codec: Codec, target: Target, track_residual: bool, keeps_pixel_residual: bool = False):
-        self.codec, self.target, self.tracks_residual = codec, target, track_residual
+    def __init__(self, codec: Codec, target: Target, residual_every: int, keeps_pixel_residual: bool = False):
+        self.codec, self.target = codec, target
+        self.tracks_residual, self.residual_every = residual_every > 0, max(residual_every, 1)
         # sqrt(w) (D(z) - x) for family "pixel"; not in place: the stepper keeps it past the next call
         self.pixel_error = PixelError(target.image, target.weight, in_place=False) if keeps_pixel_residual else None
         self.decode = codec.differentiable_decode()
@@ -132,7 +133,7 @@ class PixelGradientEvaluator:
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
         image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad)
         pixels = self.pixel_error.residual(image) if self.pixel_error is not None else None
-        if not (self.tracks_residual or k == 0):
+        if not (k == 0 or (self.tracks_residual and k % self.residual_every == 0)):
             return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)
         with torch.inference_mode():
             residual = torch.sub(self.codec.encode(image.to(self.codec.dtype)).float(), self.target.latent,
@@ -141,14 +142,18 @@ class PixelGradientEvaluator:
         return Evaluation(err, res_db, residual, grad, pixels)
 
 
-def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepper, track_residual: bool):
-    """The evaluator of a method's family (core.methods.FAMILIES) for this run."""
+def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepper, residual_every: int):
+    """The evaluator of a method's family (core.methods.FAMILIES) for this run. `residual_every`: encode
+    every n-th iterate for the trace where the step does not need it (0: only the first)."""
     if method.pixel_only:
-        return PixelGradientEvaluator(codec, target, track_residual, keeps_pixel_residual=method.family == "pixel")
+        return PixelGradientEvaluator(codec, target, residual_every, keeps_pixel_residual=method.family == "pixel")
     if method.family != "both":
         return FixedPointEvaluator(codec, target, z)
-    # a hybrid's gradient phase encodes only for the trace: skipped with track_residual=False
-    wants_residual = None if track_residual else getattr(stepper, "wants_residual", None)
+    # a stepper with `wants_residual` (the hybrid's gradient phase) may not need the encode: then it is
+    # for the trace only; without it the stepper needs the residual at every iterate
+    step_wants = getattr(stepper, "wants_residual", None)
+    wants_residual = None if residual_every == 1 or step_wants is None else (
+        lambda k: step_wants(k) or (residual_every > 0 and k % residual_every == 0))
     return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad, wants_residual)
 
 

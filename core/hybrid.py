@@ -76,13 +76,14 @@ class Hybrid:
     below the noise floor of `image` (and if memory allows), `diis` on the pixel gradient from E(x)."""
 
     def __init__(self, z0: Tensor, scale: Tensor, rho: float, memory: int, image: Tensor,
-                 decode_grad=None, memory_limit_mb: float = 0.0):
+                 decode_grad=None, memory_limit_mb: float = 0.0, encoded: Tensor | None = None):
         """`image`: the target x, for its noise floor; `decode_grad`: the differentiable decoder,
-        needed only to estimate memory against a cap."""
+        needed only to estimate memory against a cap; `encoded`: E(x), read only (the solver's target;
+        None: a copy of z0)."""
         batch, self.view = z0.shape[0], (z0.shape[0],) + (1,) * (z0.ndim - 1)
         self.fixed_point = Anderson(z0, rho, memory)
         self.scale, self.gradient = scale, None  # the diis stepper, built at the first switch
-        self.encoded = z0.clone()  # E(x): where the gradient phase starts
+        self.encoded = z0.clone() if encoded is None else encoded  # E(x): where the gradient phase starts
         self.floor_psnr = noise_floor_psnr(image).to(z0.device) - FLOOR_MARGIN_DB
         self.best_err = torch.full((batch,), math.inf, device=z0.device)
         self.best_db = torch.full((STALL + 1, batch), -math.inf, device=z0.device)  # ring: the last bests

@@ -47,6 +47,7 @@ class StepSetup:
     opts: "InversionOptions"
     codec: Optional[Codec] = None  # for methods that need the differentiable decoder up front (hybrid)
     image: Optional[Tensor] = None  # the target x (fp32), for methods that read its noise floor (hybrid)
+    latent: Optional[Tensor] = None  # E(x) (fp32, never written), for methods that restart there (hybrid)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _hybrid(s: StepSetup):
     # the decoder copy for the memory estimate is built only when there is a cap to check
     cap = s.opts.memory_limit_mb
     decode_grad = s.codec.differentiable_decode() if cap > 0 and s.codec is not None else None
-    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, s.image, decode_grad, cap)
+    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, s.image, decode_grad, cap, s.latent)
 
 
 METHOD_REGISTRY: dict[str, Method] = {

@@ -20,7 +20,7 @@ from .codec import Codec
 from .diagnostics import cocoercivity
 from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
-from .metrics import psnr_from_mse
+from .metrics import per_sample_norm, psnr_from_mse, ratio_db
 from .result import InversionResult, SampleStats
 from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
 
@@ -52,7 +52,11 @@ class InversionOptions:
     memory: int = 5  # anderson: how many past differences to mix (3-6 is typical)
     schedule: bool = True  # adam/gradient: the paper's warm-up + cosine schedule
     divergence: float = 100.0  # stop a sample whose residual exceeds this x its initial one
-    track_residual: bool = True  # gradient, diis, hybrid's gradient phase: also encode each iterate to report the residual
+    track_residual: bool = True  # gradient, diis, hybrid's gradient phase: also encode iterates to report the residual
+    # ... every n-th of them (and the first): an encode costs ~40 % of a diis step on TAEF2, and the trace
+    # only plots it. The returned latent's residual is then encoded once at the end. Fixed-point
+    # methods encode every iterate anyway (it is their step).
+    residual_every: int = 1
     # Keep every n-th iterate and its residual (CPU, fp32) to test the paper's cocoercivity
     # assumption along the trajectory (core.diagnostics.cocoercivity); 0 keeps none. Costs
     # 2 x latent size per kept iterate in host memory; from a GPU the copies go to pinned memory
@@ -96,8 +100,12 @@ class InversionOptions:
             raise ValueError(f"memory must be in [1, 20]; got {self.memory!r}")
         if self.record_every < 0:
             raise ValueError(f"record_every must be >= 0 (0 turns it off); got {self.record_every!r}")
-        if self.record_every > 0 and METHOD_REGISTRY[self.method].needs_autograd and not self.track_residual:
-            raise ValueError(f"record_every needs the residual: set track_residual=True for {self.method!r}")
+        if int(self.residual_every) != self.residual_every or self.residual_every < 1:
+            raise ValueError(f"residual_every must be an integer >= 1 (1: every iterate); got {self.residual_every!r}")
+        if (self.record_every > 0 and METHOD_REGISTRY[self.method].needs_autograd
+                and not (self.track_residual and self.record_every % self.residual_every == 0)):
+            raise ValueError(f"record_every needs the residual at the iterates it keeps: set track_residual=True and "
+                             f"record_every a multiple of residual_every for {self.method!r}")
         if int(self.sync_every) != self.sync_every or self.sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1; got {self.sync_every!r}")
         if not self.divergence > 1:
@@ -107,6 +115,12 @@ class InversionOptions:
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}; got {self.select!r}")
         return self
+
+    @property
+    def residual_stride(self) -> int:
+        """Every how many iterates the residual is encoded (with track_residual): residual_every for the
+        methods that step without it, every one for the fixed-point methods, whose step it is."""
+        return self.residual_every if METHOD_REGISTRY[self.method].needs_autograd else 1
 
     @property
     def step_size(self) -> float:
@@ -213,8 +227,7 @@ class RunState:
         if 0 < opts.stall_steps <= k:
             stalled = self.since_best >= opts.stall_steps
             if tracks_residual:  # ... and the residual flat over those iterations
-                window = self.trace[1, k - opts.stall_steps:k + 1]
-                stalled &= (window.amax(0) - window.amin(0)) <= opts.stall_flat_db
+                stalled &= _spread_db(self.trace[1, k - opts.stall_steps:k + 1]) <= opts.stall_flat_db
             if hold is not None:
                 stalled[:hold.shape[0]] &= ~hold
             code.masked_fill_(stalled, 4)
@@ -308,6 +321,27 @@ class IterateLog:
         return out
 
 
+def _spread_db(window: Tensor) -> Tensor:
+    """(B,) max - min over the iterations of a (n, B) residual window, skipping iterates whose residual
+    was not encoded (NaN, residual_every); -inf where none was (no residual condition then)."""
+    seen = window.isfinite()
+    return window.masked_fill(~seen, -math.inf).amax(0) - window.masked_fill(~seen, math.inf).amin(0)
+
+
+def _with_returned_residual(result: InversionResult, codec: Codec, target: Target) -> InversionResult:
+    """Fill the residual of samples whose returned iterate was not encoded (residual_every > 1): one
+    decode and encode of the returned latents, so the summary never shows a missing residual."""
+    missing = [math.isnan(s.residual_db_best) for s in result.samples]
+    if not any(missing):
+        return result
+    with torch.inference_mode():
+        z = result.latent.to(codec.dtype)
+        residual = codec.encode(codec.decode(z)).float() - target.latent
+        res_db = ratio_db(per_sample_norm(residual), target.latent_norm).tolist()
+    samples = [replace(s, residual_db_best=r) if m else s for s, m, r in zip(result.samples, missing, res_db)]
+    return replace(result, samples=samples)
+
+
 def _result(state: RunState, log: IterateLog, final_k: int, opts: InversionOptions, dtype: torch.dtype,
             seconds: float) -> InversionResult:
     stopped_at, best_its, reasons = (t.tolist() for t in (state.stopped_at, state.best_iteration, state.reason))
@@ -387,8 +421,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
     z = target.start()
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
-    stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec, target.image))
-    evaluate = evaluator_for(method, codec, target, z, stepper, opts.track_residual)
+    stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec, target.image, target.latent))
+    evaluate = evaluator_for(method, codec, target, z, stepper, opts.residual_every if opts.track_residual else 0)
     real_rows = batch if twin is not None else None
     state = RunState(z, opts, evaluate.tracks_residual, real_rows)
     log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start, real_rows)
@@ -407,6 +441,9 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         stepper.step(z, step_direction, state.active_f)
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
+    if opts.track_residual and opts.residual_every > 1:
+        result = _with_returned_residual(result, codec, target)
+        result.seconds = time.perf_counter() - start
     if twin is not None:
         result = _select(result, twin, target.latent)
         result.seconds = time.perf_counter() - start

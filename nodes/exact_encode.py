@@ -63,7 +63,7 @@ class VAEExactEncode(io.ComfyNode):
         if check_assumption:
             # upper bound (video VAEs also compress time): only sizes the assumption check's budget
             latent_numel = image.numel() // 3 // latent_cell(vae) ** 2 * vae.latent_channels
-            options = replace(options, record_every=record_every(steps, latent_numel))
+            options = replace(options, record_every=record_every(steps, latent_numel, options.residual_stride))
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         on_iteration = iteration_callback(steps, send=progress_sender(node_id))
 

@@ -13,6 +13,9 @@ from .adapter import PRECISIONS, latent_cell, to_vae_layout
 
 DEFAULT_METHOD = InversionOptions().method
 ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's kept iterates
+# Gradient methods encode every 4th iterate for the plotted residual (not every one): an encode costs
+# ~40 % of a diis step on TAEF2 (bench/results/2026-12-03-cpu-residual-every.md)
+RESIDUAL_EVERY = 4
 METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the fixed-point step, the fastest "
                   "here. adam: the paper's method (Adam moments on the residual, warm-up + cosine schedule). "
                   "forward: plain fixed-point step. km: inertial Krasnoselskii-Mann (forward step with momentum). "
@@ -97,6 +100,7 @@ def solver_options(node_cls, method: str, steps: int, learning_rate: float = 1.0
     check_choice("method", method, methods)
     if not auto_stop:
         extra["stall_steps"] = 0
+    extra.setdefault("residual_every", RESIDUAL_EVERY)
     check_choice("precision", precision, PRECISIONS)
     if "select" in extra:
         check_choice("select", extra["select"], SELECTIONS)
@@ -110,10 +114,12 @@ def solver_options(node_cls, method: str, steps: int, learning_rate: float = 1.0
         raise ValueError(f"{title(node_cls)}: {e}") from None
 
 
-def record_every(steps: int, latent_numel: int) -> int:
-    """Keep every n-th iterate so that z_k and T z_k (fp32) fit ITERATE_BUDGET."""
+def record_every(steps: int, latent_numel: int, residual_every: int = 1) -> int:
+    """Keep every n-th iterate so that z_k and T z_k (fp32) fit ITERATE_BUDGET; n a multiple of
+    `residual_every` (the kept iterates need their residual)."""
     per_iterate = 2 * 4 * latent_numel
-    return max(1, -(-(steps + 1) * per_iterate // ITERATE_BUDGET))
+    n = max(1, -(-(steps + 1) * per_iterate // ITERATE_BUDGET))
+    return -(-n // residual_every) * residual_every
 
 
 def check_finite(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -149,3 +149,17 @@ def test_watermark_quick_measures_every_cell(tmp_path):
         assert finite(r["latent_nmse_db"]) and finite(r["noise_nmse_db"]) and r["encode_s_per_image"] > 0
     table = files[0].with_suffix(".md").read_text()
     assert table.count("| VAE Encode (stock) |") == 8 and "## attack: resize0.75" in table
+
+
+def test_residual_every_bench_returns_the_same_latent_at_every_setting(tmp_path):
+    """`python -m bench.residual_every` on one small cell: it exits non-zero unless the latent of every
+    residual setting is the identical tensor; one row per method, the table written."""
+    proc = subprocess.run([sys.executable, "-m", "bench.residual_every", "--models", "kl_f8_small", "--images",
+                           "astronaut", "--methods", "gradient", "diis", "--size", "32", "--steps", "6",
+                           "--repeats", "1", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-residual-every.json")]
+    assert [r["method"] for r in result["rows"]] == ["gradient", "diis"]
+    assert all(r["same_latent"] and all(s > 0 for s in r["seconds"].values()) for r in result["rows"])
+    assert "| kl_f8_small | astronaut | diis |" in (tmp_path / f"{result['meta']['date']}-cpu-residual-every.md").read_text()

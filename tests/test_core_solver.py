@@ -1,6 +1,7 @@
 """Unit tests of core/ with plain torch: no ComfyUI anywhere."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -231,6 +232,50 @@ def test_gradient_without_residual_tracking_reports_nan_residual():
     r = invert(codec, x, method="gradient", steps=5, track_residual=False)
     assert math.isnan(r.samples[0].residual_db_final)
     assert math.isfinite(r.samples[0].residual_db_initial)
+
+
+@pytest.mark.parametrize("method", ["gradient", "diis", "hybrid"])
+def test_residual_every_encodes_only_every_nth_iterate_and_leaves_the_latent_alone(method):
+    codec, _ = linear_codec()
+    x, _ = target(batch=2)
+    encodes = []
+
+    def counting_encode(img):
+        encodes.append(1)
+        return codec.encode(img)
+
+    opts = dict(method=method, steps=13, stall_steps=0, select="pixel")
+    every = invert(codec, x, **opts)
+    strided = invert(dataclasses.replace(codec, encode=counting_encode), x, residual_every=4, **opts)
+    assert torch.equal(strided.latent, every.latent)  # the residual is only reported, never stepped on
+    seen = torch.isfinite(strided.trace_residual_db[:, 0]).nonzero().flatten().tolist()
+    if method == "hybrid":  # its fixed-point phase needs every residual, the strided ones after it
+        assert set(range(0, 14, 4)) <= set(seen)
+    else:
+        assert seen == [0, 4, 8, 12]
+        # E(x), the 4 strided iterates, and once the returned latents where one was not among them
+        assert len(encodes) == 1 + 4 + any(s.best_iteration % 4 for s in strided.samples)
+    for s_strided, s_every in zip(strided.samples, every.samples):  # the summary's residual is always there
+        assert s_strided.residual_db_best == pytest.approx(s_every.residual_db_best, abs=1e-3)
+
+
+def test_auto_stops_flatness_skips_iterates_whose_residual_was_not_encoded():
+    nan = math.nan
+    window = torch.tensor([[-20.0, nan], [nan, nan], [-20.5, nan], [nan, nan]])
+    spread = solver._spread_db(window)
+    assert spread[0].item() == pytest.approx(0.5)
+    assert spread[1].item() == -math.inf  # no residual in the window: the pixel rule alone decides
+
+
+def test_residual_every_is_checked():
+    codec, _ = linear_codec()
+    x, _ = target()
+    with pytest.raises(ValueError, match="residual_every must be an integer >= 1"):
+        invert(codec, x, method="gradient", residual_every=0)
+    with pytest.raises(ValueError, match="multiple of residual_every"):
+        invert(codec, x, method="gradient", residual_every=4, record_every=6)
+    assert InversionOptions(method="anderson", residual_every=4).residual_stride == 1  # its step is the residual
+    assert InversionOptions(method="diis", residual_every=4).residual_stride == 4
 
 
 def test_callback_sees_every_iteration_and_can_cancel():

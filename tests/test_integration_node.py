@@ -58,6 +58,17 @@ def test_every_method_never_decodes_worse_than_the_encoder(method, vae_name, req
     assert all(e >= p - 1e-3 for e, p in zip(exact, plain)), (method, plain, exact)
 
 
+@pytest.mark.parametrize("method", ["diis", "hybrid"])
+def test_gradient_methods_encode_a_strided_residual_and_report_the_returned_ones(method, taef2, photos64, run_node):
+    """The node encodes every 4th gradient iterate for the plot (nodes.inputs.RESIDUAL_EVERY, the
+    hybrid's fixed-point phase every one), and the returned latent once, so the summary has its residual."""
+    latent, summary = run_node(photos64["astronaut"], taef2, steps=9, method=method, auto_stop=False)
+    assert "residual" in summary and "nan" not in summary, summary
+    plotted = latent["samples"].exact_encode_trace["trace"]["residual_db"][0]  # what Inversion Diagnostics plots
+    encoded = [k for k, v in enumerate(plotted) if v is not None and math.isfinite(v)]
+    assert {0, 4, 8} <= set(encoded) and (method == "hybrid" or encoded == [0, 4, 8]), plotted
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precisions_run_and_stay_within_half_a_db_of_fp32(precision, taef2, photos64, run_node, stock):
     """32 px: CPUs without native fp16/bf16 convolutions emulate them (minutes at 64 px)."""
