@@ -89,7 +89,9 @@ class Hybrid:
         self.best_db = torch.full((STALL + 1, batch), -math.inf, device=z0.device)  # ring: the last bests
         self.switched = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         self.settled = torch.zeros(batch, dtype=torch.bool, device=z0.device)  # stalled at the floor
-        self.any_switched = False
+        # host copies of the per-sample flags, refreshed by one read per _switch: the loop never waits
+        # for the device to ask them
+        self.any_switched = self.all_switched = self.all_done = False
         self.switch_iteration = [None] * batch
         self.k = 0
         self.limit_mb, self.estimate_mb = memory_limit_mb, None
@@ -104,7 +106,7 @@ class Hybrid:
     def wants_residual(self, k: int) -> bool:
         """Whether the evaluator must encode (the fixed point's step); with track_residual=False it
         skips that once every sample takes gradient steps."""
-        return not self.switched.all()
+        return not self.all_switched
 
     def _switch(self, z: Tensor, active: Tensor) -> None:
         """Samples that stalled: at the floor they stay gradient-free, below it they restart from E(x)."""
@@ -114,7 +116,10 @@ class Hybrid:
         at_floor = now >= self.floor_psnr
         self.settled |= stalled & at_floor
         new = stalled & ~at_floor
-        if new.any():  # one host read per iteration until every sample switched or settled
+        # the one host read per iteration until every sample switched or settled
+        any_new, self.all_done, self.all_switched = torch.stack(
+            [new.any(), (self.switched | self.settled | new).all(), (self.switched | new).all()]).tolist()
+        if any_new:
             z.copy_(torch.where(new.view(self.view), self.encoded, z))
             if self.gradient is None:
                 self.gradient = PixelDIIS(z, self.scale, DIIS_LR)
@@ -130,12 +135,12 @@ class Hybrid:
         self.k += 1
         self.best_db[self.k % (STALL + 1)] = psnr_from_mse(self.best_err)
         free = (~self.switched).view(self.view).to(z.dtype)
-        if not self.switched.all():
+        if not self.all_switched:
             self.fixed_point.step(z, ev.residual, active * free)
         if self.gradient is not None and ev.pixel_grad is not None:
             self.gradient.step(z, ev, active * (1 - free))
         # last: a sample that switches now is at E(x) for the next evaluation, its first diis step
-        if self.gradient_allowed and not (self.switched | self.settled).all():
+        if self.gradient_allowed and not self.all_done:
             self._switch(z, active)
 
     def summary(self) -> dict:

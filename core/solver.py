@@ -441,7 +441,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         stepper.step(z, step_direction, state.active_f)
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
-    if opts.track_residual and opts.residual_every > 1:
+    if opts.track_residual and opts.residual_stride > 1:
         result = _with_returned_residual(result, codec, target)
         result.seconds = time.perf_counter() - start
     if twin is not None:
