@@ -1,6 +1,6 @@
 """What the residual trace costs the gradient methods: `core.invert` with the residual encoded at every
 iterate (`residual_every=1`, the library's default) against every 4th (the nodes' setting,
-nodes.inputs.RESIDUAL_EVERY) and none (`track_residual=False`, the bench's gradient protocol), side by
+core.solver.REPORTED_RESIDUAL_EVERY) and none (`track_residual=False`, the bench's gradient protocol), side by
 side in one process, interleaved, on real photos (what a node gets), fp32, no auto-stop. The latents of
 the three settings must be identical (the residual is reported, never stepped on): checked per run.
 

@@ -25,7 +25,11 @@ from .result import InversionResult, SampleStats
 from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
 
 Tensor = torch.Tensor
-__all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS"]
+__all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS",
+           "REPORTED_RESIDUAL_EVERY"]
+# Hosts that only show the gradient methods' residual (the nodes' plot, the CLI's report) encode every 4th
+# iterate: 0.73-0.88 of the time on TAEF2, the same latent (bench/results/2026-12-03-cpu-residual-every.md)
+REPORTED_RESIDUAL_EVERY = 4
 
 
 @dataclass(frozen=True)

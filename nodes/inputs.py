@@ -8,14 +8,12 @@ import torch
 from comfy_api.latest import io
 
 from ..core import METHODS, InversionOptions
+from ..core.solver import REPORTED_RESIDUAL_EVERY
 from ..core.twin import SELECTIONS
 from .adapter import PRECISIONS, latent_cell, to_vae_layout
 
 DEFAULT_METHOD = InversionOptions().method
 ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's kept iterates
-# Gradient methods encode every 4th iterate for the plotted residual (not every one): an encode costs
-# ~40 % of a diis step on TAEF2 (bench/results/2026-12-03-cpu-residual-every.md)
-RESIDUAL_EVERY = 4
 METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the fixed-point step, the fastest "
                   "here. adam: the paper's method (Adam moments on the residual, warm-up + cosine schedule). "
                   "forward: plain fixed-point step. km: inertial Krasnoselskii-Mann (forward step with momentum). "
@@ -100,7 +98,7 @@ def solver_options(node_cls, method: str, steps: int, learning_rate: float = 1.0
     check_choice("method", method, methods)
     if not auto_stop:
         extra["stall_steps"] = 0
-    extra.setdefault("residual_every", RESIDUAL_EVERY)
+    extra.setdefault("residual_every", REPORTED_RESIDUAL_EVERY)  # gradient methods: the plot's residual
     check_choice("precision", precision, PRECISIONS)
     if "select" in extra:
         check_choice("select", extra["select"], SELECTIONS)

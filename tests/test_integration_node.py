@@ -60,7 +60,7 @@ def test_every_method_never_decodes_worse_than_the_encoder(method, vae_name, req
 
 @pytest.mark.parametrize("method", ["diis", "hybrid"])
 def test_gradient_methods_encode_a_strided_residual_and_report_the_returned_ones(method, taef2, photos64, run_node):
-    """The node encodes every 4th gradient iterate for the plot (nodes.inputs.RESIDUAL_EVERY, the
+    """The node encodes every 4th gradient iterate for the plot (core.solver.REPORTED_RESIDUAL_EVERY, the
     hybrid's fixed-point phase every one), and the returned latent once, so the summary has its residual."""
     latent, summary = run_node(photos64["astronaut"], taef2, steps=9, method=method, auto_stop=False)
     assert "residual" in summary and "nan" not in summary, summary

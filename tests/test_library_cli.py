@@ -64,6 +64,24 @@ def test_encode_writes_latents_report_and_lists_bad_files(tmp_path, capsys):
     assert torch.allclose(latent, direct, atol=1e-5)
 
 
+def test_a_gradient_method_job_reports_the_returned_latents_residual(tmp_path, capsys):
+    """Jobs encode a gradient method's residual every 4th iterate only (core.solver.REPORTED_RESIDUAL_EVERY):
+    the latent is the library's every-iterate one, and the report still has its residual."""
+    from exact_encode.adapters.diffusers import diffusers_codec
+    from exact_encode.adapters.images import load_image
+    from exact_encode.adapters.vae_files import load_vae
+
+    images = make_images(tmp_path / "in", 1)
+    code, _ = encode(capsys, [tmp_path / "in"], tmp_path / "out", "--method", "diis")
+    assert code == 0
+    latent, meta = read(tmp_path / "out" / "img00.safetensors")
+    codec = diffusers_codec(load_vae(kl_small_dir()).model)
+    direct = ee.invert(codec, load_image(images[0]), method="diis", steps=3)
+    assert torch.allclose(latent, direct.latent[0], atol=1e-5)
+    assert float(meta["residual_db"]) == pytest.approx(direct.samples[0].residual_db_best, abs=1e-2)
+    assert encode_job.Settings(vae="v", vae_sha256="0", method="diis").options().residual_stride == 4
+
+
 def test_resume_skips_by_content_and_settings_not_by_name(tmp_path, capsys):
     make_images(tmp_path / "in", 3)
     out = tmp_path / "out"

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from ..solver import InversionOptions, invert
+from ..solver import REPORTED_RESIDUAL_EVERY, InversionOptions, invert
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _UMASK = os.umask(0o022)
@@ -45,7 +45,9 @@ class Settings:
                 raise ValueError("--time-budget: this version of exact_encode's solver has no time budget "
                                  "(InversionOptions.time_budget); use --steps / --tolerance instead")
             extra["time_budget"] = self.time_budget
-        return InversionOptions(method=self.method, steps=self.steps, tolerance=self.tolerance, **extra).validate()
+        # the report has the returned latent's residual only: gradient methods need not encode every iterate
+        return InversionOptions(method=self.method, steps=self.steps, tolerance=self.tolerance,
+                                residual_every=REPORTED_RESIDUAL_EVERY, **extra).validate()
 
     def key_fields(self) -> dict:
         """What a finished output must have been made with for --resume to skip it. The device is
