@@ -43,6 +43,10 @@ class Target:
                 weight = None if weight is None else weight.clone()
         return cls(x, weight, e0, e0_norm, scale)
 
+    def residual_db(self, residual: Tensor) -> Tensor:
+        """(B,) ||residual|| / ||E(x)|| in dB, for a residual E(D(z)) - E(x)."""
+        return ratio_db(per_sample_norm(residual), self.latent_norm)
+
     def start(self) -> Tensor:
         """A fresh copy of the target latent, the first iterate; an ordinary tensor when the
         target's are (autograd), even under the host's inference_mode."""
@@ -112,7 +116,7 @@ class FixedPointEvaluator:
             return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)
         with torch.inference_mode():
             residual = torch.sub(codec.encode(image), self.target.latent, out=self.residual)
-            res_db = ratio_db(per_sample_norm(residual), self.target.latent_norm)
+            res_db = self.target.residual_db(residual)
         return Evaluation(err, res_db, residual, grad, pixels)
 
 
@@ -138,7 +142,7 @@ class PixelGradientEvaluator:
         with torch.inference_mode():
             residual = torch.sub(self.codec.encode(image.to(self.codec.dtype)).float(), self.target.latent,
                                  out=self.residual)
-            res_db = ratio_db(per_sample_norm(residual), self.target.latent_norm)
+            res_db = self.target.residual_db(residual)
         return Evaluation(err, res_db, residual, grad, pixels)
 
 

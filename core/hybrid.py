@@ -104,8 +104,9 @@ class Hybrid:
         return self.any_switched
 
     def wants_residual(self, k: int) -> bool:
-        """Whether the evaluator must encode (the fixed point's step); with track_residual=False it
-        skips that once every sample takes gradient steps."""
+        """Whether the step needs the encode (the fixed point's); once every sample takes gradient steps
+        the evaluator encodes only for the trace (every residual_every-th iterate, none without
+        track_residual)."""
         return not self.all_switched
 
     def _switch(self, z: Tensor, active: Tensor) -> None:

@@ -20,7 +20,7 @@ from .codec import Codec
 from .diagnostics import cocoercivity
 from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
-from .metrics import per_sample_norm, psnr_from_mse, ratio_db
+from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
 from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
 
@@ -340,8 +340,7 @@ def _with_returned_residual(result: InversionResult, codec: Codec, target: Targe
         return result
     with torch.inference_mode():
         z = result.latent.to(codec.dtype)
-        residual = codec.encode(codec.decode(z)).float() - target.latent
-        res_db = ratio_db(per_sample_norm(residual), target.latent_norm).tolist()
+        res_db = target.residual_db(codec.encode(codec.decode(z)).float() - target.latent).tolist()
     samples = [replace(s, residual_db_best=r) if m else s for s, m, r in zip(result.samples, missing, res_db)]
     return replace(result, samples=samples)
 
