@@ -13,7 +13,11 @@ Anderson stepper on the RMSprop-preconditioned pixel gradient (memory 5, step LR
 gradient-free / preconditioned-gradient / alternating directions (`pixel-diis-grad` is what core.diis does);
 `and+diis@M[:LR]`: Anderson until 3 steps without a new best, then `pixel-diis-grad` from its best iterate;
 `and|diis`: Anderson until 3 steps without a new best, then (unless its best reached the input's noise
-floor) core's `diis` from E(x); `gn@INNER`: Gauss-Newton with INNER CGLS steps, 8 s budget; `diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
+floor) core's `diis` from E(x); `gn@INNER[:channel]`: Gauss-Newton with INNER CGLS steps, 8 s budget
+(`:channel`: CGLS scaled per latent channel by J's column norms, estimated from one random backward pass);
+`VARIANT:dct`: any variant on the latent's 2-D DCT coefficients (an orthogonal change of coordinates);
+`diis-jacobi[@LR]`: core's diis preconditioned by J's column norms at E(x) (4 random backward passes) instead of
+RMSprop's per-entry g^2 (whose mean still sets the level); `diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
 evaluations to the baseline's PSNR) and writes /tmp/hybrid-probe-<model>.json.
 """
 from __future__ import annotations
@@ -151,15 +155,24 @@ def pixel_anderson_run(codec, x, steps: int, memory: int, rho: float = 0.5, kind
     return ts, ps
 
 
-def gauss_newton_run(codec, x, z0, budget_s: float, inner: int, fd: float = 1e-3):
+def channel_scaling(jt, like: torch.Tensor, shape, generator) -> torch.Tensor:
+    """1 / sqrt of J's squared column norms averaged per latent channel, from one random pixel vector u:
+    (J^T u)_i has variance ||J e_i||^2, and the average over a channel's positions steadies the estimate."""
+    sq = jt(torch.randn(shape, generator=generator)).square().mean(dim=(-2, -1), keepdim=True)
+    return sq.clamp_min(sq.mean() * 1e-4).rsqrt().expand_as(like)
+
+
+def gauss_newton_run(codec, x, z0, budget_s: float, inner: int, fd: float = 1e-3, scaled: bool = False):
     """Gauss-Newton on ||D(z) - x||^2 (a small-residual problem in the paper protocol): each outer
     step solves J d = -(D(z) - x) by `inner` CGLS iterations, J^T u by backward passes through one kept
-    graph, J v by a forward difference (one decode). Halves the step while it does not lower the error."""
+    graph, J v by a forward difference (one decode). Halves the step while it does not lower the error.
+    `scaled`: CGLS on J S (d = S y) with S the per-channel Jacobi scaling of `channel_scaling`."""
     decode = codec.differentiable_decode()
     ts, ps = [], []
     t0 = time.perf_counter()
     z = z0.detach().clone()
     x = x.clone()
+    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.enable_grad():
         while True:
             zg = z.detach().clone().requires_grad_(True)
@@ -178,19 +191,21 @@ def gauss_newton_run(codec, x, z0, budget_s: float, inner: int, fd: float = 1e-3
                 with torch.no_grad():
                     return (decode(z + eps * v) - img.detach()) / eps
 
-            d = torch.zeros_like(z)
+            scale = channel_scaling(jt, z, img.shape, generator) if scaled else torch.ones_like(z)
+            y = torch.zeros_like(z)
             res = -r
-            g = jt(res)
+            g = scale * jt(res)
             q, gam = g.clone(), g.square().sum()
             for _ in range(inner):
-                t = jv(q)
+                t = jv(scale * q)
                 a = gam / t.square().sum().clamp_min(1e-30)
-                d += a * q
+                y += a * q
                 res -= a * t
-                g = jt(res)
+                g = scale * jt(res)
                 gnew = g.square().sum()
                 q = g + (gnew / gam) * q
                 gam = gnew
+            d = scale * y
             err0 = r.square().sum()
             with torch.no_grad():
                 for _ in range(6):
@@ -201,12 +216,66 @@ def gauss_newton_run(codec, x, z0, budget_s: float, inner: int, fd: float = 1e-3
     return ts, ps
 
 
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix of size n."""
+    k, i = torch.arange(n).float()[:, None], torch.arange(n).float()[None]
+    m = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2 / n)
+    m[0] /= math.sqrt(2)
+    return m
+
+
+def dct_codec(core, codec):
+    """The same codec with the latent in a 2-D DCT basis (orthogonal, so norms, RMS and the problem are
+    unchanged; only per-entry preconditioners such as RMSprop's now act per spatial frequency)."""
+    def to_dct(z):
+        return dct_matrix(z.shape[-2]).to(z) @ z @ dct_matrix(z.shape[-1]).to(z).T
+
+    def from_dct(u):
+        return dct_matrix(u.shape[-2]).to(u).T @ u @ dct_matrix(u.shape[-1]).to(u)
+
+    differentiable = codec.differentiable_decode()
+    return core.Codec(encode=lambda p: to_dct(codec.encode(p)), decode=lambda u: codec.decode(from_dct(u)),
+                      dtype=codec.dtype, device=codec.device, grad_decode=lambda: lambda u: differentiable(from_dct(u)))
+
+
+def diis_jacobi_run(core, codec, x, lr: float | None, probes: int = 4) -> tuple[list, list]:
+    """core's diis with its preconditioner's shape from J's squared column norms at E(x) (`probes` random
+    backward passes, timed with the run: E[(J^T u)^2] = ||J e_i||^2), its level from RMSprop's mean g^2."""
+    diis = importlib.import_module(core.__name__ + ".diis")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        z0 = codec.encode(x).float()
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False), torch.enable_grad():
+        zg = z0.clone().requires_grad_(True)
+        img = codec.differentiable_decode()(zg)
+        shape = sum(torch.autograd.grad(img, zg, torch.randn(img.shape, generator=generator), retain_graph=True)[0]
+                    .square() for _ in range(probes)).reshape(1, -1)
+    shape = shape / shape.mean()
+    spent = time.perf_counter() - t0
+
+    def direction(self, g):
+        self.v.mul_(diis.BETA2).addcmul_(g, g, value=1 - diis.BETA2)
+        torch.where(self.fresh[:, None], g.square(), self.v, out=self.v)
+        s = torch.div(g, (self.v.mean(1, keepdim=True) * shape).sqrt().clamp_min(1e-30), out=self.s)
+        return s.mul_(self.scale).mul_(self.lr)
+
+    kept, diis.PixelDIIS._direction = diis.PixelDIIS._direction, direction
+    try:
+        ts, ps, _ = timed_run(core, codec, x, method="diis", steps=100, stall_steps=0, track_residual=False, lr=lr)
+    finally:
+        diis.PixelDIIS._direction = kept
+    return [t + spent for t in ts], ps
+
+
 def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
-    if variant.startswith("gn@"):
-        inner = int(variant.split("@")[1])
+    if variant.endswith(":dct"):  # any variant, on the latent's DCT coefficients
+        return variant_curve(core, dct_codec(core, codec), x, variant.removesuffix(":dct"))
+    if variant.startswith("gn@"):  # gn@INNER[:channel]
+        inner, _, scaling = variant.split("@")[1].partition(":")
         with torch.inference_mode():
             z0 = codec.encode(x).float()
-        return gauss_newton_run(codec, x, z0.clone(), 8.0, inner)
+        return gauss_newton_run(codec, x, z0.clone(), 8.0, int(inner), scaled=scaling == "channel")
     if variant.startswith(("pixel-anderson", "pixel-diis-grad", "pixel-diis-alt")):
         m, _, rho = (variant.split("@")[1] if "@" in variant else "5").partition(":")
         kind = {"pixel-anderson": "free", "pixel-diis-grad": "grad"}.get(variant.split("@")[0], "alt")
@@ -225,6 +294,8 @@ def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
             return ts0, ps0
         ts, ps, _ = timed_run(core, codec, x, method="diis", steps=101 - len(ps0), stall_steps=0, track_residual=False)
         return ts0 + [t + ts0[-1] for t in ts], ps0 + ps
+    if variant.startswith("diis-jacobi"):  # diis-jacobi[@LR]
+        return diis_jacobi_run(core, codec, x, float(variant.split("@")[1]) if "@" in variant else None)
     if variant.startswith("diis"):  # core's method under the baseline's protocol; diis@B2:LR patches its decay
         diis = importlib.import_module(core.__name__ + ".diis")
         b2, _, lr = (variant.split("@")[1] if "@" in variant else "").partition(":")

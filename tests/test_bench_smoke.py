@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,3 +164,38 @@ def test_residual_every_bench_returns_the_same_latent_at_every_setting(tmp_path)
     assert [r["method"] for r in result["rows"]] == ["gradient", "diis"]
     assert all(r["same_latent"] and all(s > 0 for s in r["seconds"].values()) for r in result["rows"])
     assert "| kl_f8_small | astronaut | diis |" in (tmp_path / f"{result['meta']['date']}-cpu-residual-every.md").read_text()
+
+
+def test_linear_probe_math_on_known_linear_maps():
+    """bench.linear_probe's Jacobians, CGLS and Adam on maps whose answers are known exactly."""
+    from bench import linear_probe as lp
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(48, 12, generator=gen, dtype=torch.float64)
+    decode = lambda z: (z.reshape(z.shape[0], -1).double() @ a.T).float().reshape(z.shape[0], 3, 4, 4)
+    z0 = torch.randn(1, 3, 2, 2, generator=gen)
+    assert torch.allclose(lp.decoder_jacobian(decode, z0), a, atol=2e-3)
+    encode = lambda p: (p.reshape(p.shape[0], -1) @ a.float()).reshape(p.shape[0], 3, 2, 2)
+    assert torch.allclose(lp.encoder_jacobian(encode, torch.rand(1, 3, 4, 4), 12, chunk=5), a.T, atol=1e-5)
+    r0 = torch.randn(48, generator=gen, dtype=torch.float64) * 0.1
+    optimum = lp.psnr_of(r0 - a @ torch.linalg.lstsq(a, r0).solution)
+    curve = lp.cgls_psnrs(a, r0, 12)  # exact in n = 12 iterations, never worse along the way
+    assert curve[0] == pytest.approx(lp.psnr_of(r0)) and curve[-1] == pytest.approx(optimum, abs=1e-6)
+    assert all(later >= earlier - 1e-9 for earlier, later in zip(curve, curve[1:]))
+    assert lp.psnr_of(r0) < lp.adam_on_linear_model(a, r0, 0.01) <= optimum + 1e-9
+    spd = a.T @ a
+    assert torch.allclose(lp.symmetric_sqrt(spd) @ lp.symmetric_sqrt(spd), spd, atol=1e-8)
+
+
+def test_linear_probe_runs_on_a_real_vae():
+    """`python -m bench.linear_probe` on kl_f8_small at 32 px: one table row whose finite-difference
+    Jacobian agrees with autograd's gradient and whose linear optimum is above the encoder's PSNR."""
+    proc = subprocess.run([sys.executable, "-m", "bench.linear_probe", "kl_f8_small", "astronaut", "32"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    header, _, row = [line for line in proc.stdout.splitlines() if line.startswith("|")][-3:]
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+    cells = dict(zip(split(header), split(row)))
+    assert cells["VAE"] == "kl_f8_small" and int(cells["latent entries"]) == 64
+    assert float(cells["J_D check"]) < 0.05
+    assert float(cells["linear LS optimum"]) > float(cells["PSNR E(x)"])
