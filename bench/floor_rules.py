@@ -15,6 +15,7 @@ import sys
 
 from .environment import boot
 from .measure import load_vae, paper_pair, photo_bchw
+from .table import markdown_table
 
 MARGINS_DB = (0.02, 0.05, 0.1, 0.2, 0.5)
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     ctx = boot(2)
     from core.twin import noise_floor_psnr
 
-    best_plain, codecs, lines = {}, {}, []
+    best_plain, codecs, header, cells = {}, {}, None, []
     for key, v in probe.items():
         model, image, _ = key.split("/")
         real = v["real"]
@@ -53,12 +54,10 @@ def main(argv=None) -> int:
         picked = rules(real["psnr"], real["nmse"], real["res"], real["best"], floor)
         if picked["min residual at floor"] is None:
             continue  # below the floor the twin decides, not these rules
-        if not lines:
-            lines += ["| VAE | image | best plain method | " + " | ".join(picked) + " |",
-                      "|---|---|---|" + "---|" * len(picked)]
-        cells = ["-" if v is None else f"{v:.2f}" for v in picked.values()]
-        lines.append(f"| {model} | {image} | {best_plain[model, image]:.2f} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+        header = ["VAE", "image", "best plain method", *picked]
+        cells.append([model, image, f"{best_plain[model, image]:.2f}",
+                      *("-" if v is None else f"{v:.2f}" for v in picked.values())])
+    print("\n".join(markdown_table(header, cells)) if header else "no cell reached the noise floor")
     return 0
 
 

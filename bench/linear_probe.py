@@ -29,6 +29,7 @@ import torch
 from .environment import boot
 from .hybrid_probe import timed_run
 from .measure import load_vae, paper_pair, photo_bchw
+from .table import markdown_table
 
 
 def psnr_of(residual: torch.Tensor) -> float:
@@ -128,18 +129,17 @@ def probe(ctx, vae, codec, image: str, size: int) -> dict:
 
 def main(argv=None) -> int:
     models, images, size = (argv or sys.argv[1:])[:3]
-    ctx, lines = boot(2), []
+    ctx, header, cells = boot(2), None, []
     for model in models.split(","):
         vae = load_vae(model)
         codec = ctx.adapter.vae_codec(vae, "fp32", (1, 3, int(size), int(size)))
         for image in images.split(","):
             row = probe(ctx, vae, codec, image, int(size))
-            if not lines:
-                lines += ["| VAE | image | " + " | ".join(row) + " |", "|---|---|" + "---|" * len(row)]
-            cells = ["never" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()]
-            lines.append(f"| {model} | {image} | " + " | ".join(cells) + " |")
-            print(lines[-1], flush=True)
-    print("\n".join(lines))
+            header = ["VAE", "image", *row]
+            cells.append([model, image, *("never" if v is None else f"{v:.3g}" if isinstance(v, float) else v
+                                          for v in row.values())])
+            print(markdown_table(header, cells[-1:])[-1], flush=True)
+    print("\n".join(markdown_table(header, cells)))
     return 0
 
 

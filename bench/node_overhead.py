@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .environment import REPO, cpu_name
+from .table import markdown_table
 
 
 def main(argv=None) -> int:
@@ -94,13 +95,12 @@ def main(argv=None) -> int:
     lines = [f"# Node overhead over core.invert — {datetime.date.today()}, CPU, {args.threads} threads", "",
              f"Median of {args.repeats} interleaved runs, astronaut {args.size} px, the default method, {args.steps} steps. "
              "`node`: VAEExactEncode.execute with check_assumption off; `node+check`: on (keeps the iterates "
-             "and computes the cocoercivity check).", "",
-             "| model | core s | node s | node / core | node+check s | node+check / core | same latent (max abs diff) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = r["seconds_median"]
-        lines.append(f"| {r['model']} | {m['core']:.3f} | {m['node']:.3f} | {r['node_over_core']:.3f} | "
-                     f"{m['node+check']:.3f} | {r['node_check_over_core']:.3f} | {r['same_latent']} ({r['max_abs_latent_diff']:.1e}) |")
+             "and computes the cocoercivity check).", ""]
+    lines += markdown_table(
+        ["model", "core s", "node s", "node / core", "node+check s", "node+check / core", "same latent (max abs diff)"],
+        [[r["model"], f"{r['seconds_median']['core']:.3f}", f"{r['seconds_median']['node']:.3f}", f"{r['node_over_core']:.3f}",
+          f"{r['seconds_median']['node+check']:.3f}", f"{r['node_check_over_core']:.3f}",
+          f"{r['same_latent']} ({r['max_abs_latent_diff']:.1e})"] for r in rows])
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json/.md")
     return 0

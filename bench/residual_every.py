@@ -22,6 +22,7 @@ import torch
 
 from .environment import REPO, boot, cpu_name
 from .measure import load_vae, photo_bchw
+from .table import markdown_table
 
 SETTINGS = {"every 1": dict(residual_every=1), "every 4": dict(residual_every=4),
             "none": dict(track_residual=False)}
@@ -43,14 +44,12 @@ def report(rows: list[dict], meta: dict) -> str:
     lines = [f"# Residual trace cost ({meta['date']}, {meta['device']})", "",
              f"`{meta['command']}`", "",
              "Median seconds of full runs (no auto-stop); ratio = setting / every 1. Same latent: all three "
-             "settings returned the identical tensor.", "",
-             "| VAE | image | method | every 1 (s) | every 4 (s) | none (s) | every 4 / every 1 | none / every 1 | same latent |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        s = r["seconds"]
-        lines.append(f"| {r['model']} | {r['image']} | {r['method']} | {s['every 1']:.2f} | {s['every 4']:.2f} | "
-                     f"{s['none']:.2f} | {s['every 4'] / s['every 1']:.2f} | {s['none'] / s['every 1']:.2f} | "
-                     f"{'yes' if r['same_latent'] else 'NO'} |")
+             "settings returned the identical tensor.", ""]
+    cells = [[r["model"], r["image"], r["method"], *(f"{r['seconds'][k]:.2f}" for k in ("every 1", "every 4", "none")),
+              f"{r['seconds']['every 4'] / r['seconds']['every 1']:.2f}", f"{r['seconds']['none'] / r['seconds']['every 1']:.2f}",
+              "yes" if r["same_latent"] else "NO"] for r in rows]
+    lines += markdown_table(["VAE", "image", "method", "every 1 (s)", "every 4 (s)", "none (s)", "every 4 / every 1",
+                             "none / every 1", "same latent"], cells)
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,8 @@ class SampleStats:
     # (core.diagnostics.cocoercivity: beta_min, beta_median, share_positive, points).
     cocoercivity: Optional[dict] = None
     # What picked the returned iterate (core.twin): "pixel" its pixel error, "twin" the twin problem's
-    # lowest latent error, "encoder" E(x) because the twin's pick decoded worse than it.
+    # lowest latent error, "encoder" E(x) because the twin's pick decoded worse than it, "noise level"
+    # the first iterate whose decode came within core.twin.FLOOR_NEAR_DB of the input's 8-bit noise floor.
     selection: str = "pixel"
 
     @property
@@ -82,6 +83,7 @@ SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats
     "pixel": "best at iteration",
     "twin": "returned the twin problem's pick (its latent error was lowest) at iteration",
     "encoder": "returned E(x): the twin's pick decoded worse, iteration",
+    "noise level": "returned the first iterate at the image's 8-bit noise level, iteration",
 }
 
 

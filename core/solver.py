@@ -77,7 +77,8 @@ class InversionOptions:
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;
     # "auto" the twin for fixed-point methods in fp32 unless the decode reached the input's noise floor
-    # (then pixel), pixel for gradient methods and 16-bit codecs. The twin doubles the batch (time, and
+    # (then the first iterate at that noise level, core.twin.FLOOR_NEAR_DB, or else pixel), pixel for
+    # gradient methods and 16-bit codecs. The twin doubles the batch (time, and
     # memory on GPU).
     select: str = "auto"
 
@@ -390,16 +391,23 @@ def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Invers
 
 def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor) -> InversionResult:
     """The real samples of a twin batch, each returning its twin's pick where its decode did not reach
-    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse.
-    extra["twin"][i]["why"] says which rule decided ("floor", "twin", "decoded worse")."""
+    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse;
+    where it did, the first iterate within FLOOR_NEAR_DB of the floor (the pixel-best if none was).
+    extra["twin"][i]["why"] says which rule decided ("floor", "noise level", "twin", "decoded worse")."""
     b = tracker.batch
     samples, latent = result.samples[:b], result.latent[:b].clone()
     trace_psnr, trace_res = result.trace_psnr[:, :b], result.trace_residual_db[:, :b]
     floors, twin_k, twin_db = tracker.floor_psnr.tolist(), tracker.iteration.tolist(), tracker.twin_nmse_db()
+    near_k = tracker.near_iteration.tolist()
     why = ["floor"] * b
     for i, s in enumerate(samples):
-        if s.psnr_best >= floors[i] - FLOOR_MARGIN_DB:
-            continue  # the decode explains x to within its noise: the best pixel iterate stands
+        if s.psnr_best >= floors[i] - FLOOR_MARGIN_DB:  # the decode explains x to within its noise
+            k = near_k[i]
+            if k >= 0:  # an iterate came within FLOOR_NEAR_DB of the floor: the first one
+                why[i], latent[i] = "noise level", tracker.near_z[i]
+                samples[i] = replace(s, best_iteration=k, psnr_best=trace_psnr[k, i].item(),
+                                     residual_db_best=trace_res[k, i].item(), selection="noise level")
+            continue  # else the best pixel iterate stands
         k = twin_k[i]
         worse = not trace_psnr[k, i].item() >= s.psnr_initial  # NaN counts as worse
         why[i] = "decoded worse" if worse else "twin"

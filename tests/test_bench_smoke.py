@@ -199,3 +199,11 @@ def test_linear_probe_runs_on_a_real_vae():
     assert cells["VAE"] == "kl_f8_small" and int(cells["latent entries"]) == 64
     assert float(cells["J_D check"]) < 0.05
     assert float(cells["linear LS optimum"]) > float(cells["PSNR E(x)"])
+
+
+def test_bench_table_doctest():
+    import doctest
+
+    from bench import table
+
+    assert doctest.testmod(table).attempted and not doctest.testmod(table).failed
