@@ -155,10 +155,16 @@ def pixel_anderson_run(codec, x, steps: int, memory: int, rho: float = 0.5, kind
     return ts, ps
 
 
+def squared_column_norms(jt, shape, generator, probes: int = 1) -> torch.Tensor:
+    """Latent-shaped estimate of J's squared column norms ||J e_i||^2 from `probes` random pixel vectors u:
+    (J^T u)_i has that variance."""
+    return sum(jt(torch.randn(shape, generator=generator)).square() for _ in range(probes)) / probes
+
+
 def channel_scaling(jt, like: torch.Tensor, shape, generator) -> torch.Tensor:
-    """1 / sqrt of J's squared column norms averaged per latent channel, from one random pixel vector u:
-    (J^T u)_i has variance ||J e_i||^2, and the average over a channel's positions steadies the estimate."""
-    sq = jt(torch.randn(shape, generator=generator)).square().mean(dim=(-2, -1), keepdim=True)
+    """1 / sqrt of J's squared column norms averaged per latent channel (one probe; the average over a
+    channel's positions steadies the estimate)."""
+    sq = squared_column_norms(jt, shape, generator).mean(dim=(-2, -1), keepdim=True)
     return sq.clamp_min(sq.mean() * 1e-4).rsqrt().expand_as(like)
 
 
@@ -249,8 +255,8 @@ def diis_jacobi_run(core, codec, x, lr: float | None, probes: int = 4) -> tuple[
     with torch.inference_mode(False), torch.enable_grad():
         zg = z0.clone().requires_grad_(True)
         img = codec.differentiable_decode()(zg)
-        shape = sum(torch.autograd.grad(img, zg, torch.randn(img.shape, generator=generator), retain_graph=True)[0]
-                    .square() for _ in range(probes)).reshape(1, -1)
+        jt = lambda u: torch.autograd.grad(img, zg, grad_outputs=u, retain_graph=True)[0]
+        shape = squared_column_norms(jt, img.shape, generator, probes).reshape(1, -1)
     shape = shape / shape.mean()
     spent = time.perf_counter() - t0
 
