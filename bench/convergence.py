@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     for r in run["rows"]:
         if r.get("dtype", "fp32") == "fp32":
             groups.setdefault((r["model"], r["image"]), []).append(r)
-    cells = {key: cell(rows) for key, rows in groups.items()}
+    # a run cut at a time limit (its .partial.json) may end inside a cell: keep the cells it finished
+    cells = {key: cell(rows) for key, rows in groups.items() if any(r["method"] == "encoder" for r in rows)}
     methods = [m for m in ("encoder", "paper", "ours", "forward", "km", "anderson", "hybrid", "diis")
                if any(m in c["methods"] for c in cells.values())]
     methods += sorted({m for c in cells.values() for m in c["methods"] if m.startswith("grad-")})

@@ -1,7 +1,9 @@
 """The prepared accelerator run (issue 12): on a CUDA machine, in <= 8 minutes, the fp32 / fp16 /
 bf16 rows of the paper's protocol, the memory rows (live tensors = torch.cuda.max_memory_allocated
-there) and the hybrid method's rows if core has one; each stage a subprocess with its share of
-the time, so a slow stage cannot eat the others'.
+there) and issue 12's table per VAE (the default and the plain methods, the hybrid, diis and three
+Adam settings on the photos and hard cases, 128 px; bench.convergence makes its table); each stage a
+subprocess with its share of the time, so a slow stage cannot eat the others', and every row is
+written as it finishes.
 
     bash bench/gpu.sh                 # on the GPU machine: results under $OUT (or bench/results)
     bash bench/gpu.sh --quick         # the same stages, tiny, on whatever device there is (CI, CPU)
@@ -30,16 +32,26 @@ def hybrid_methods() -> list[str]:
     return [m for m in METHODS if any(h in m for h in HYBRID_NAMES)]
 
 
+# Issue 12's table: the shared photos and the hard cases (bench/cases.py), most telling first, so a
+# stage cut at its time limit (rows are written as they finish) keeps the cells that matter most.
+TABLE_IMAGES = ["astronaut", "stars", "texture", "flat_objects", "rocket", "coffee", "chelsea", "clipped", "flat_noise"]
+TABLE_METHODS = ["encoder", "paper", "ours", "forward", "km", "anderson", "diis", "grad-lr0.1-cos",
+                 "grad-lr0.03-const", "grad-lr0.01-const"]
+
+
 def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int]]:
     """(name, module argv, seconds allowed). The full shares add up to 460 s of the 480 s."""
     accel = ["--accelerator"] if cuda else []
+    found = hybrid_methods()
     if quick:
         # fp16 convolutions are emulated on most CPUs (25 s for one 32 px row here): CUDA only
         dtypes = ["fp32", "fp16", "bf16"] if cuda else ["fp32", "bf16"]
         rows = ["--quick", "--models", "taef2", "--dtypes", *dtypes, "--steps", "3",
                 "--methods", "encoder", "ours", "grad-lr0.1-cos", "--lp-methods", "ours", "--repeats", "1"]
         memory = ["--model", "kl_f8_small", "--sizes", "32", "--steps", "2"]
-        hybrid = ["--quick", "--models", "taef2", "--dtypes", "fp32", "--steps", "3", "--repeats", "1"]
+        table = ["--quick", "--dtypes", "fp32", "--steps", "3", "--repeats", "1", "--images", "astronaut", "stars",
+                 "--methods", "encoder", "ours", *found, "diis", "grad-lr0.1-cos"]
+        table_models = ["taef2"]
         shares = (900, 450, 450)  # not the 8-minute run: generous for shared CI machines
     else:
         rows = ["--sizes", "256", "--models", "taef2", "kl_f8_small", "--images", "astronaut",
@@ -47,16 +59,15 @@ def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int
                 "--methods", "encoder", "paper", "ours", "forward", "km", "grad-lr0.1-cos", "grad-lr0.1-const",
                 "--lp-methods", "encoder", "paper", "ours", "--repeats", "3"]
         memory = ["--sizes", "256", "512", "--steps", "20"]
-        hybrid = ["--sizes", "128", "--models", "taef2", "kl_f8_small", "--images", "astronaut", "coffee",
-                  "--dtypes", "fp32", "--steps", "100", "--repeats", "3"]
-        shares = (220, 100, 140)
-    found = hybrid_methods()
+        table = ["--sizes", "128", "--images", *TABLE_IMAGES, "--dtypes", "fp32", "--steps", "100", "--repeats", "1",
+                 "--methods", *TABLE_METHODS[:6], *found, *TABLE_METHODS[6:]]
+        table_models = ["taef2", "kl_f8_small"]
+        shares = (100, 70, 145)
     plan = [("precision rows", ["bench.run", *rows, *accel, "--out", str(out), "--tag", "gpu-precision"], shares[0]),
             ("memory rows", ["bench.memory_live", *memory, "--out", str(out), "--tag", "gpu"], shares[1])]
-    if found:
-        plan.append(("hybrid rows", ["bench.run", *hybrid, *accel, "--methods", "ours", *found, "diis", "grad-lr0.1-cos",
-                                     "grad-lr0.1-const", "grad-lr0.03-const", "--out", str(out), "--tag", "gpu-hybrid"],
-                     shares[2]))
+    for model in table_models:  # one stage per VAE: a slow one cannot take the other's share
+        plan.append((f"issue 12 table {model}", ["bench.run", *table, "--models", model, *accel, "--out", str(out),
+                                                 "--tag", f"gpu-table-{model}"], shares[2]))
     return plan
 
 
@@ -77,9 +88,8 @@ def main(argv=None) -> int:
     report = {"quick": args.quick, "cuda": cuda, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "out": str(out), "stages": []}
     if not hybrid_methods():
-        msg = f"no method named like {' / '.join(HYBRID_NAMES)} in core.METHODS: hybrid rows skipped"
-        print("bench.gpu: " + msg, file=sys.stderr)
-        report["stages"].append({"name": "hybrid rows", "skipped": msg})
+        print(f"bench.gpu: no method named like {' / '.join(HYBRID_NAMES)} in core.METHODS: the tables "
+              "have no hybrid rows", file=sys.stderr)
     t_start = time.perf_counter()
     for name, cmd, allowed in stages(args.quick, cuda, out):
         t = time.perf_counter()
@@ -90,6 +100,11 @@ def main(argv=None) -> int:
             rc = "timeout"
         report["stages"].append({"name": name, "command": "python -m " + " ".join(cmd), "returncode": rc,
                                  "seconds": round(time.perf_counter() - t, 1)})
+        if name.startswith("issue 12 table"):  # the table of whatever rows the stage finished
+            tag = cmd[cmd.index("--tag") + 1]
+            for result in sorted(out.glob(f"*-{tag}.json")) or sorted(out.glob(f"*-{tag}.partial.json")):
+                subprocess.run([sys.executable, "-m", "bench.convergence", str(result)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, timeout=60)
         (out / "gpu-run.json").write_text(json.dumps(report, indent=1))
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "gpu-run.json").write_text(json.dumps(report, indent=1))

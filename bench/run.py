@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -60,9 +61,11 @@ def parse_args(argv=None):
                    help="sizes at which dtypes other than fp32 run (default: all --sizes)")
     p.add_argument("--repeats", type=int, help="repeats of the floor and encoder timings (default 5; --quick: 2)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--isolation", choices=("fork", "spawn"), default="fork" if hasattr(os, "fork") else "spawn",
-                   help="fork: every job is forked from this process after ComfyUI is imported (no tensor "
-                        "work happens before the fork); spawn: a fresh interpreter per job (+~6 s each)")
+    p.add_argument("--isolation", choices=("fork", "spawn", "inprocess"),
+                   help="fork (default on a CPU): every job is forked from this process after ComfyUI is "
+                        "imported (no tensor work happens before the fork); spawn: a fresh interpreter per job "
+                        "(+~6 s each); inprocess (default on CUDA, which does not survive fork): every job in "
+                        "this process, the caching allocator's peak reset per row")
     p.add_argument("--accelerator", action="store_true",
                    help="let ComfyUI use its accelerator (CUDA) instead of the CPU the tests force (bench.gpu)")
     p.add_argument("--out", help="output folder (default bench/results; --quick: a new temp dir)")
@@ -97,7 +100,17 @@ def _write(path: Path, obj) -> None:
 
 
 def run_job(job: dict, ctx, args, scratch: Path, n: int) -> dict:
-    """Run one job in a process of its own and return its JSON result ({'error': ...} on failure)."""
+    """Run one job in a process of its own (or, inprocess, here) and return its JSON result
+    ({'error': ...} on failure)."""
+    if args.isolation == "inprocess":
+        try:
+            return execute(job, ctx)
+        except Exception:
+            return {"error": traceback.format_exc()}
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if args.isolation == "fork":
         return forked(execute, job, ctx, threads=args.threads)
     out = scratch / f"job-{n}.json"
@@ -179,9 +192,11 @@ def main(argv=None) -> int:
     load0, pressure0 = os.getloadavg(), cpu_pressure()
     ctx = boot(args.threads, cpu=not args.accelerator)
     device, device_slug, device_name = device_info()
-    if device.type == "cuda" and args.isolation == "fork":  # CUDA does not survive fork()
-        print("bench: CUDA device, using --isolation spawn", file=sys.stderr)
-        args.isolation = "spawn"
+    if args.isolation is None:  # CUDA does not survive fork(); its peaks can be reset per row instead
+        args.isolation = "inprocess" if device.type == "cuda" else "fork" if hasattr(os, "fork") else "spawn"
+    elif device.type == "cuda" and args.isolation == "fork":
+        raise SystemExit("bench: --isolation fork cannot run on CUDA (CUDA does not survive fork()); "
+                         "use inprocess (the default there) or spawn")
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="exact-encode-bench-")) if args.quick else BENCH / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +213,8 @@ def main(argv=None) -> int:
         if res.get("error"):
             print(res["error"], file=sys.stderr)
             raise SystemExit(f"bench: preparing {prep['model']} at {prep['size']} px failed")
+    stem = f"{datetime.date.today().isoformat()}-{device_slug}" + (f"-{args.tag}" if args.tag else "")
+    partial = out_dir / f"{stem}.partial.json"  # the rows so far: a run killed at a time limit keeps them
     rows = []
     for i, job in enumerate(jobs, 1):
         n += 1
@@ -209,6 +226,8 @@ def main(argv=None) -> int:
         if stall0 is not None and stall1 is not None:  # contention while this row ran (machine-wide)
             res["cpu_pressure_pct"] = round(100 * (stall1 - stall0) / 1e6 / (wall1 - wall0), 1)
         rows.append(res)
+        _write(partial, {"rows": rows, "meta": {"partial": True, "steps": args.steps, "sizes": args.sizes,
+                                                "device_name": device_name, "command": " ".join(sys.argv)}})
         _progress(i, len(jobs), res, t0)
     for f in scratch.iterdir():
         f.unlink()
@@ -234,10 +253,10 @@ def main(argv=None) -> int:
         "errors": sum(1 for r in rows if r.get("error")),
     }
     result = {"summary": report.summarize(rows), "rows": rows, "meta": meta}
-    stem = f"{meta['date']}-{device_slug}" + (f"-{args.tag}" if args.tag else "")
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path.write_text(report.markdown(result))
+    partial.unlink(missing_ok=True)
     print(f"bench: wrote {json_path} and {md_path} in {meta['wall_s']:.0f} s"
           + (f" ({meta['errors']} rows failed)" if meta["errors"] else ""), file=sys.stderr)
     for model, s in result["summary"].items():

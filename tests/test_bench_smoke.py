@@ -111,16 +111,17 @@ def test_live_tensor_peak_counts_the_tensors_a_block_keeps_alive_at_once():
 
 def test_gpu_script_quick_mode_passes_here(tmp_path):
     """bench/gpu.sh --quick: the GPU run's stages, tiny, on this machine's device (CPU in CI):
-    precision rows in fp32 and bf16, the memory rows with a live-tensor ratio, the hybrid stage
-    run or skipped with a message."""
+    precision rows in fp32 and bf16, the memory rows with a live-tensor ratio, issue 12's table
+    stage with its convergence table (the hybrid row in it)."""
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=2000)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((tmp_path / "gpu-run.json").read_text())
     names = [s["name"] for s in run["stages"]]
-    assert {"precision rows", "memory rows", "hybrid rows"} <= set(names)
-    hybrid = next(s for s in run["stages"] if s["name"] == "hybrid rows")
-    assert hybrid.get("returncode") == 0 or "skipped" in hybrid
+    assert {"precision rows", "memory rows", "issue 12 table taef2"} <= set(names)
+    assert all(s["returncode"] == 0 for s in run["stages"]), run["stages"]
+    table = next(tmp_path.glob("*-gpu-table-taef2-convergence.md")).read_text()
+    assert "| taef2 | stars |" in table and "hybrid" in table
     precision = json.loads(next(tmp_path.glob("*-gpu-precision.json")).read_text())
     assert {r["dtype"] for r in precision["rows"] if r["method"] == "ours"} >= {"fp32", "bf16"}
     assert precision["meta"]["errors"] == 0
