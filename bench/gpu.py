@@ -1,6 +1,7 @@
 """The prepared accelerator run (issue 12): on a CUDA machine, in <= 8 minutes, the fp32 / fp16 /
 bf16 rows of the paper's protocol, the memory rows (live tensors = torch.cuda.max_memory_allocated
-there) and issue 12's table per VAE (the default and the plain methods, the hybrid, diis and three
+there), the node and the library path in every precision on the accelerator (bench.gpu_node_check: ComfyUI
+keeps VAEs in bf16 there, unlike the CPU the tests use) and issue 12's table per VAE (the default and the plain methods, the hybrid, diis and three
 Adam settings on the photos and hard cases, 128 px; bench.convergence makes its table); each stage a
 subprocess with its share of the time, so a slow stage cannot eat the others', and every row is
 written as it finishes.
@@ -52,7 +53,9 @@ def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int
         table = ["--quick", "--dtypes", "fp32", "--steps", "3", "--repeats", "1", "--images", "astronaut", "stars",
                  "--methods", "encoder", "ours", *found, "diis", "grad-lr0.1-cos"]
         table_models = ["taef2"]
-        shares = (900, 450, 450)  # not the 8-minute run: generous for shared CI machines
+        node = ["--size", "32", "--steps", "2", "--models", "taef2", "--precisions", "auto", "fp32",
+                "--methods", "anderson", "gradient"]
+        shares = (900, 450, 450, 450)  # not the 8-minute run: generous for shared CI machines
     else:
         rows = ["--sizes", "256", "--models", "taef2", "kl_f8_small", "--images", "astronaut",
                 "--dtypes", "fp32", "fp16", "bf16", "--steps", "100",
@@ -62,12 +65,16 @@ def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int
         table = ["--sizes", "128", "--images", *TABLE_IMAGES, "--dtypes", "fp32", "--steps", "100", "--repeats", "1",
                  "--methods", *TABLE_METHODS[:6], *found, *TABLE_METHODS[6:]]
         table_models = ["taef2", "kl_f8_small"]
-        shares = (100, 70, 145)
+        node = ["--size", "64", "--steps", "20"]
+        # measured on an H200 (bench/results/2026-12-04-cuda-*): precision 52 s, memory 27 s, node check ~45 s,
+        # a 99-row table ~175 s; the tables' images are ordered so that a cut loses the least telling cells
+        shares = (80, 50, 60, 135)
     plan = [("precision rows", ["bench.run", *rows, *accel, "--out", str(out), "--tag", "gpu-precision"], shares[0]),
-            ("memory rows", ["bench.memory_live", *memory, "--out", str(out), "--tag", "gpu"], shares[1])]
+            ("memory rows", ["bench.memory_live", *memory, "--out", str(out), "--tag", "gpu"], shares[1]),
+            ("node check", ["bench.gpu_node_check", *node, "--out", str(out)], shares[2])]
     for model in table_models:  # one stage per VAE: a slow one cannot take the other's share
         plan.append((f"issue 12 table {model}", ["bench.run", *table, "--models", model, *accel, "--out", str(out),
-                                                 "--tag", f"gpu-table-{model}"], shares[2]))
+                                                 "--tag", f"gpu-table-{model}"], shares[3]))
     return plan
 
 

@@ -227,7 +227,8 @@ def main(argv=None) -> int:
             res["cpu_pressure_pct"] = round(100 * (stall1 - stall0) / 1e6 / (wall1 - wall0), 1)
         rows.append(res)
         _write(partial, {"rows": rows, "meta": {"partial": True, "steps": args.steps, "sizes": args.sizes,
-                                                "device_name": device_name, "command": " ".join(sys.argv)}})
+                                                "device_name": device_name, "command": " ".join(
+                                                    shlex.quote(a) for a in ["python", "-m", "bench.run", *sys.argv[1:]])}})
         _progress(i, len(jobs), res, t0)
     for f in scratch.iterdir():
         f.unlink()

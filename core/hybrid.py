@@ -4,7 +4,8 @@ Why (docs/convergence.md): the fixed-point step E(D(z)) - E(x) has components al
 directions the decoder barely responds to, and nothing pulls them back, so after the first
 iterations the latent drifts while the pixel error stalls. The pixel-loss gradient
 J_D^T (D(z) - x) has no component there. So each sample runs safeguarded Anderson until its
-best PSNR gains less than MIN_GAIN_DB per iteration (over STALL). If by then its best decode reached
+best PSNR gains less than MIN_GAIN_DB per iteration (over STALL), unless that gain still projects it to the
+noise floor within NEAR_FLOOR_ITERATIONS. If by then its best decode reached
 the input's noise floor (8-bit rounding, core.twin), the fixed point has done what the gradient
 would (kl-f8 on most images, in 8-17 iterations) and the sample stays gradient-free. Otherwise it
 restarts from E(x) and takes `diis` steps (DIIS-accelerated pixel-gradient steps): from the
@@ -39,6 +40,12 @@ STALL = 3  # the fixed point has stopped paying when its best PSNR gained at mos
 # 11 and as many on 7. Kl-f8's Anderson gains >= 0.58 dB per iteration until its decode reaches the floor,
 # so 0.3 keeps those with a margin of 2 (1.0 switched flat_noise early: 65 evaluations instead of 14).
 MIN_GAIN_DB = 0.3
+# ... unless it is still closing on the floor: a sample whose gain over the last STALL iterations projects it to
+# the floor within NEAR_FLOOR_ITERATIONS more keeps its fixed point, since restarting from E(x) costs diis 30-90
+# evaluations to get back there and lands on a latent far from the fixed point's (kl-f8 at 128 px on an H200:
+# Anderson stalled 0.1 dB short of floor - 1 dB at iteration 12, the restart ended 18 dB worse in latent NMSE and
+# slower than Adam; docs/convergence.md, "On a GPU"). TAEF2 stalls 10-25 dB below its floor: it still switches.
+NEAR_FLOOR_ITERATIONS = 10
 DIIS_LR = 0.02  # the gradient phase's relative step: method diis's default
 
 
@@ -113,8 +120,9 @@ class Hybrid:
         """Samples that stalled: at the floor they stay gradient-free, below it they restart from E(x)."""
         now, then = self.best_db[self.k % (STALL + 1)], self.best_db[(self.k + 1) % (STALL + 1)]
         gained_little = ~(now - then > STALL * MIN_GAIN_DB) & (self.k > STALL)  # inf - inf: no gain
-        stalled = ~(self.switched | self.settled) & gained_little & active.view(-1).bool()
         at_floor = now >= self.floor_psnr
+        closing_in = ~at_floor & ((self.floor_psnr - now) * STALL < NEAR_FLOOR_ITERATIONS * (now - then))
+        stalled = ~(self.switched | self.settled) & gained_little & ~closing_in & active.view(-1).bool()
         self.settled |= stalled & at_floor
         new = stalled & ~at_floor
         # the one host read per iteration until every sample switched or settled

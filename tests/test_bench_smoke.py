@@ -118,8 +118,11 @@ def test_gpu_script_quick_mode_passes_here(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((tmp_path / "gpu-run.json").read_text())
     names = [s["name"] for s in run["stages"]]
-    assert {"precision rows", "memory rows", "issue 12 table taef2"} <= set(names)
+    assert {"precision rows", "memory rows", "node check", "issue 12 table taef2"} <= set(names)
     assert all(s["returncode"] == 0 for s in run["stages"]), run["stages"]
+    check = json.loads(next(tmp_path.glob("*-node-check.json")).read_text())
+    assert {(r["path"], r["precision"]) for r in check["rows"]} == {(p, q) for p in ("node", "library") for q in ("auto", "fp32")}
+    assert all("error" not in r and r["exact_psnr_db"] >= r["stock_psnr_db"] for r in check["rows"]), check["rows"]
     table = next(tmp_path.glob("*-gpu-table-taef2-convergence.md")).read_text()
     assert "| taef2 | stars |" in table and "hybrid" in table
     precision = json.loads(next(tmp_path.glob("*-gpu-precision.json")).read_text())

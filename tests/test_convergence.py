@@ -77,6 +77,28 @@ def test_hybrid_stays_gradient_free_at_the_noise_floor_and_restarts_from_the_enc
     assert after > r.trace_psnr[k, 1] + 0.5 and after >= before - 0.01  # back at the fixed point's optimum
 
 
+def test_hybrid_keeps_the_fixed_point_of_a_sample_still_closing_on_the_noise_floor():
+    """The switch rule on three samples whose best PSNR gained less than MIN_GAIN_DB per iteration over the
+    last STALL: 0.5 dB below the floor (with its margin) and still gaining 0.2 dB per iteration (projected
+    there in 2.5 iterations) keeps its fixed point; 15 dB below it, or not gaining, restarts from E(x)."""
+    from core import hybrid as hy
+
+    z0 = torch.zeros(3, 4, 2, 2)
+    image = torch.full((3, 3, 16, 16), 128 / 255)
+    h = hy.Hybrid(z0, torch.ones(3, 1, 1, 1), rho=0.5, memory=3, image=image, encoded=torch.full_like(z0, 7.0))
+    floor = h.floor_psnr
+    gain = 0.2 * hy.STALL  # over the ring's span: below STALL x MIN_GAIN_DB, so each counts as stalled
+    assert gain < hy.STALL * hy.MIN_GAIN_DB and 0.5 * hy.STALL / gain < hy.NEAR_FLOOR_ITERATIONS
+    h.k = hy.STALL + 1
+    now = floor - torch.tensor([0.5, 15.0, 0.5])
+    h.best_db[h.k % (hy.STALL + 1)] = now
+    h.best_db[(h.k + 1) % (hy.STALL + 1)] = now - torch.tensor([gain, gain, 0.0])
+    z = torch.ones_like(z0)
+    h._switch(z, torch.ones(3))
+    assert h.switched.tolist() == [False, True, True] and h.settled.tolist() == [False, False, False]
+    assert (z[0] == 1).all() and (z[1:] == 7).all()  # the restarted samples sit at E(x)
+
+
 def test_activation_estimate_scales_with_area():
     dec = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.Tanh(),
                               torch.nn.Conv2d(32, 3, 3, padding=1)).requires_grad_(False)
