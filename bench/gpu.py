@@ -1,10 +1,10 @@
 """The prepared accelerator run (issue 12): on a CUDA machine, in <= 8 minutes, the fp32 / fp16 /
 bf16 rows of the paper's protocol, the memory rows (live tensors = torch.cuda.max_memory_allocated
-there), the node and the library path in every precision on the accelerator (bench.gpu_node_check: ComfyUI
-keeps VAEs in bf16 there, unlike the CPU the tests use) and issue 12's table per VAE (the default and the plain methods, the hybrid, diis and three
-Adam settings on the photos and hard cases, 128 px; bench.convergence makes its table); each stage a
-subprocess with its share of the time, so a slow stage cannot eat the others', and every row is
-written as it finishes.
+there), the node and the library path in every precision (bench.gpu_node_check: ComfyUI keeps VAEs
+in bf16 there, unlike the CPU the tests use) and issue 12's table per VAE (the default and the plain
+methods, the hybrid, diis and three Adam settings on the photos and hard cases, 128 px;
+bench.convergence makes its table); each stage a subprocess with its share of the time, so a slow
+stage cannot eat the others', and every row is written as it finishes.
 
     bash bench/gpu.sh                 # on the GPU machine: results under $OUT (or bench/results)
     bash bench/gpu.sh --quick         # the same stages, tiny, on whatever device there is (CI, CPU)

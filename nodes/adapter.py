@@ -134,10 +134,10 @@ def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) ->
     if image_shape is not None:  # model input shape: ComfyUI's own estimates, encode + decode
         memory = (vae.memory_used_encode(image_shape, dtype)
                   + vae.memory_used_decode(latent_shape(vae, tuple(image_shape)), dtype))
-    # Under inference_mode whatever the caller's mode, as ComfyUI's executor loads models: on CUDA, where
-    # ComfyUI keeps the VAE in bf16 and this runs the shared model itself, moving weights that a loader made
-    # under inference_mode from outside it left convolutions failing ("Inference tensors do not track
-    # version counter"; bench/results/2026-12-04-cuda-nvidia-h200-gpu-precision.md, the bf16 rows).
+    # Under inference_mode whatever the caller's mode, as ComfyUI's executor loads models. Called from a script
+    # (outside it) on CUDA, where ComfyUI keeps the VAE in bf16 so that bf16/auto run the shared model itself,
+    # loading it onto the GPU left its convolutions failing ("Inference tensors do not track version counter":
+    # bench/results/2026-12-04-cuda-nvidia-h200-gpu-precision.md, bf16 rows; loaded here, -precision-bf16.md).
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
                                                force_full_load=vae.disable_offload)
