@@ -109,6 +109,24 @@ def test_live_tensor_peak_counts_the_tensors_a_block_keeps_alive_at_once():
     del a, c
 
 
+def test_inprocess_isolation_measures_what_a_forked_row_does(tmp_path):
+    """--isolation inprocess (CUDA's default, where fork is impossible) on this CPU: the same rows as the
+    forked default, with the same latents, and no .partial.json left once the run is written."""
+    results = {}
+    for isolation in ("inprocess", "fork"):
+        out = tmp_path / isolation
+        args = ["--quick", "--models", "taef2", "--dtypes", "fp32", "--steps", "2", "--repeats", "1",
+                "--methods", "encoder", "ours", "grad-lr0.1-cos", "--isolation", isolation, "--out", str(out)]
+        proc = subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (result,) = [json.loads(f.read_text()) for f in out.glob("*.json")]
+        assert result["meta"]["isolation"] == isolation and not list(out.glob("*.partial.json"))
+        results[isolation] = {r["method"]: r["nmse_db"] for r in result["rows"]}
+    assert set(results["inprocess"]) == {"encoder", "ours", "grad-lr0.1-cos"}
+    assert results["inprocess"] == pytest.approx(results["fork"], abs=1e-4)
+
+
 def test_gpu_script_quick_mode_passes_here(tmp_path):
     """bench/gpu.sh --quick: the GPU run's stages, tiny, on this machine's device (CPU in CI):
     precision rows in fp32 and bf16, the memory rows with a live-tensor ratio, issue 12's table
