@@ -6,6 +6,7 @@ the parent this process was forked from) and gets the pack's modules from `ctx`.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import time
@@ -31,6 +32,9 @@ FREE_CONFIGS = {
     # Our default: exactly what core.invert does with no options (the node at learning_rate 1.0):
     # anderson, auto-stop, the twin problem picking the returned iterate (core.twin).
     OURS: dict(),
+    # the default with the opt-in restart off the round trip's expanding directions (core.unstable): its gain and
+    # cost (the 2026-12-04 results name the default with it "ours" and without it "ours-norestart")
+    "ours-restart": dict(unstable_steps=20),
     "forward": dict(method="forward", select="pixel"),
     "km": dict(method="km", select="pixel"),
     "anderson": dict(method="anderson", select="pixel"),  # the default before the twin (issue 12)
@@ -163,8 +167,11 @@ class Tracer:
         for log in (self.t_in, self.t_out, self.nmse, self.selected):
             del log[0]
 
-    def wrap(self, fn):
+    def wrap(self, fn, skip=lambda: False):
+        """`skip()` True: a decode that is not an iterate (core.unstable.side_evaluations): timed, not traced."""
         def traced(z):
+            if skip():
+                return fn(z)
             sync(self.device)
             b0 = time.perf_counter()
             self.t_in.append(b0 - self.t0 - self.book)
@@ -257,7 +264,8 @@ def run_row(job: dict, ctx) -> dict:
             run_codec = replace(codec, grad_decode=lambda: traced)
         else:  # the hybrid's gradient steps decode through the differentiable copy: traced too
             traced_grad = tracer.wrap(decode_grad) if hybrid else None
-            run_codec = replace(codec, decode=tracer.wrap(codec.decode),
+            side = importlib.import_module(core.__name__ + ".unstable").in_side_evaluation
+            run_codec = replace(codec, decode=tracer.wrap(codec.decode, side),
                                 grad_decode=(lambda: traced_grad) if hybrid else codec.grad_decode)
         opts = core.InversionOptions(steps=job["steps"], **config)
         with PeakMemory(device) as mem:

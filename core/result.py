@@ -91,7 +91,8 @@ SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats
 class InversionResult:
     latent: torch.Tensor  # (B, C, h, w) fp32, the best iterate per sample
     samples: list[SampleStats]
-    trace_psnr: torch.Tensor  # (iterations + 1, B) on the CPU, NaN after a sample stopped
+    trace_psnr: torch.Tensor  # (iterations + 1, B) on the CPU, NaN after a sample stopped (after a restart,
+    # core.solver's unstable_steps: the first run's rows, then the restart's)
     trace_residual_db: torch.Tensor  # same shape
     seconds: float  # wall time of the whole batch
     method: str

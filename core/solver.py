@@ -22,6 +22,7 @@ from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
 from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
+from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
 from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
 
 Tensor = torch.Tensor
@@ -81,6 +82,15 @@ class InversionOptions:
     # gradient methods and 16-bit codecs. The twin doubles the batch (time, and
     # memory on GPU).
     select: str = "auto"
+    # Where the twin decided (a fixed-point run in fp32 whose decode stayed below the noise floor): restart
+    # that sample from E(x) with every step projected off the round trip's expanding directions (core.unstable),
+    # found by this many Arnoldi steps at E(x) (each one decode + encode of the batch) and again, by
+    # core.unstable.REFRESH_STEPS, at the current iterate every `unstable_refresh` iterations; the restart's
+    # twin pick is returned where any were found. 0 (the default): no restart. Opt-in: on the 64 px bench it fixed
+    # kl-f8 stars and texture (item 2: 17 of 18 cells) but took 2.8-3.6x the time on every restarted sample, TAEF2
+    # cells with no gain among them, and held out at 32 px it only cost (docs/convergence.md, "Restarting off").
+    unstable_steps: int = 0
+    unstable_refresh: int = 10
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -117,6 +127,10 @@ class InversionOptions:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
         if not self.memory_limit_mb >= 0:
             raise ValueError(f"memory_limit_mb must be >= 0 (0: no cap); got {self.memory_limit_mb!r}")
+        if int(self.unstable_steps) != self.unstable_steps or self.unstable_steps < 0:
+            raise ValueError(f"unstable_steps must be an integer >= 0 (0 turns it off); got {self.unstable_steps!r}")
+        if int(self.unstable_refresh) != self.unstable_refresh or self.unstable_refresh < 0:
+            raise ValueError(f"unstable_refresh must be an integer >= 0 (0: never); got {self.unstable_refresh!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}; got {self.select!r}")
         return self
@@ -180,7 +194,8 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
     if METHOD_REGISTRY[opts.method].needs_autograd:
         return _run(codec, image, opts, callback, target_latent, weight)
     with torch.inference_mode():
-        return _run(codec, image, opts, callback, target_latent, weight)
+        first = _run(codec, image, opts, callback, target_latent, weight)
+        return _restart_off_expanding(first, codec, image, opts, callback, weight)
 
 
 def _to_host(t: Tensor) -> Tensor:
@@ -423,12 +438,88 @@ def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor)
     return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res)
 
 
+def _start_of(codec: Codec, image: Tensor, rows: Tensor) -> Tensor:
+    """E(x) of the given samples (contiguous fp32 on the codec's device)."""
+    x = image[rows.to(image.device)].to(device=codec.device, dtype=torch.float32)
+    return codec.encode(x.to(codec.dtype)).float().contiguous()
+
+
+def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
+                           weight) -> InversionResult:
+    """The samples whose returned iterate the twin chose (their decode stayed below the noise floor), run again
+    from E(x) with every step projected off the round trip's expanding directions (core.unstable); where the
+    Arnoldi steps at E(x) found any, that run's twin pick is returned instead. Its iterations follow the first
+    run's in the trace (`best_iteration` counts from the first run's start)."""
+    twins = first.extra.get("twin")
+    if opts.unstable_steps == 0 or twins is None:
+        return first
+    redo = [i for i, t in enumerate(twins) if t["why"] in ("twin", "decoded worse")]
+    left = opts.time_budget - first.seconds if opts.time_budget > 0 else math.inf
+    if not redo or left <= 0:
+        return first
+    start = time.perf_counter()
+    with torch.inference_mode():  # which of them expand at E(x) at all: only those are restarted
+        at = torch.tensor(redo, device=first.latent.device)
+        z0 = _start_of(codec, image, at)
+        found, _ = unstable_directions(lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float(), z0, z0,
+                                       opts.unstable_steps)
+    counts = [int(v.abs().sum(1).gt(0).sum()) for v in found.cpu()]
+    probe_s = time.perf_counter() - start
+    redo = [i for i, c in zip(redo, counts) if c > 0]
+    left -= probe_s
+    if not redo or left <= 0:
+        return replace(first, seconds=first.seconds + probe_s)
+    k1, batch = first.trace_psnr.shape[0], len(first.samples)
+    idx = torch.tensor(redo, device=image.device)
+    sub_weight = weight[idx.to(weight.device)] if weight is not None and weight.shape[0] > 1 else weight
+
+    def relay(k, steps, info):  # the restarted samples' progress, after the first run's iterations
+        full = {key: [math.nan] * batch if key != "active" else [False] * batch for key in info}
+        for j, i in enumerate(redo):
+            for key in info:
+                full[key][i] = info[key][j]
+        callback(k1 + k, k1 + steps, full)
+
+    second = _run(codec, image[idx], replace(opts, time_budget=0.0 if math.isinf(left) else left),
+                  None if callback is None else relay, None, sub_weight, deflate=True)
+    use = [(j, i) for j, i in enumerate(redo) if second.extra["expanding"][j] > 0]
+    latent, samples = first.latent.clone(), list(first.samples)
+    tail = lambda t: torch.full((second.trace_psnr.shape[0], batch), math.nan, dtype=t.dtype)
+    trace_psnr = torch.cat([first.trace_psnr, tail(first.trace_psnr)])
+    trace_res = torch.cat([first.trace_residual_db, tail(first.trace_residual_db)])
+    extra = dict(first.extra)
+    extra["twin"] = [dict(t) for t in twins]
+    extra["unstable"] = [{"restarted": False, "directions": 0} for _ in range(batch)]
+    for j, i in enumerate(redo):
+        extra["unstable"][i] = {"restarted": False, "directions": second.extra["expanding"][j],
+                                "lowest_ritz": second.extra["lowest_ritz"][j]}
+    for j, i in use:
+        s1, s2 = first.samples[i], second.samples[j]
+        latent[i] = second.latent[j]
+        trace_psnr[k1:, i], trace_res[k1:, i] = second.trace_psnr[:, j], second.trace_residual_db[:, j]
+        samples[i] = replace(s2, psnr_initial=s1.psnr_initial, residual_db_initial=s1.residual_db_initial,
+                             best_iteration=0 if s2.selection == "encoder" else k1 + s2.best_iteration,
+                             iterations=s1.iterations + s2.iterations)
+        extra["twin"][i] = {**second.extra["twin"][j], "restart": True}
+        extra["unstable"][i]["restarted"] = True
+    if not use:
+        trace_psnr, trace_res = first.trace_psnr, first.trace_residual_db
+    return replace(first, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
+                   seconds=first.seconds + probe_s + second.seconds, extra=extra)
+
+
 def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
-         weight=None) -> InversionResult:
+         weight=None, deflate: bool = False) -> InversionResult:
+    """`deflate`: project every fixed-point step off the round trip's expanding directions (core.unstable),
+    where a twin is run."""
     start = time.perf_counter()
     method = METHOD_REGISTRY[opts.method]
     batch = image.shape[0]
-    image, weight, target_latent, twin = _twin_batch(codec, image, weight, target_latent, opts, method.family)
+    if deflate:  # a restart: its twin image is not an iterate either (core.unstable.side_evaluations)
+        with side_evaluations():
+            image, weight, target_latent, twin = _twin_batch(codec, image, weight, target_latent, opts, method.family)
+    else:
+        image, weight, target_latent, twin = _twin_batch(codec, image, weight, target_latent, opts, method.family)
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
     z = target.start()
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
@@ -436,6 +527,12 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     evaluate = evaluator_for(method, codec, target, z, stepper, opts.residual_every if opts.track_residual else 0)
     real_rows = batch if twin is not None else None
     state = RunState(z, opts, evaluate.tracks_residual, real_rows)
+    expanding, lowest = None, None
+    if deflate and twin is not None and method.family == "fixed_point" and opts.unstable_steps > 0:
+        with torch.inference_mode():
+            expanding, lowest = unstable_directions(
+                lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float(), z, target.latent, opts.unstable_steps)
+            initial = [int(v.abs().sum(1).gt(0).sum()) for v in expanding.cpu()]
     log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start, real_rows)
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)
@@ -449,9 +546,18 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
             break
         step_direction = direction(method.family, ev)
         state.mask_stopped(step_direction)
+        if expanding is not None:
+            project_off(step_direction, expanding)
         stepper.step(z, step_direction, state.active_f)
+        if expanding is not None and opts.unstable_refresh > 0 and k > 0 and k % opts.unstable_refresh == 0:
+            with torch.inference_mode():
+                expanding, _ = unstable_directions(lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float(), z,
+                                                   target.latent, REFRESH_STEPS)
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
+    if expanding is not None:  # per row (real, then twin): how many directions E(x)'s steps were projected off
+        result.extra["expanding"] = initial
+        result.extra["lowest_ritz"] = [round(x, 4) for x in lowest]
     if opts.track_residual and opts.residual_stride > 1:
         result = _with_returned_residual(result, codec, target)
         result.seconds = time.perf_counter() - start

@@ -14,7 +14,9 @@ reached the input's noise floor (8-bit rounding, within FLOOR_MARGIN_DB) has fou
 explains x to within its noise, and returns the first iterate within FLOOR_NEAR_DB of that floor
 (the discrepancy principle), or its best pixel iterate where none got that close; the others
 return the twin's choice (E(x) if that decodes worse). Either way the returned iterate is never
-worse in pixels than E(x).
+worse in pixels than E(x). Opt-in (core.solver's unstable_steps > 0): a sample the twin decided for is run once
+more from E(x) where the round trip expands at E(x) (core.unstable), with its steps projected off those
+directions, and the restart's twin choice (again never worse in pixels than E(x)) is returned.
 
     >>> import torch
     >>> noise_floor_psnr(torch.full((1, 3, 4, 4), 128 / 255)).round().tolist()

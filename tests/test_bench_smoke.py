@@ -77,6 +77,8 @@ def test_quick_values_are_sane(quick):
         assert finite(r["peak_mb"]), r
         if r["method"] == "encoder":
             assert r["iters"] == 0 and finite(r["decode_peak_mb"])
+        elif r["method"] == "ours-restart":  # a restarted sample counts both runs' iterations (core.unstable)
+            assert r["iters"] in (steps, 2 * steps), r["iters"]
         else:
             assert r["iters"] == steps and len(r["trace"]["nmse_db"]) == steps + 1, r["method"]
             # the solver never returns worse than the plain encoder (by pixel error)

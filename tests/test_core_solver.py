@@ -100,6 +100,8 @@ def test_best_iterate_is_never_worse_than_the_encoder():
     s = r.samples[0]
     assert s.best_iteration == 0 and s.psnr_best == s.psnr_initial
     assert s.psnr_final < s.psnr_initial
+    restarted = invert(codec, x, method="forward", steps=20, unstable_steps=20)  # the opt-in restart too
+    assert restarted.extra["unstable"][0]["restarted"] and torch.equal(restarted.latent, z0.float())
 
 
 def test_divergence_guard_stops_and_keeps_the_best():
@@ -142,6 +144,9 @@ def test_tolerance_and_patience_stop_early():
     bad, _ = linear_codec(enc_gain=-0.9)
     r = invert(bad, x, method="forward", steps=100, patience=5)
     assert r.samples[0].stop_reason == "patience" and r.samples[0].iterations == 5
+    r = invert(bad, x, method="forward", steps=100, patience=5, unstable_steps=20)  # the restart: the same rule
+    assert r.extra["unstable"][0]["restarted"] and r.samples[0].stop_reason == "patience"
+    assert r.samples[0].iterations == 10  # both runs' iterations
 
 
 def test_batch_gives_the_same_per_sample_result_as_single_runs():

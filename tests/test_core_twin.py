@@ -74,3 +74,61 @@ def test_a_twin_pick_that_decodes_worse_than_the_encoder_returns_the_encoder():
         assert s.psnr_best >= s.psnr_initial
         if s.selection == "encoder":
             assert torch.equal(r.latent[i], enc(x[i:i + 1])[0]) and s.best_iteration == 0
+
+
+def _saddle_codec(mix):
+    """D(z) = M z per pixel (2x nearest upsampling) about mid-grey, E = 0.9 x 2x average pooling about it:
+    the round trip is 0.9 M, whose negative eigenvalues every fixed-point step expands along."""
+    up, pool = torch.nn.Upsample(scale_factor=2), torch.nn.AvgPool2d(2)
+    return Codec(lambda x: 0.9 * pool(x - 0.5), lambda z: up(torch.einsum("ij,bjhw->bihw", mix, z)) + 0.5)
+
+
+SADDLE = torch.tensor([[1.0, 0.2, 0.1], [0.2, 0.9, 0.2], [0.1, 0.2, -0.3]])  # one eigenvalue ~ -0.33
+
+
+def test_arnoldi_finds_the_round_trips_expanding_direction_and_the_step_is_projected_off_it():
+    from core.unstable import project_off, unstable_directions
+
+    codec = _saddle_codec(SADDLE)
+    x, _ = target()
+    z0 = codec.encode(x)
+    roundtrip = lambda z: codec.encode(codec.decode(z))
+    v, lowest = unstable_directions(roundtrip, z0, z0 * 0.5, 10)
+    expanding = 0.9 * torch.linalg.eigvalsh(SADDLE)[0].item()  # one per latent pixel: a 16-dim eigenspace
+    assert v.shape[1] >= 1 and lowest[0] == pytest.approx(expanding, abs=1e-3)
+    for row in v[0]:  # each direction found lies in that eigenspace: J v = lambda v
+        jv = (roundtrip(row.view_as(z0)) - roundtrip(torch.zeros_like(z0))).reshape(-1)
+        assert (jv - expanding * row).norm() < 1e-3
+    g = torch.randn_like(z0)
+    assert (v[0] @ project_off(g.clone(), v).reshape(-1)).abs().max() < 1e-5
+    pd, _ = linear_codec()  # a positive definite round trip: nothing to project off
+    v, _ = unstable_directions(lambda z: pd.encode(pd.decode(z)), pd.encode(x), pd.encode(x) * 0.5, 10)
+    assert v.shape[1] == 0
+
+
+def test_a_twin_decided_sample_is_restarted_off_the_expanding_directions():
+    """The forward step expands along the round trip's negative eigenvalue, so the twin picks an early iterate;
+    restarted with the steps projected off that direction, the iteration keeps E(x)'s error there (large: this
+    encoder is far from the decoder's inverse) and removes the rest of it."""
+    codec = _saddle_codec(SADDLE)
+    g = torch.Generator().manual_seed(1)
+    z_true = 0.2 * torch.rand(1, 3, 4, 4, generator=g) - 0.1
+    x = _eight_bit(codec.decode(z_true))
+    err = lambda z: float((z - z_true).square().sum() / z_true.square().sum())
+    plain = invert(codec, x, method="forward", lr=0.5, steps=120)  # the default: no restart
+    r = invert(codec, x, method="forward", lr=0.5, steps=120, unstable_steps=20)
+    assert r.extra["unstable"][0]["restarted"] and r.extra["twin"][0]["restart"]
+    assert err(r.latent) < err(plain.latent) <= err(codec.encode(x))  # plain: the twin picked E(x) itself
+    s = r.samples[0]
+    assert s.psnr_best >= s.psnr_initial and r.trace_psnr.shape[0] > plain.trace_psnr.shape[0]
+    assert r.trace_psnr[s.best_iteration, 0].item() == pytest.approx(s.psnr_best)
+
+
+def test_without_expanding_directions_the_restart_changes_nothing():
+    codec, _ = linear_codec()
+    x, _ = target(batch=2)
+    x = _eight_bit(x)
+    r = invert(codec, x, method="forward", steps=30, unstable_steps=20)
+    plain = invert(codec, x, method="forward", steps=30)
+    assert not any(u["restarted"] for u in r.extra.get("unstable", [{"restarted": False}]))
+    assert torch.equal(r.latent, plain.latent) and torch.equal(r.trace_psnr, plain.trace_psnr)
