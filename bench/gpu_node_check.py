@@ -29,8 +29,10 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).square().mean().clamp_min(1e-12)
-    return round(float(10 * torch.log10(1 / mse)), 2)
+    """PSNR (dB) of one image pair, by core.metrics (the same layout on both sides)."""
+    from core.metrics import per_sample_mse, psnr_from_mse
+
+    return round(float(psnr_from_mse(per_sample_mse(a.float(), b.float().to(a.device)))[0]), 2)
 
 
 def node_row(ctx, vae, image, precision: str, method: str, steps: int) -> dict:

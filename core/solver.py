@@ -461,11 +461,11 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
     with torch.inference_mode():  # which of them expand at E(x) at all: only those are restarted
         at = torch.tensor(redo, device=first.latent.device)
         z0 = _start_of(codec, image, at)
-        found, _ = unstable_directions(lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float(), z0, z0,
-                                       opts.unstable_steps)
+        found, lowest = unstable_directions(_roundtrip(codec), z0, z0, opts.unstable_steps)
     counts = [int(v.abs().sum(1).gt(0).sum()) for v in found.cpu()]
     probe_s = time.perf_counter() - start
-    redo = [i for i, c in zip(redo, counts) if c > 0]
+    keep = [j for j, c in enumerate(counts) if c > 0]
+    redo = [redo[j] for j in keep]
     left -= probe_s
     if not redo or left <= 0:
         return replace(first, seconds=first.seconds + probe_s)
@@ -481,7 +481,8 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
         callback(k1 + k, k1 + steps, full)
 
     second = _run(codec, image[idx], replace(opts, time_budget=0.0 if math.isinf(left) else left),
-                  None if callback is None else relay, None, sub_weight, deflate=True)
+                  None if callback is None else relay, None, sub_weight,
+                  deflate=(found[torch.tensor(keep, device=found.device)], [lowest[j] for j in keep]))
     use = [(j, i) for j, i in enumerate(redo) if second.extra["expanding"][j] > 0]
     latent, samples = first.latent.clone(), list(first.samples)
     tail = lambda t: torch.full((second.trace_psnr.shape[0], batch), math.nan, dtype=t.dtype)
@@ -508,14 +509,27 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
                    seconds=first.seconds + probe_s + second.seconds, extra=extra)
 
 
+def _roundtrip(codec: Codec):
+    """z -> E(D(z)) in fp32: what core.unstable's Arnoldi differentiates."""
+    return lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float()
+
+
+def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Two (B, p, N) direction stacks as one batch, the shorter padded with zero rows."""
+    p = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], p - t.shape[1], t.shape[2])], 1)
+    return torch.cat([pad(a), pad(b)])
+
+
 def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
-         weight=None, deflate: bool = False) -> InversionResult:
-    """`deflate`: project every fixed-point step off the round trip's expanding directions (core.unstable),
-    where a twin is run."""
+         weight=None, deflate: tuple[Tensor, list] | None = None) -> InversionResult:
+    """`deflate`: (directions, lowest Ritz real parts) of the real rows at E(x), from the restart's probe: project
+    every fixed-point step off the round trip's expanding directions (core.unstable), where a twin is run; the
+    twin rows' own are found here."""
     start = time.perf_counter()
     method = METHOD_REGISTRY[opts.method]
     batch = image.shape[0]
-    if deflate:  # a restart: its twin image is not an iterate either (core.unstable.side_evaluations)
+    if deflate is not None:  # a restart: its twin image is not an iterate either (core.unstable.side_evaluations)
         with side_evaluations():
             image, weight, target_latent, twin = _twin_batch(codec, image, weight, target_latent, opts, method.family)
     else:
@@ -528,10 +542,11 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     real_rows = batch if twin is not None else None
     state = RunState(z, opts, evaluate.tracks_residual, real_rows)
     expanding, lowest = None, None
-    if deflate and twin is not None and method.family == "fixed_point" and opts.unstable_steps > 0:
-        with torch.inference_mode():
-            expanding, lowest = unstable_directions(
-                lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float(), z, target.latent, opts.unstable_steps)
+    if deflate is not None and twin is not None and method.family == "fixed_point" and opts.unstable_steps > 0:
+        with torch.inference_mode():  # the real rows' were found at this same E(x) by the probe: not again
+            twin_dirs, twin_lowest = unstable_directions(_roundtrip(codec), z[batch:], target.latent[batch:],
+                                                         opts.unstable_steps)
+            expanding, lowest = _pad_rows(deflate[0].to(z.device), twin_dirs), list(deflate[1]) + twin_lowest
             initial = [int(v.abs().sum(1).gt(0).sum()) for v in expanding.cpu()]
     log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start, real_rows)
     for k in range(opts.steps + 1):
@@ -551,8 +566,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         stepper.step(z, step_direction, state.active_f)
         if expanding is not None and opts.unstable_refresh > 0 and k > 0 and k % opts.unstable_refresh == 0:
             with torch.inference_mode():
-                expanding, _ = unstable_directions(lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float(), z,
-                                                   target.latent, REFRESH_STEPS)
+                expanding, _ = unstable_directions(_roundtrip(codec), z, target.latent, REFRESH_STEPS)
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
     if expanding is not None:  # per row (real, then twin): how many directions E(x)'s steps were projected off
