@@ -35,6 +35,8 @@ FREE_CONFIGS = {
     # the default with the opt-in restart off the round trip's expanding directions (core.unstable): its gain and
     # cost (the 2026-12-04 results name the default with it "ours" and without it "ours-norestart")
     "ours-restart": dict(unstable_steps=20),
+    # the default without its gradient rival (core.solver's `rival`): gradient-free throughout, as before 2026-12-04
+    "ours-free": dict(rival=""),
     "forward": dict(method="forward", select="pixel"),
     "km": dict(method="km", select="pixel"),
     "anderson": dict(method="anderson", select="pixel"),  # the default before the twin (issue 12)

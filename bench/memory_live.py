@@ -8,7 +8,8 @@ torch.cuda.max_memory_allocated over the allocation before the row.
     .venv/bin/python -m bench.memory_live --sizes 256 512 --steps 20     # full-size random SD VAE
 
 Rows: `encoder` (one bare decode + encode: the floor any method needs), `ours` (core's default
-method), `gradient` (the bench's reference baseline, grad-lr0.1-cos). Each row runs in a forked
+method), `ours-free` (the default without its gradient rival: gradient-free throughout, the paper's
+regime), `gradient` (the bench's reference baseline, grad-lr0.1-cos). Each row runs in a forked
 process of its own on the CPU (in-process on CUDA, peaks reset per row); the decoder copy of the
 gradient row is built and every row warmed up before measuring. RSS and live tensors are taken
 in the same run (the profiler's own event buffer is in the RSS figure, a few MiB).
@@ -32,7 +33,8 @@ from .isolation import forked
 from .measure import DTYPES, GRAD_CONFIGS, GRAD_REF, load_vae, paper_pair, photo_bchw
 from .memory import LiveTensorPeak, PeakMemory
 
-ROWS = ("encoder", "ours", "gradient")
+ROWS = ("encoder", "ours", "ours-free", "gradient")
+OPTIONS = {"ours": {}, "ours-free": dict(rival=""), "gradient": GRAD_CONFIGS[GRAD_REF]}
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def measure_row(ctx, method: str, size: int, s: Settings) -> dict:
     vae = load_vae(s.model)
     codec = ctx.adapter.vae_codec(vae, s.dtype, (1, 3, size, size))
     x, z = paper_pair(codec, photo_bchw(s.image, size))
-    options = dict(GRAD_CONFIGS[GRAD_REF]) if method == "gradient" else {}
+    options = dict(OPTIONS.get(method, {}))
     if method == "gradient":  # built before measuring: the baseline is not charged for the copy
         decode_grad = codec.differentiable_decode()
         codec = replace(codec, grad_decode=lambda: decode_grad)
@@ -81,7 +83,7 @@ def ratios(rows: list[dict]) -> dict:
         by = {r["method"]: r for r in rows if r["size"] == size and "error" not in r}
         if "ours" in by and "gradient" in by:
             out[size] = {f"{m}_over_gradient_{key}": round(by[m][f"{key}_peak_mb"] / by["gradient"][f"{key}_peak_mb"], 4)
-                         for m in ("ours", "encoder") if m in by for key in ("live", "rss")
+                         for m in ("ours", "ours-free", "encoder") if m in by for key in ("live", "rss")
                          if by["gradient"][f"{key}_peak_mb"] > 0}
     return out
 
@@ -90,7 +92,8 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"# Live-tensor and RSS peak memory, {m['model']} — {m['date']}, {m['device']}, {m['threads']} threads", "",
              f"`{m['command']}`: photo `{m['image']}` in the paper's protocol, {m['dtype']}, {m['steps']} steps; "
-             f"`ours` = core's default (`{m['default_method']}`, with its auto-stop), `gradient` = {GRAD_REF}. "
+             f"`ours` = core's default (`{m['default_method']}`, with its auto-stop and gradient rival), `ours-free` = "
+             f"the default without the rival (gradient-free), `gradient` = {GRAD_REF}. "
              "Live = peak bytes of live tensors over the row's start (profiler allocator events); "
              "RSS = VmHWM over VmRSS before (CPU)." + (" Random weights: cost only." if m["model"] == "random_sd" else ""), "",
              "| size | method | iterations | live peak (MiB) | RSS peak (MiB) | s |", "|---|---|---|---|---|---|"]
@@ -100,9 +103,11 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"| {r['size']} | {r['method']} | {r['iterations']} | {r['live_peak_mb']:.1f} | "
                          f"{r['rss_peak_mb']:.1f} | {r['seconds']} |")
-    lines += ["", "| size | ours / gradient (live) | ours / gradient (RSS) | floor / gradient (live) |", "|---|---|---|---|"]
+    lines += ["", "| size | ours / gradient (live) | ours / gradient (RSS) | ours-free / gradient (live) | "
+              "ours-free / gradient (RSS) | floor / gradient (live) |", "|---|---|---|---|---|---|"]
     for size, q in result["ratios"].items():
         lines.append(f"| {size} | {q.get('ours_over_gradient_live')} | {q.get('ours_over_gradient_rss')} | "
+                     f"{q.get('ours-free_over_gradient_live')} | {q.get('ours-free_over_gradient_rss')} | "
                      f"{q.get('encoder_over_gradient_live')} |")
     return "\n".join(lines) + "\n"
 

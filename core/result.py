@@ -111,6 +111,13 @@ class InversionResult:
                 f"({s.gain_db:+.2f} dB){res}; {SELECTION_TEXT[s.selection]} {s.best_iteration}/{s.iterations}, "
                 f"stop: {stop_text(s.stop_reason, self.options)}")
         lines.append(f"{self.method}, {self.dtype}, {self.seconds:.2f} s for {len(self.samples)} image(s)")
+        rival = self.extra.get("rival")
+        if rival and rival["skipped"]:
+            lines.append(f"{rival['method']} rival not run: {rival['skipped']}")
+        elif rival:
+            chosen = ", ".join(str(i + 1) for i in rival["chosen"]) or "none"
+            lines.append(f"{rival['method']} rival run from E(x) on {len(rival['samples'])} image(s) whose decode stayed "
+                         f"below the noise floor; its pick returned for image(s): {chosen}")
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
             lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")

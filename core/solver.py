@@ -22,8 +22,9 @@ from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
 from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
+from .hybrid import backward_activation_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
-from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, twin_of
+from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, rival_wins, twin_of
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS",
@@ -31,6 +32,7 @@ __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAU
 # Hosts that only show the gradient methods' residual (the nodes' plot, the CLI's report) encode every 4th
 # iterate: 0.73-0.88 of the time on TAEF2, the same latent (bench/results/2026-12-03-cpu-residual-every.md)
 REPORTED_RESIDUAL_EVERY = 4
+RIVALS = ("", "diis", "gradient")  # InversionOptions.rival: off, or a method that steps on the pixel gradient
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,13 @@ class InversionOptions:
     # cells with no gain among them, and held out at 32 px it only cost (docs/convergence.md, "Restarting off").
     unstable_steps: int = 0
     unstable_refresh: int = 10
+    # Where the twin decided (as above), run those samples again from E(x) with this gradient method and its own
+    # twin, and return whichever run's pick core.twin.rival_wins prefers: the one whose decode reaches the noise
+    # floor, else the one whose twin got closer to its known answer. "" turns it off (the run stays gradient-free).
+    # Skipped where the codec has no differentiable decoder or its activations (twin included) would exceed
+    # memory_limit_mb. On the 64 px bench it made the latent 2.5-7.5 dB closer to the truth on 6 of 9 TAEF2 cells
+    # and fixed kl-f8 texture, for about 3x the time there (docs/convergence.md, "The rival").
+    rival: str = "diis"
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -131,6 +140,8 @@ class InversionOptions:
             raise ValueError(f"unstable_steps must be an integer >= 0 (0 turns it off); got {self.unstable_steps!r}")
         if int(self.unstable_refresh) != self.unstable_refresh or self.unstable_refresh < 0:
             raise ValueError(f"unstable_refresh must be an integer >= 0 (0: never); got {self.unstable_refresh!r}")
+        if self.rival not in RIVALS:
+            raise ValueError(f"rival must be one of {', '.join(map(repr, RIVALS))} ('' turns it off); got {self.rival!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}; got {self.select!r}")
         return self
@@ -195,7 +206,8 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
         return _run(codec, image, opts, callback, target_latent, weight)
     with torch.inference_mode():
         first = _run(codec, image, opts, callback, target_latent, weight)
-        return _restart_off_expanding(first, codec, image, opts, callback, weight)
+        first = _restart_off_expanding(first, codec, image, opts, callback, weight)
+    return _with_rival(first, codec, image, opts, callback, weight)  # a gradient method: outside inference mode
 
 
 def _to_host(t: Tensor) -> Tensor:
@@ -444,18 +456,72 @@ def _start_of(codec: Codec, image: Tensor, rows: Tensor) -> Tensor:
     return codec.encode(x.to(codec.dtype)).float().contiguous()
 
 
+def _left_of(opts: InversionOptions, spent: float) -> float:
+    """Seconds of the time budget a follow-up run may still use (inf: no budget)."""
+    return opts.time_budget - spent if opts.time_budget > 0 else math.inf
+
+
+def _rerun(first: InversionResult, codec: Codec, image: Tensor, rows: list[int], opts: InversionOptions, left: float,
+           callback, weight, **run_args) -> InversionResult:
+    """The samples `rows` of a first run, run again from E(x) with `opts` (within `left` seconds); the callback
+    sees their progress after the first run's iterations, the other samples inactive."""
+    k1, batch = first.trace_psnr.shape[0], len(first.samples)
+    idx = torch.tensor(rows, device=image.device)
+    sub_weight = weight[idx.to(weight.device)] if weight is not None and weight.shape[0] > 1 else weight
+
+    def relay(k, steps, info):
+        full = {key: [math.nan] * batch if key != "active" else [False] * batch for key in info}
+        for j, i in enumerate(rows):
+            for key in info:
+                full[key][i] = info[key][j]
+        callback(k1 + k, k1 + steps, full)
+
+    return _run(codec, image[idx], replace(opts, time_budget=0.0 if math.isinf(left) else left),
+                None if callback is None else relay, None, sub_weight, **run_args)
+
+
+def _merged(first: InversionResult, second: InversionResult, rows: list[int], use: list[int], tag: dict,
+            extra_seconds: float = 0.0) -> InversionResult:
+    """`first` with the samples rows[j] for j in `use` taken from `second` (a rerun of `rows`): their latent,
+    stats and twin record (updated with `tag`). Each such sample's trace column goes on with the rerun's
+    iterations right after its own last one, so `best_iteration` and `iterations` index that column (the rerun's
+    start, E(x) again, is one iteration) and do not depend on the other samples of the batch."""
+    extra = dict(first.extra, twin=[dict(t) for t in first.extra["twin"]])
+    if not use:
+        return replace(first, seconds=first.seconds + extra_seconds + second.seconds, extra=extra)
+    latent, samples = first.latent.clone(), list(first.samples)
+    offset = {j: first.samples[rows[j]].iterations + 1 for j in use}
+    length = max([first.trace_psnr.shape[0]] + [offset[j] + second.samples[j].iterations + 1 for j in use])
+    grow = lambda t: torch.cat([t, torch.full((length - t.shape[0], t.shape[1]), math.nan, dtype=t.dtype)])
+    trace_psnr, trace_res = grow(first.trace_psnr), grow(first.trace_residual_db)
+    for j in use:
+        i, o, s1, s2 = rows[j], offset[j], first.samples[rows[j]], second.samples[j]
+        n = s2.iterations + 1
+        latent[i] = second.latent[j]
+        trace_psnr[o:, i], trace_res[o:, i] = math.nan, math.nan
+        trace_psnr[o:o + n, i], trace_res[o:o + n, i] = second.trace_psnr[:n, j], second.trace_residual_db[:n, j]
+        samples[i] = replace(s2, psnr_initial=s1.psnr_initial, residual_db_initial=s1.residual_db_initial,
+                             best_iteration=0 if s2.selection == "encoder" else o + s2.best_iteration,
+                             iterations=o + s2.iterations)
+        twin = second.extra["twin"][j]
+        extra["twin"][i] = {**twin, "iteration": o + twin["iteration"], **tag}
+    return replace(first, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
+                   seconds=first.seconds + extra_seconds + second.seconds, extra=extra)
+
+
+def _twin_decided(first: InversionResult) -> list[int]:
+    """The samples whose returned iterate the twin chose: their decode stayed below the noise floor."""
+    return [i for i, t in enumerate(first.extra.get("twin") or []) if t["why"] in ("twin", "decoded worse")]
+
+
 def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
                            weight) -> InversionResult:
     """The samples whose returned iterate the twin chose (their decode stayed below the noise floor), run again
     from E(x) with every step projected off the round trip's expanding directions (core.unstable); where the
     Arnoldi steps at E(x) found any, that run's twin pick is returned instead. Its iterations follow the first
     run's in the trace (`best_iteration` counts from the first run's start)."""
-    twins = first.extra.get("twin")
-    if opts.unstable_steps == 0 or twins is None:
-        return first
-    redo = [i for i, t in enumerate(twins) if t["why"] in ("twin", "decoded worse")]
-    left = opts.time_budget - first.seconds if opts.time_budget > 0 else math.inf
-    if not redo or left <= 0:
+    redo, left = _twin_decided(first), _left_of(opts, first.seconds)
+    if opts.unstable_steps == 0 or not redo or left <= 0:
         return first
     start = time.perf_counter()
     with torch.inference_mode():  # which of them expand at E(x) at all: only those are restarted
@@ -469,44 +535,46 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
     left -= probe_s
     if not redo or left <= 0:
         return replace(first, seconds=first.seconds + probe_s)
-    k1, batch = first.trace_psnr.shape[0], len(first.samples)
-    idx = torch.tensor(redo, device=image.device)
-    sub_weight = weight[idx.to(weight.device)] if weight is not None and weight.shape[0] > 1 else weight
-
-    def relay(k, steps, info):  # the restarted samples' progress, after the first run's iterations
-        full = {key: [math.nan] * batch if key != "active" else [False] * batch for key in info}
-        for j, i in enumerate(redo):
-            for key in info:
-                full[key][i] = info[key][j]
-        callback(k1 + k, k1 + steps, full)
-
-    second = _run(codec, image[idx], replace(opts, time_budget=0.0 if math.isinf(left) else left),
-                  None if callback is None else relay, None, sub_weight,
-                  deflate=(found[torch.tensor(keep, device=found.device)], [lowest[j] for j in keep]))
-    use = [(j, i) for j, i in enumerate(redo) if second.extra["expanding"][j] > 0]
-    latent, samples = first.latent.clone(), list(first.samples)
-    tail = lambda t: torch.full((second.trace_psnr.shape[0], batch), math.nan, dtype=t.dtype)
-    trace_psnr = torch.cat([first.trace_psnr, tail(first.trace_psnr)])
-    trace_res = torch.cat([first.trace_residual_db, tail(first.trace_residual_db)])
-    extra = dict(first.extra)
-    extra["twin"] = [dict(t) for t in twins]
-    extra["unstable"] = [{"restarted": False, "directions": 0} for _ in range(batch)]
+    second = _rerun(first, codec, image, redo, opts, left, callback, weight,
+                    deflate=(found[torch.tensor(keep, device=found.device)], [lowest[j] for j in keep]))
+    use = [j for j in range(len(redo)) if second.extra["expanding"][j] > 0]
+    result = _merged(first, second, redo, use, {"restart": True}, probe_s)
+    result.extra["unstable"] = [{"restarted": False, "directions": 0} for _ in first.samples]
     for j, i in enumerate(redo):
-        extra["unstable"][i] = {"restarted": False, "directions": second.extra["expanding"][j],
-                                "lowest_ritz": second.extra["lowest_ritz"][j]}
-    for j, i in use:
-        s1, s2 = first.samples[i], second.samples[j]
-        latent[i] = second.latent[j]
-        trace_psnr[k1:, i], trace_res[k1:, i] = second.trace_psnr[:, j], second.trace_residual_db[:, j]
-        samples[i] = replace(s2, psnr_initial=s1.psnr_initial, residual_db_initial=s1.residual_db_initial,
-                             best_iteration=0 if s2.selection == "encoder" else k1 + s2.best_iteration,
-                             iterations=s1.iterations + s2.iterations)
-        extra["twin"][i] = {**second.extra["twin"][j], "restart": True}
-        extra["unstable"][i]["restarted"] = True
-    if not use:
-        trace_psnr, trace_res = first.trace_psnr, first.trace_residual_db
-    return replace(first, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
-                   seconds=first.seconds + probe_s + second.seconds, extra=extra)
+        result.extra["unstable"][i] = {"restarted": j in use, "directions": second.extra["expanding"][j],
+                                       "lowest_ritz": second.extra["lowest_ritz"][j]}
+    return result
+
+
+def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
+                weight) -> InversionResult:
+    """The samples the twin decided for, run again from E(x) by the gradient method `opts.rival` with their twins
+    (core.twin): per sample the returned iterate of the two runs that core.twin.rival_wins prefers. Skipped where
+    the codec has no differentiable decoder or the rival's activations would exceed memory_limit_mb."""
+    rows, left = _twin_decided(first), _left_of(opts, first.seconds)
+    if not opts.rival or not rows or left <= 0:
+        return first
+    report = {"method": opts.rival, "samples": rows, "chosen": [], "skipped": None}
+    if codec.grad_decode is None:
+        report["skipped"] = "no differentiable decoder"
+    elif opts.memory_limit_mb > 0:  # the twin doubles the batch the backward runs on
+        z0 = first.latent[torch.tensor(rows, device=first.latent.device)]
+        report["activation_estimate_mb"] = 2 * backward_activation_mb(codec.differentiable_decode(), z0)
+        if report["activation_estimate_mb"] > opts.memory_limit_mb:
+            report["skipped"] = f"memory (limit {opts.memory_limit_mb:.0f} MiB)"
+    if report["skipped"]:
+        return replace(first, extra=dict(first.extra, rival=report))
+    # select "twin": the twin's pick even where the decode reaches the floor -- a gradient method gets there on flat
+    # fields far from the truth (TAEF2 and kl-f8 flat_objects), and rival_wins weighs the floor itself
+    rival_opts = replace(opts, method=opts.rival, lr=None, rival="", unstable_steps=0, select="twin")
+    second = _rerun(first, codec, image, rows, rival_opts, left, callback, weight)
+    use = [j for j, i in enumerate(rows)
+           if rival_wins(first.samples[i], first.extra["twin"][i], second.samples[j], second.extra["twin"][j])]
+    report["chosen"] = [rows[j] for j in use]
+    report["twin_nmse_db"] = [t["latent_nmse_db"] for t in second.extra["twin"]]
+    result = _merged(first, second, rows, use, {"rival": opts.rival})
+    result.extra["rival"] = report
+    return result
 
 
 def _roundtrip(codec: Codec):

@@ -61,6 +61,33 @@ def noise_floor_psnr(x: Tensor) -> Tensor:
     return torch.where(is_8bit(x), psnr, torch.full_like(psnr, math.inf))
 
 
+def rival_wins(first, first_twin: dict, rival, rival_twin: dict) -> bool:
+    """Whether the rival run's returned iterate replaces the first run's (core.solver's `rival`), from each
+    run's SampleStats and twin record (`extra["twin"][i]`). The discrepancy principle first: an iterate whose
+    decode reaches the input's noise floor (within FLOOR_MARGIN_DB) explains x, one below it does not (kl-f8
+    texture: the fixed point stalls 18 dB below the floor while its twin converges, so the twin errors alone
+    would keep it). Otherwise the lower latent error of the twins at their picks, each twin's problem having
+    the same known answer E(x); a rival that returned E(x) ("decoded worse") never wins.
+
+    >>> from types import SimpleNamespace as S
+    >>> at = lambda psnr: S(psnr_best=psnr)
+    >>> twin = lambda db, why="twin", floor=58.9: {"latent_nmse_db": db, "why": why, "floor_psnr": floor}
+    >>> rival_wins(at(40.0), twin(-41.5), at(58.9), twin(-21.5))  # only the rival explains x
+    True
+    >>> rival_wins(at(36.0), twin(-18.3), at(54.0), twin(-20.4)), rival_wins(at(52.0), twin(-22.7), at(35.0), twin(-18.5))
+    (True, False)
+    >>> rival_wins(at(36.0), twin(-18.3), at(36.0), twin(-30.0, "decoded worse"))
+    False
+    """
+    if rival_twin["why"] == "decoded worse":
+        return False
+    floor = first_twin["floor_psnr"] - FLOOR_MARGIN_DB
+    first_at, rival_at = first.psnr_best >= floor, rival.psnr_best >= floor
+    if first_at != rival_at:
+        return rival_at
+    return rival_twin["latent_nmse_db"] < first_twin["latent_nmse_db"]
+
+
 def twin_of(codec: Codec, image: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
     """(x_t, z_t): the twin images D(E(x)) (rounded to 8 bits where x is) and their truth E(x)."""
     with torch.inference_mode():  # the decode as it is: E(x) must decode exactly to x_t before rounding

@@ -117,10 +117,10 @@ def pack(host):
     return importlib.import_module(name + ".nodes.adapter"), importlib.import_module(name + ".core")
 
 
-def _protocol(adapter, vae, case):
-    codec = adapter.vae_codec(vae, "fp32", (1, 3, SIZE, SIZE))
+def _protocol(adapter, vae, case, size=SIZE):
+    codec = adapter.vae_codec(vae, "fp32", (1, 3, size, size))
     with torch.inference_mode():
-        z_gt = codec.encode(cases.make(case, SIZE)).float()
+        z_gt = codec.encode(cases.make(case, size)).float()
         x = (codec.decode(z_gt).float().clamp(0, 1) * 255).round() / 255
         z_enc = codec.encode(x).float()
     return codec, x.clone(), z_gt.clone(), z_enc.clone()
@@ -147,11 +147,37 @@ def test_on_taef2_the_pixel_best_iterate_drifts_and_the_twin_pick_does_not(case,
     adapter, core = pack
     codec, x, z_gt, z_enc = _protocol(adapter, taef2, case)
     pixel = core.invert(codec, x, steps=STEPS, select="pixel")
-    default = core.invert(codec, x, steps=STEPS)
+    default = core.invert(codec, x, steps=STEPS, rival="")  # the fixed point's own pick (the rival: below)
     assert _nmse_db(pixel.latent, z_gt) > _nmse_db(z_enc, z_gt) + 1.0
     assert default.samples[0].selection == "twin" and "twin problem's pick" in default.summary()
     assert default.samples[0].best_iteration < pixel.samples[0].best_iteration
     assert _nmse_db(default.latent, z_gt) < _nmse_db(pixel.latent, z_gt) - 1.0
+
+
+def test_the_rival_fixes_the_kl_f8_case_where_every_fixed_point_method_is_worse_than_the_encoder(kl_small, pack):
+    """kl-f8 texture at 64 px (docs/convergence.md, "The rival"): the fixed point converges to a latent whose
+    round trip matches E(x) but whose decode does not (the latent NMSE climbs to 0 dB while the residual falls);
+    its twin converges, so the twin's pick is worse than E(x). The diis rival's decode reaches the noise floor:
+    the default returns it, closer to the truth than E(x)."""
+    adapter, core = pack
+    codec, x, z_gt, z_enc = _protocol(adapter, kl_small, "texture", size=64)
+    free = core.invert(codec, x, rival="")
+    default = core.invert(codec, x)
+    assert _nmse_db(free.latent, z_gt) > _nmse_db(z_enc, z_gt) + 3  # the failure the rival is for
+    assert default.extra["rival"]["chosen"] == [0] and "rival" in default.summary()
+    assert _nmse_db(default.latent, z_gt) < _nmse_db(z_enc, z_gt) - 2
+    s = default.samples[0]
+    assert s.psnr_best > free.samples[0].psnr_best + 10 and default.trace_psnr[s.best_iteration, 0] == s.psnr_best
+
+
+def test_the_rival_respects_the_memory_cap(taef2, pack):
+    adapter, core = pack
+    codec, x, _, _ = _protocol(adapter, taef2, "flat_noise")
+    capped = core.invert(codec, x, steps=STEPS, memory_limit_mb=0.01)
+    free = core.invert(codec, x, steps=STEPS, rival="")
+    rival = capped.extra["rival"]
+    assert rival["skipped"].startswith("memory") and rival["activation_estimate_mb"] > 0.01
+    assert torch.equal(capped.latent, free.latent) and "rival not run: memory" in capped.summary()
 
 
 def test_where_the_decode_reaches_the_noise_floor_the_first_iterate_at_the_noise_level_is_returned(kl_small, pack):

@@ -86,8 +86,12 @@ def test_channels_last_latents_are_updated(method):
 def test_anderson_safeguard_survives_a_bad_direction():
     codec, _ = linear_codec(enc_gain=-0.9)  # residual grows under any plain step
     x, _ = target()
-    r = invert(codec, x, method="anderson", steps=30)
+    r = invert(codec, x, method="anderson", steps=30, rival="")  # the fixed point alone (no gradient rival)
     assert r.samples[0].psnr_best == r.samples[0].psnr_initial and torch.isfinite(r.latent).all()
+    rescued = invert(codec, x, method="anderson", steps=30)  # the default's diis rival solves it from E(x)
+    assert rescued.extra["rival"]["chosen"] == [0] and rescued.samples[0].psnr_best > r.samples[0].psnr_best + 20
+    s = rescued.samples[0]
+    assert s.best_iteration <= s.iterations and rescued.trace_psnr[s.best_iteration, 0] == s.psnr_best
 
 
 def test_best_iterate_is_never_worse_than_the_encoder():
@@ -95,19 +99,19 @@ def test_best_iterate_is_never_worse_than_the_encoder():
     codec, _ = linear_codec(enc_gain=-0.9)
     x, _ = target()
     z0 = codec.encode(x)
-    r = invert(codec, x, method="forward", steps=20)
+    r = invert(codec, x, method="forward", steps=20, rival="")  # the fixed point's own guarantee
     assert torch.equal(r.latent, z0.float())
     s = r.samples[0]
     assert s.best_iteration == 0 and s.psnr_best == s.psnr_initial
     assert s.psnr_final < s.psnr_initial
-    restarted = invert(codec, x, method="forward", steps=20, unstable_steps=20)  # the opt-in restart too
+    restarted = invert(codec, x, method="forward", steps=20, unstable_steps=20, rival="")  # the opt-in restart too
     assert restarted.extra["unstable"][0]["restarted"] and torch.equal(restarted.latent, z0.float())
 
 
 def test_divergence_guard_stops_and_keeps_the_best():
     codec, _ = linear_codec(enc_gain=-0.9)
     x, _ = target()
-    r = invert(codec, x, method="forward", lr=5.0, steps=200, divergence=10.0)
+    r = invert(codec, x, method="forward", lr=5.0, steps=200, divergence=10.0, rival="")
     s = r.samples[0]
     assert s.stop_reason == "diverged" and s.iterations < 200
     assert s.psnr_best == s.psnr_initial
@@ -142,11 +146,11 @@ def test_tolerance_and_patience_stop_early():
     assert s.stop_reason == "tolerance" and s.iterations < 500
     assert s.residual_db_final <= -60
     bad, _ = linear_codec(enc_gain=-0.9)
-    r = invert(bad, x, method="forward", steps=100, patience=5)
+    r = invert(bad, x, method="forward", steps=100, patience=5, rival="")
     assert r.samples[0].stop_reason == "patience" and r.samples[0].iterations == 5
-    r = invert(bad, x, method="forward", steps=100, patience=5, unstable_steps=20)  # the restart: the same rule
+    r = invert(bad, x, method="forward", steps=100, patience=5, unstable_steps=20, rival="")  # the restart: the same rule
     assert r.extra["unstable"][0]["restarted"] and r.samples[0].stop_reason == "patience"
-    assert r.samples[0].iterations == 10  # both runs' iterations
+    assert r.samples[0].iterations == 11  # both runs' iterations and the restart's start
 
 
 def test_batch_gives_the_same_per_sample_result_as_single_runs():
@@ -195,7 +199,7 @@ def test_half_precision_codec_keeps_fp32_state(dtype):
     codec, _ = linear_codec(dtype=dtype)
     x, _ = target()
     r = invert(codec, x, method="adam", steps=60)
-    ref = invert(linear_codec()[0], x, method="adam", steps=60)
+    ref = invert(linear_codec()[0], x, method="adam", steps=60, rival="")  # 16-bit codecs run no twin, so no rival
     assert r.latent.dtype == torch.float32 and r.dtype == str(dtype).replace("torch.", "")
     assert r.samples[0].psnr_best > r.samples[0].psnr_initial + 10
     # 16-bit passes cap the reachable accuracy, not the progress
@@ -489,7 +493,7 @@ def test_auto_stop_waits_while_the_twins_latent_error_still_falls():
     returns exactly the full run's latent."""
     codec, _ = linear_codec()
     x = off_range_target()
-    rule = dict(method="forward", lr=0.2, steps=400, stall_steps=10, stall_flat_db=math.inf)
+    rule = dict(method="forward", lr=0.2, steps=400, stall_steps=10, stall_flat_db=math.inf, rival="")
     full = invert(codec, x, **{**rule, "stall_steps": 0})
     auto = invert(codec, x, **rule)
     twin_pick = full.extra["twin"][0]["iteration"]
