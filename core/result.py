@@ -91,8 +91,8 @@ SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats
 class InversionResult:
     latent: torch.Tensor  # (B, C, h, w) fp32, the best iterate per sample
     samples: list[SampleStats]
-    trace_psnr: torch.Tensor  # (iterations + 1, B) on the CPU, NaN after a sample stopped (after a restart,
-    # core.solver's unstable_steps: the first run's rows, then the restart's)
+    trace_psnr: torch.Tensor  # (iterations + 1, B) on the CPU, NaN after a sample stopped (where a rerun's pick is
+    # returned, core.solver's rival or unstable_steps: the sample's column goes on with the rerun's iterations)
     trace_residual_db: torch.Tensor  # same shape
     seconds: float  # wall time of the whole batch
     method: str
@@ -111,6 +111,12 @@ class InversionResult:
                 f"({s.gain_db:+.2f} dB){res}; {SELECTION_TEXT[s.selection]} {s.best_iteration}/{s.iterations}, "
                 f"stop: {stop_text(s.stop_reason, self.options)}")
         lines.append(f"{self.method}, {self.dtype}, {self.seconds:.2f} s for {len(self.samples)} image(s)")
+        lines += self.notes()
+        return "\n".join(lines)
+
+    def notes(self) -> list[str]:
+        """Lines on what the run did beyond its method's steps: the default's rival, the hybrid's memory cap."""
+        lines = []
         rival = self.extra.get("rival")
         if rival and rival["skipped"]:
             lines.append(f"{rival['method']} rival not run: {rival['skipped']}")
@@ -121,7 +127,7 @@ class InversionResult:
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
             lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")
-        return "\n".join(lines)
+        return lines
 
     def to_dict(self) -> dict:
         """JSON-ready: stats, options and the trace as lists (NaN becomes None)."""

@@ -24,7 +24,7 @@ from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
 from .hybrid import backward_activation_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
-from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, rival_wins, twin_of
+from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, rival_wins, twin_faithful, twin_of
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS",
@@ -445,8 +445,9 @@ def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor)
     for key, value in result.extra.items():  # per-sample lists of the stepper (hybrid): the real rows
         if isinstance(value, list) and len(value) == 2 * b:
             result.extra[key] = value[:b]
-    result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2), "why": w}
-                            for k, d, f, w in zip(twin_k, twin_db, floors, why)]
+    faithful = twin_faithful(result.trace_psnr, result.samples, twin_k)
+    result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2), "why": w,
+                             "faithful": ok} for k, d, f, w, ok in zip(twin_k, twin_db, floors, why, faithful)]
     return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res)
 
 
@@ -548,31 +549,43 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
 
 def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
                 weight) -> InversionResult:
-    """The samples the twin decided for, run again from E(x) by the gradient method `opts.rival` with their twins
-    (core.twin): per sample the returned iterate of the two runs that core.twin.rival_wins prefers. Skipped where
-    the codec has no differentiable decoder or the rival's activations would exceed memory_limit_mb."""
-    rows, left = _twin_decided(first), _left_of(opts, first.seconds)
-    if not opts.rival or not rows or left <= 0:
+    """The samples the twin decided for, each run again from E(x) by the gradient method `opts.rival` with its twin
+    (core.twin), returning whichever run's pick core.twin.rival_wins prefers. Skipped where the codec has no
+    differentiable decoder or the rival's activations would exceed memory_limit_mb. One sample at a time: diis
+    mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions (TAEF2, 64 px:
+    latents up to 0.3 apart between a batch of three and single runs), so a batched rival's result would depend on
+    the batch; this way each image's result is its own, and the activations are one sample's (and its twin's)."""
+    rows = _twin_decided(first)
+    if not opts.rival or not rows or _left_of(opts, first.seconds) <= 0:
         return first
-    report = {"method": opts.rival, "samples": rows, "chosen": [], "skipped": None}
+    report = {"method": opts.rival, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
     elif opts.memory_limit_mb > 0:  # the twin doubles the batch the backward runs on
-        z0 = first.latent[torch.tensor(rows, device=first.latent.device)]
+        z0 = first.latent[rows[0]:rows[0] + 1]
         report["activation_estimate_mb"] = 2 * backward_activation_mb(codec.differentiable_decode(), z0)
         if report["activation_estimate_mb"] > opts.memory_limit_mb:
             report["skipped"] = f"memory (limit {opts.memory_limit_mb:.0f} MiB)"
     if report["skipped"]:
         return replace(first, extra=dict(first.extra, rival=report))
-    # select "twin": the twin's pick even where the decode reaches the floor -- a gradient method gets there on flat
-    # fields far from the truth (TAEF2 and kl-f8 flat_objects), and rival_wins weighs the floor itself
-    rival_opts = replace(opts, method=opts.rival, lr=None, rival="", unstable_steps=0, select="twin")
-    second = _rerun(first, codec, image, rows, rival_opts, left, callback, weight)
-    use = [j for j, i in enumerate(rows)
-           if rival_wins(first.samples[i], first.extra["twin"][i], second.samples[j], second.extra["twin"][j])]
-    report["chosen"] = [rows[j] for j in use]
-    report["twin_nmse_db"] = [t["latent_nmse_db"] for t in second.extra["twin"]]
-    result = _merged(first, second, rows, use, {"rival": opts.rival})
+    # select "twin": the twin's pick even where the decode reaches the noise floor -- a gradient method gets there on
+    # flat fields far from the truth (TAEF2 and kl-f8 flat_objects); record_every 0: the kept iterates test the
+    # fixed-point iteration's assumption, which a gradient run has not; its residual only feeds the trace: every
+    # REPORTED_RESIDUAL_EVERY-th (the same latent, ~25 % less time on TAEF2)
+    rival_opts = replace(opts, method=opts.rival, lr=None, rival="", unstable_steps=0, select="twin", record_every=0,
+                         residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY))
+    result = first
+    for i in rows:
+        left = _left_of(opts, result.seconds)
+        if left <= 0:
+            break
+        second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight)
+        twin = second.extra["twin"][0]
+        wins = rival_wins(result.extra["twin"][i], twin)
+        report["samples"].append(i)
+        report["twin_nmse_db"].append(twin["latent_nmse_db"])
+        report["chosen"] += [i] if wins else []
+        result = _merged(result, second, [i], [0] if wins else [], {"rival": opts.rival})
     result.extra["rival"] = report
     return result
 

@@ -125,6 +125,7 @@ class VAEExactEncodeForInpaint(io.ComfyNode):
             lines.append(f"image {i + 1}: PSNR of the decode outside the grown mask {s.psnr_initial:.2f} -> "
                          f"{s.psnr_best:.2f} dB ({s.gain_db:+.2f} dB), best at iteration {s.best_iteration}")
         lines.append(f"{method}, {result.seconds:.2f} s; masked area: {masked_area}, mask grown by {grow_mask_by} px")
+        lines += result.notes()
         summary = "\n".join(lines)
         latent = {"samples": samples,
                   "noise_mask": noise_mask.to(comfy.model_management.intermediate_device())}

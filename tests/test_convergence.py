@@ -157,13 +157,15 @@ def test_on_taef2_the_pixel_best_iterate_drifts_and_the_twin_pick_does_not(case,
 def test_the_rival_fixes_the_kl_f8_case_where_every_fixed_point_method_is_worse_than_the_encoder(kl_small, pack):
     """kl-f8 texture at 64 px (docs/convergence.md, "The rival"): the fixed point converges to a latent whose
     round trip matches E(x) but whose decode does not (the latent NMSE climbs to 0 dB while the residual falls);
-    its twin converges, so the twin's pick is worse than E(x). The diis rival's decode reaches the noise floor:
-    the default returns it, closer to the truth than E(x)."""
+    its twin converges, so the twin's pick is worse than E(x). That twin did not stand for the run (core.twin's
+    twin_faithful: the run settled with a fraction of its twin's pixel gain); the diis rival's did, and the default
+    returns the rival's pick, closer to the truth than E(x)."""
     adapter, core = pack
     codec, x, z_gt, z_enc = _protocol(adapter, kl_small, "texture", size=64)
     free = core.invert(codec, x, rival="")
     default = core.invert(codec, x)
     assert _nmse_db(free.latent, z_gt) > _nmse_db(z_enc, z_gt) + 3  # the failure the rival is for
+    assert free.extra["twin"][0]["faithful"] is False and default.extra["twin"][0]["faithful"] is True
     assert default.extra["rival"]["chosen"] == [0] and "rival" in default.summary()
     assert _nmse_db(default.latent, z_gt) < _nmse_db(z_enc, z_gt) - 2
     s = default.samples[0]

@@ -11,9 +11,9 @@ def _trace(pack, latent):
 
 def test_auto_stop_off_runs_every_step_and_on_is_the_default(run_node, taef2, photos64, pack):
     image = photos64["astronaut"][:, :32, :32]
-    latent, _ = run_node(image, taef2, steps=30, method="forward", auto_stop=False)
+    latent, _ = run_node(image, taef2, steps=30, method="forward", auto_stop=False, rival="off")
     off = _trace(pack, latent)
-    assert off["options"]["stall_steps"] == 0
+    assert off["options"]["stall_steps"] == 0 and off["options"]["rival"] == ""
     assert off["samples"][0]["iterations"] == 30
     latent, _ = run_node(image, taef2, steps=30, method="forward")
     assert _trace(pack, latent)["options"]["stall_steps"] == 20

@@ -1,0 +1,93 @@
+"""The default's gradient rival on real photos (issue 12): what a node user gets, with no true latent to score.
+
+In the paper protocol (bench.run, `ours` against `ours-free`) the rival is scored by the latent NMSE. A real
+photo is not in the decoder's range, so only what the run itself sees can be reported: per VAE and photo, the
+default without the rival (`rival=""`, gradient-free) and with it, side by side in one process: the PSNR of the
+returned latent's decode, whether the rival ran and was chosen, the two twins' latent errors at their picks (what
+`core.twin.rival_wins` compares), and the seconds.
+
+    .venv/bin/python -m bench.rival --sizes 64 128 --out bench/results
+
+Writes <out>/<date>-<device>-rival-photos.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .environment import REPO, boot, device_info
+from .measure import load_vae, photo_bchw
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def row(core, codec, model: str, photo: str, size: int) -> dict:
+    x = photo_bchw(photo, size)
+    free = core.invert(codec, x, rival="")
+    default = core.invert(codec, x)
+    rival = default.extra.get("rival") or {}
+    twin = default.extra["twin"][0]
+    return dict(model=model, photo=photo, size=size,
+                psnr_encoder=round(free.samples[0].psnr_initial, 2), psnr_free=round(free.samples[0].psnr_best, 2),
+                psnr_default=round(default.samples[0].psnr_best, 2),
+                free_why=free.extra["twin"][0]["why"], rival_ran=0 in rival.get("samples", []),
+                rival_chosen=0 in rival.get("chosen", []), skipped=rival.get("skipped"),
+                twin_free_db=free.extra["twin"][0]["latent_nmse_db"],
+                twin_rival_db=(rival.get("twin_nmse_db") or [None])[0], default_why=twin["why"],
+                seconds_free=round(free.seconds, 2), seconds_default=round(default.seconds, 2))
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# The default's gradient rival on real photos — {m['date']}, {m['device']}, {m['threads']} threads", "",
+             f"`{m['command']}`: the shared photos as a node gets them (not the paper protocol: no true latent), fp32, "
+             "core's default with `rival=\"\"` (gradient-free) and with the rival (`diis`), one process, side by side. "
+             "Twin dB: each run's twin latent NMSE at its pick (what `core.twin.rival_wins` compares).", "",
+             "| VAE | size | photo | PSNR E(x) | PSNR without rival | PSNR default | rival chosen | twin dB without / rival "
+             "| s without / default |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        chosen = "skipped: " + r["skipped"] if r["skipped"] else ("yes" if r["rival_chosen"] else
+                                                                  "no" if r["rival_ran"] else f"not run ({r['free_why']})")
+        lines.append(f"| {r['model']} | {r['size']} | {r['photo']} | {r['psnr_encoder']} | {r['psnr_free']} | "
+                     f"{r['psnr_default']} | {chosen} | {r['twin_free_db']} / {r['twin_rival_db']} | "
+                     f"{r['seconds_free']} / {r['seconds_default']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["taef2", "kl_f8_small"])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--photos", nargs="+", default=list(PHOTOS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    a = p.parse_args(argv)
+    ctx = boot(a.threads)
+    _, slug, name = device_info()
+    rows = []
+    for model in a.models:
+        vae = load_vae(model)
+        for size in a.sizes:
+            codec = ctx.adapter.vae_codec(vae, "fp32", (1, 3, size, size))
+            for photo in a.photos:
+                rows.append(row(ctx.core, codec, model, photo, size))
+                print(rows[-1], file=sys.stderr, flush=True)
+    command = "python -m bench.rival " + shlex.join(argv if argv is not None else sys.argv[1:])
+    meta = dict(date=str(datetime.date.today()), device=name, threads=a.threads, torch=torch.__version__, command=command)
+    result = dict(meta=meta, rows=rows)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = a.out / f"{meta['date']}-{slug}-rival-photos"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
