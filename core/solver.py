@@ -503,7 +503,8 @@ def _merged(first: InversionResult, second: InversionResult, rows: list[int], us
         trace_psnr[o:o + n, i], trace_res[o:o + n, i] = second.trace_psnr[:n, j], second.trace_residual_db[:n, j]
         samples[i] = replace(s2, psnr_initial=s1.psnr_initial, residual_db_initial=s1.residual_db_initial,
                              best_iteration=0 if s2.selection == "encoder" else o + s2.best_iteration,
-                             iterations=o + s2.iterations)
+                             iterations=o + s2.iterations,  # an index into the column, as best_iteration
+                             cocoercivity=s2.cocoercivity or s1.cocoercivity)  # a rival (gradient) run records none
         twin = second.extra["twin"][j]
         extra["twin"][i] = {**twin, "iteration": o + twin["iteration"], **tag}
     return replace(first, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,

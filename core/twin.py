@@ -47,7 +47,8 @@ QUANT_MSE = (1 / 255) ** 2 / 12  # the error variance of rounding to 8 bits
 # it. Set in session 6 on the 64 px probes (kl-f8 texture 0.28, the next lowest 0.63) and since measured on 32 px
 # held-out runs and on the diis rival's runs (0.60-1.18).
 FAITHFUL_GAIN = 0.5
-SETTLE_STEPS = 20  # ... judged only once its pixel error had this many iterations without a new best
+SETTLE_STEPS = 20  # ... judged only once it had settled: its best PSNR gained less than SETTLED_GAIN_DB over this
+SETTLED_GAIN_DB = 1.0  # many iterations (auto-stop's flatness threshold); a diis run on a real photo creeps on slowly
 
 
 def is_8bit(x: Tensor) -> Tensor:
@@ -68,23 +69,25 @@ def noise_floor_psnr(x: Tensor) -> Tensor:
 
 def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int]) -> list[bool]:
     """Per real sample of a twin batch (trace columns :B real, B: twins; `samples` the batch's stats before
-    selection): whether its twin stood for it. Not, where the real run's pixel error had settled (SETTLE_STEPS
-    iterations without a new best) having gained less than FAITHFUL_GAIN of what its twin gained by the twin's
-    pick, in dB: the twin then shows what the method does on an easier problem (kl-f8 texture at 64 px: 7.2 of
-    25.2 dB, ratio 0.28, its pick worse than E(x); 0.60-1.18 on the other 37 paper-protocol runs measured,
-    docs/convergence.md "The rival"). A run still improving (a short one) is not judged.
+    selection): whether its twin stood for it. Not, where the real run had settled (its best PSNR gained less than
+    SETTLED_GAIN_DB over its last SETTLE_STEPS iterations) having gained less than FAITHFUL_GAIN of what its twin
+    gained by the twin's pick, in dB: the twin then shows what the method does on an easier problem (kl-f8 texture
+    at 64 px: 7.2 of 25.2 dB, ratio 0.28, its pick worse than E(x); 0.60-1.18 on the other 37 paper-protocol runs
+    measured, docs/convergence.md "The rival"). A run still gaining (a short one) is not judged.
 
     >>> t = torch.tensor([[30.0, 30.0], [37.0, 55.0]] + [[37.0, 56.0]] * 30)  # 31 iterations, 1 real + its twin
-    >>> S = lambda best, last: type("S", (), {"best_iteration": best, "iterations": last})()
-    >>> twin_faithful(t, [S(1, 31), None], [1]), twin_faithful(t, [S(1, 10), None], [1])
+    >>> S = lambda last: type("S", (), {"iterations": last})()
+    >>> twin_faithful(t, [S(31), None], [1]), twin_faithful(t, [S(10), None], [1])
     ([False], [True])
     """
     b = len(picks)
     out = []
     for i, k in enumerate(picks):
+        n = samples[i].iterations
         real_gain = (trace_psnr[k, i] - trace_psnr[0, i]).item()
         twin_gain = (trace_psnr[k, b + i] - trace_psnr[0, b + i]).item()
-        settled = samples[i].iterations - samples[i].best_iteration >= SETTLE_STEPS
+        best = trace_psnr[:n + 1, i].nan_to_num(-math.inf).cummax(0).values
+        settled = n >= SETTLE_STEPS and (best[n] - best[n - SETTLE_STEPS]).item() < SETTLED_GAIN_DB
         out.append(not (settled and twin_gain > 0 and real_gain < FAITHFUL_GAIN * twin_gain))
     return out
 
