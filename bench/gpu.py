@@ -36,7 +36,7 @@ def hybrid_methods() -> list[str]:
 # Issue 12's table: the shared photos and the hard cases (bench/cases.py), most telling first, so a
 # stage cut at its time limit (rows are written as they finish) keeps the cells that matter most.
 TABLE_IMAGES = ["astronaut", "stars", "texture", "flat_objects", "rocket", "coffee", "chelsea", "clipped", "flat_noise"]
-TABLE_METHODS = ["encoder", "paper", "ours", "forward", "km", "anderson", "diis", "grad-lr0.1-cos",
+TABLE_METHODS = ["encoder", "paper", "ours", "ours-free", "forward", "km", "anderson", "diis", "grad-lr0.1-cos",
                  "grad-lr0.03-const", "grad-lr0.01-const"]
 
 

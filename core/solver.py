@@ -94,11 +94,11 @@ class InversionOptions:
     unstable_steps: int = 0
     unstable_refresh: int = 10
     # Where the twin decided (as above), run those samples again from E(x) with this gradient method and its own
-    # twin, and return whichever run's pick core.twin.rival_wins prefers: the one whose decode reaches the noise
-    # floor, else the one whose twin got closer to its known answer. "" turns it off (the run stays gradient-free).
-    # Skipped where the codec has no differentiable decoder or its activations (twin included) would exceed
-    # memory_limit_mb. On the 64 px bench it made the latent 2.5-7.5 dB closer to the truth on 6 of 9 TAEF2 cells
-    # and fixed kl-f8 texture, for about 3x the time there (docs/convergence.md, "The rival").
+    # twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one whose twin stood for
+    # it (core.twin.twin_faithful), else the one whose twin got closer to its known answer. "" turns it off (the run
+    # stays gradient-free). Skipped where the codec has no differentiable decoder or its activations (twin included)
+    # would exceed memory_limit_mb. On the 64 px bench it made the latent 2.3-7.2 dB closer to the truth on 6 of 9
+    # TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the time on the samples it ran on (docs/convergence.md, "The rival").
     rival: str = "diis"
 
     def validate(self) -> "InversionOptions":
@@ -520,8 +520,8 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
                            weight) -> InversionResult:
     """The samples whose returned iterate the twin chose (their decode stayed below the noise floor), run again
     from E(x) with every step projected off the round trip's expanding directions (core.unstable); where the
-    Arnoldi steps at E(x) found any, that run's twin pick is returned instead. Its iterations follow the first
-    run's in the trace (`best_iteration` counts from the first run's start)."""
+    Arnoldi steps at E(x) found any, that run's twin pick is returned instead (its iterations go on in the sample's
+    trace column, _merged)."""
     redo, left = _twin_decided(first), _left_of(opts, first.seconds)
     if opts.unstable_steps == 0 or not redo or left <= 0:
         return first

@@ -16,7 +16,9 @@ explains x to within its noise, and returns the first iterate within FLOOR_NEAR_
 return the twin's choice (E(x) if that decodes worse). Either way the returned iterate is never
 worse in pixels than E(x). Opt-in (core.solver's unstable_steps > 0): a sample the twin decided for is run once
 more from E(x) where the round trip expands at E(x) (core.unstable), with its steps projected off those
-directions, and the restart's twin choice (again never worse in pixels than E(x)) is returned.
+directions, and the restart's twin choice (again never worse in pixels than E(x)) is returned. The default's
+rival (core.solver's `rival`): a sample the twin decided for is also run from E(x) by `diis` with its own twin, and
+rival_wins keeps the run whose twin stood for it (twin_faithful), else the one whose twin got closer to E(x).
 
     >>> import torch
     >>> noise_floor_psnr(torch.full((1, 3, 4, 4), 128 / 255)).round().tolist()

@@ -93,10 +93,10 @@ def stop_inputs() -> list:
         io.Combo.Input("rival", options=list(RIVAL_CHOICES), default="diis", optional=True,
                        tooltip="(advanced) Where the twin picked (the decode stayed below the noise floor), run "
                                "the image again from the plain encoding with this gradient method and its own "
-                               "twin, and keep whichever run's pick reaches the noise floor, else whose twin got "
-                               "closer to its known answer: on TAEF2 2.5-7.5 dB closer to the true latent on most "
-                               "images, for about 3x the time and a backward pass's memory (within "
-                               "memory_limit_mb). off: gradient-free throughout."),
+                               "twin, and keep the run whose twin behaved like it, else whose twin got closer to "
+                               "its known answer: on TAEF2 2.3-7.2 dB closer to the true latent on most images, for "
+                               "2-5x the time and a backward pass's memory (within memory_limit_mb). off: "
+                               "gradient-free throughout."),
     ]
 
 
