@@ -580,7 +580,8 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
         left = _left_of(opts, result.seconds)
         if left <= 0:
             break
-        second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight)
+        with side_evaluations():  # not the fixed-point run's iterates (a host tracing every decode skips them)
+            second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight)
         twin = second.extra["twin"][0]
         wins = rival_wins(result.extra["twin"][i], twin)
         report["samples"].append(i)

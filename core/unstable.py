@@ -36,8 +36,8 @@ _SIDE = {"depth": 0}
 
 @contextmanager
 def side_evaluations():
-    """Marks the decodes made inside as not the run's iterates (the Arnoldi products, the restart's twin image):
-    a host that traces every decode (bench.measure) asks `in_side_evaluation()` and skips them."""
+    """Marks the decodes made inside as not the run's iterates (the Arnoldi products, the restart's twin image, the
+    default's rival run): a host that traces every decode (bench.measure) asks `in_side_evaluation()` and skips them."""
     _SIDE["depth"] += 1
     try:
         yield

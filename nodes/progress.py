@@ -42,7 +42,8 @@ def iteration_callback(total: int, offset=lambda: 0, send=None):
 
     def on_iteration(k, steps, info):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        progress.update_absolute(offset() + k, total)
+        # a rerun after the steps (the default's rival) extends `steps`: the bar grows with it instead of sitting full
+        progress.update_absolute(offset() + k, max(total, offset() + steps))
         if send is not None:
             send(k, steps, info)
     return on_iteration

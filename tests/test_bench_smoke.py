@@ -79,6 +79,9 @@ def test_quick_values_are_sane(quick):
             assert r["iters"] == 0 and finite(r["decode_peak_mb"])
         elif r["method"] == "ours-restart":  # a restarted sample counts both runs' iterations (core.unstable)
             assert r["iters"] in (steps, 2 * steps), r["iters"]
+        elif r["method"] == "ours":  # where the diis rival's pick is returned, its iterations follow the first run's
+            assert r["iters"] in (steps, 2 * steps + 1) and len(r["trace"]["nmse_db"]) == steps + 1, r["iters"]
+            assert r["psnr_db"] >= r["psnr_encoder_db"] - 1e-4, r  # the tracer sees the fixed-point run's iterates
         else:
             assert r["iters"] == steps and len(r["trace"]["nmse_db"]) == steps + 1, r["method"]
             # the solver never returns worse than the plain encoder (by pixel error)
