@@ -207,5 +207,6 @@ def test_cancel_interrupts_cleanly_and_leaves_no_state(host, taef2, photos64, ru
     assert seen[-1] == 3 and not mm.processing_interrupted()
     after = taef2.first_stage_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    cancel_at(-1)  # disarmed: the rerun's progress (the default's rival goes on past its 2 steps) must not cancel it
     latent, _ = run_node(photos64["coffee"], taef2, steps=2)  # and it runs again afterwards
     assert torch.isfinite(latent["samples"]).all()
