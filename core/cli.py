@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .solver import METHODS
+from .solver import METHODS, RIVAL_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--steps", type=int, default=50)
     enc.add_argument("--tolerance", type=float, default=0.0, help="stop an image at this relative residual (0: off)")
     enc.add_argument("--time-budget", type=float, default=None, help="seconds per batch (needs a solver with it)")
+    enc.add_argument("--rival", default="diis", choices=tuple(RIVAL_NAMES),
+                     help="where the fixed point's decode stays below the image's noise floor, also run this "
+                          "gradient method and keep the run a twin problem vouches for (2-6x the time on those "
+                          "images; docs/convergence.md); off: gradient-free throughout")
+    enc.add_argument("--memory-limit-mb", type=float, default=0.0,
+                     help="cap on the backward-pass activations of the rival / hybrid (0: no cap); above it "
+                          "the image stays gradient-free")
     enc.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     enc.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     enc.add_argument("--batch-size", type=int, default=1, help="images of one size per solver call")
@@ -59,7 +66,8 @@ def plan(args):
     files = load_vae(args.vae, args.latent_format).files  # also checks the VAE before any image work
     settings = Settings(vae=str(args.vae), vae_sha256=vae_sha256(files), latent_format=args.latent_format,
                         method=args.method, steps=args.steps, tolerance=args.tolerance,
-                        time_budget=args.time_budget, precision=args.precision, device=args.device)
+                        time_budget=args.time_budget, precision=args.precision, device=args.device,
+                        rival=args.rival, memory_limit_mb=args.memory_limit_mb)
     settings.options()  # a bad flag fails here, before any work
     todo, skipped = [], []
     for path, name in list_images(args.inputs):

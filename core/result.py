@@ -129,6 +129,18 @@ class InversionResult:
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")
         return lines
 
+    def rival_outcome(self, i: int) -> str:
+        """Sample i and the default's rival: "chosen" (its pick was returned), "not chosen", "not run: <why>" or
+        "" where it was not needed (the fixed point reached the noise floor, or no rival was asked for)."""
+        rival = self.extra.get("rival")
+        if not rival or i not in rival.get("candidates", rival["samples"]):
+            return ""
+        if rival["skipped"]:
+            return f"not run: {rival['skipped']}"
+        if i not in rival["samples"]:
+            return "not run: time budget"
+        return "chosen" if i in rival["chosen"] else "not chosen"
+
     def to_dict(self) -> dict:
         """JSON-ready: stats, options and the trace as lists (NaN becomes None)."""
         def clean(t):

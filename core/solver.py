@@ -32,7 +32,10 @@ __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAU
 # Hosts that only show the gradient methods' residual (the nodes' plot, the CLI's report) encode every 4th
 # iterate: 0.73-0.88 of the time on TAEF2, the same latent (bench/results/2026-12-03-cpu-residual-every.md)
 REPORTED_RESIDUAL_EVERY = 4
-RIVALS = ("", "diis", "gradient")  # InversionOptions.rival: off, or a method that steps on the pixel gradient
+# InversionOptions.rival by the name users pick it by (node input, CLI flag): a method that steps on the pixel
+# gradient, or "off"
+RIVAL_NAMES = {"diis": "diis", "gradient": "gradient", "off": ""}
+RIVALS = tuple(RIVAL_NAMES.values())
 
 
 @dataclass(frozen=True)
@@ -559,7 +562,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
     rows = _twin_decided(first)
     if not opts.rival or not rows or _left_of(opts, first.seconds) <= 0:
         return first
-    report = {"method": opts.rival, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None}
+    report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
     elif opts.memory_limit_mb > 0:  # the twin doubles the batch the backward runs on

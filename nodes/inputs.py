@@ -8,12 +8,11 @@ import torch
 from comfy_api.latest import io
 
 from ..core import METHODS, InversionOptions
-from ..core.solver import REPORTED_RESIDUAL_EVERY
+from ..core.solver import REPORTED_RESIDUAL_EVERY, RIVAL_NAMES
 from ..core.twin import SELECTIONS
 from .adapter import PRECISIONS, latent_cell, to_vae_layout
 
 DEFAULT_METHOD = InversionOptions().method
-RIVAL_CHOICES = {"diis": "diis", "gradient": "gradient", "off": ""}  # the node's names for core's rival
 ITERATE_BUDGET = 256 * 2**20  # bytes of host memory for the assumption check's kept iterates
 METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the fixed-point step, the fastest "
                   "here. adam: the paper's method (Adam moments on the residual, warm-up + cosine schedule). "
@@ -90,7 +89,7 @@ def stop_inputs() -> list:
                                "level (later ones fit the rounding noise), else the pixel-best. pixel: always the "
                                "pixel-best (sharpest decode). twin: always the twin's pick. The twin doubles "
                                "the batch; gradient methods and fp16/bf16 use pixel under auto."),
-        io.Combo.Input("rival", options=list(RIVAL_CHOICES), default="diis", optional=True,
+        io.Combo.Input("rival", options=list(RIVAL_NAMES), default="diis", optional=True,
                        tooltip="(advanced) Where the twin picked (the decode stayed below the noise floor), run "
                                "the image again from the plain encoding with this gradient method and its own "
                                "twin, and keep the run whose twin behaved like it, else whose twin got closer to "
@@ -112,8 +111,8 @@ def solver_options(node_cls, method: str, steps: int, learning_rate: float = 1.0
     if "select" in extra:
         check_choice("select", extra["select"], SELECTIONS)
     if "rival" in extra:
-        check_choice("rival", extra["rival"], RIVAL_CHOICES)
-        extra["rival"] = RIVAL_CHOICES[extra["rival"]]
+        check_choice("rival", extra["rival"], RIVAL_NAMES)
+        extra["rival"] = RIVAL_NAMES[extra["rival"]]
     if not learning_rate > 0:
         raise ValueError(f"learning_rate: must be > 0 (1.0 is the method's default); got {learning_rate}")
     options = InversionOptions(method=method, steps=steps,

@@ -201,3 +201,29 @@ def test_time_budget_goes_to_the_solver_or_is_refused_with_the_reason(tmp_path, 
                  "--time-budget", "5"])
     assert code == 2 and "--time-budget" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_rival_flag_reaches_the_solver_and_each_output_says_what_the_rival_did(tmp_path, capsys):
+    """--rival off keeps the job gradient-free (the library's rival="" latent); by default each output records
+    whether the rival ran and was chosen, beside which rule picked the returned iterate."""
+    from exact_encode.adapters.diffusers import diffusers_codec
+    from exact_encode.adapters.images import load_image
+    from exact_encode.adapters.vae_files import load_vae
+
+    images = make_images(tmp_path / "in", 1)
+    assert encode(capsys, [tmp_path / "in"], tmp_path / "default")[0] == 0
+    assert encode(capsys, [tmp_path / "in"], tmp_path / "off", "--rival", "off")[0] == 0
+    _, meta = read(tmp_path / "default" / "img00.safetensors")
+    latent_off, meta_off = read(tmp_path / "off" / "img00.safetensors")
+    codec = diffusers_codec(load_vae(kl_small_dir()).model)
+    direct = ee.invert(codec, load_image(images[0]), method="anderson", steps=3)
+    free = ee.invert(codec, load_image(images[0]), method="anderson", steps=3, rival="")
+    assert meta["selection"] == direct.samples[0].selection and meta["rival"] == direct.rival_outcome(0)
+    assert meta["rival"] in ("chosen", "not chosen")  # 3 steps stay below the noise floor: the twin decides
+    assert meta_off["rival"] == "" and torch.allclose(latent_off, free.latent[0], atol=1e-5)
+    assert json.loads(meta_off["options"])["rival"] == "off"  # another job for --resume
+    settings = encode_job.Settings(vae="v", vae_sha256="h", rival="off", memory_limit_mb=512)
+    assert (settings.options().rival, settings.options().memory_limit_mb) == ("", 512)
+    for bad in (dict(rival="adam"), dict(memory_limit_mb=-1)):
+        with pytest.raises(ValueError, match="--rival|--memory-limit-mb"):
+            encode_job.Settings(vae="v", vae_sha256="h", **bad).options()

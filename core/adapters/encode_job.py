@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from ..solver import REPORTED_RESIDUAL_EVERY, InversionOptions, invert
+from ..solver import REPORTED_RESIDUAL_EVERY, RIVAL_NAMES, InversionOptions, invert
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _UMASK = os.umask(0o022)
@@ -37,6 +37,8 @@ class Settings:
     time_budget: Optional[float] = None
     precision: str = "fp32"
     device: str = "auto"  # resolved where the VAE is loaded (a Ray actor may have a GPU the driver lacks)
+    rival: str = "diis"  # a name of RIVAL_NAMES: the default's gradient rival, or "off" (gradient-free throughout)
+    memory_limit_mb: float = 0.0  # cap on the rival's / hybrid's backward-pass activations (0: none)
 
     def options(self) -> InversionOptions:
         extra = {}
@@ -45,9 +47,14 @@ class Settings:
                 raise ValueError("--time-budget: this version of exact_encode's solver has no time budget "
                                  "(InversionOptions.time_budget); use --steps / --tolerance instead")
             extra["time_budget"] = self.time_budget
+        if self.rival not in RIVAL_NAMES:
+            raise ValueError(f"--rival must be one of {', '.join(RIVAL_NAMES)}; got {self.rival!r}")
+        if not self.memory_limit_mb >= 0:
+            raise ValueError(f"--memory-limit-mb must be >= 0 (0: no cap); got {self.memory_limit_mb}")
         # the report has the returned latent's residual only: gradient methods need not encode every iterate
         return InversionOptions(method=self.method, steps=self.steps, tolerance=self.tolerance,
-                                residual_every=REPORTED_RESIDUAL_EVERY, **extra).validate()
+                                residual_every=REPORTED_RESIDUAL_EVERY, rival=RIVAL_NAMES[self.rival],
+                                memory_limit_mb=self.memory_limit_mb, **extra).validate()
 
     def key_fields(self) -> dict:
         """What a finished output must have been made with for --resume to skip it. The device is
@@ -159,13 +166,15 @@ class Encoder:
             size = f"{img.size[0]}x{img.size[1]}"
         return load_image(path, self.cell), sha256_file(path), size
 
-    def _write(self, path: Path, name: str, out_dir, image_hash: str, size: str, pixels, s, latent, seconds) -> dict:
+    def _write(self, path: Path, name: str, out_dir, image_hash: str, size: str, pixels, s, latent, seconds,
+               rival: str) -> dict:
         key = job_key(image_hash, self.settings)
         meta = {"job_key": key, "source": str(path), "source_sha256": image_hash, "source_size": size,
                 "cropped_size": f"{pixels.shape[-1]}x{pixels.shape[-2]}", "method": self.options.method,
                 "steps": self.options.steps, "iterations": s.iterations, "stop_reason": s.stop_reason,
                 "psnr_encoder": round(s.psnr_initial, 4), "psnr_exact": round(s.psnr_best, 4),
                 "gain_db": round(s.gain_db, 4), "residual_db": round(s.residual_db_best, 4),
+                "selection": s.selection, "rival": rival,
                 "vae": Path(self.settings.vae).name, "vae_sha256": self.settings.vae_sha256,
                 "latent_format": self.latent_format, "scaling_factor": self.scale, "shift_factor": self.shift,
                 "precision": self.settings.precision, "options": json.dumps(self.settings.key_fields()),
@@ -174,7 +183,7 @@ class Encoder:
         write_atomic(out, latent.float().cpu(), meta)
         return {"input": str(path), "output": str(out), "status": "ok", "gain_db": s.gain_db,
                 "psnr_encoder": s.psnr_initial, "psnr_exact": s.psnr_best, "iterations": s.iterations,
-                "seconds": round(seconds, 3), "job_key": key, "pid": os.getpid()}
+                "selection": s.selection, "rival": rival, "seconds": round(seconds, 3), "job_key": key, "pid": os.getpid()}
 
     def run(self, items, out_dir, batch_size: int = 1, on_row=None) -> list[dict]:
         """Rows for (path, name) items, `batch_size` images of one size per invert call; a failure
@@ -207,7 +216,7 @@ class Encoder:
                 for j, (path, name, pixels, image_hash, size) in enumerate(group):
                     try:
                         emit(self._write(path, name, out_dir, image_hash, size, pixels, result.samples[j],
-                                         result.latent[j], seconds))
+                                         result.latent[j], seconds, result.rival_outcome(j)))
                     except OSError as e:  # disk full, permissions: this image failed, the job goes on
                         emit({"input": str(path), "status": "failed", "reason": f"{type(e).__name__}: {e}"})
         return rows
