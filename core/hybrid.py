@@ -78,6 +78,25 @@ def backward_activation_mb(decode, z: Tensor) -> float:
     return per_cell * h * w * z.shape[0] / 2**20
 
 
+def free_memory_mb(device) -> float:
+    """What a backward pass may take on `device` (MiB): the GPU's free memory, else the host's available memory
+    (Linux MemAvailable; psutil where installed); 0 where it cannot be told (no cap)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 2**20
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**10
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
 class Hybrid:
     """Stepper of family "both" (core.methods): per sample, Anderson on the residual; once it stalls
     below the noise floor of `image` (and if memory allows), `diis` on the pixel gradient from E(x)."""

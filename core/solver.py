@@ -22,7 +22,7 @@ from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
 from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
-from .hybrid import backward_activation_mb
+from .hybrid import backward_activation_mb, free_memory_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
 from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, rival_wins, twin_faithful, twin_of
 
@@ -77,8 +77,9 @@ class InversionOptions:
     # never idles waiting for the host in between. A batch whose samples all stopped early runs
     # at most sync_every - 1 extra (zero-step) iterations; results are the same for any value.
     sync_every: int = 8
-    # hybrid: cap (MiB) on the decoder activations its gradient steps may keep; above it the run
-    # stays gradient-free. 0: no cap. On a GPU a host can pass its free-memory estimate.
+    # hybrid and rival: cap (MiB) on the decoder activations their gradient steps may keep; above it the run
+    # stays gradient-free. 0: the hybrid has no cap, the rival (part of the default) takes the device's free
+    # memory (core.hybrid.free_memory_mb). A host can pass its own free-memory estimate.
     memory_limit_mb: float = 0.0
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;
@@ -100,7 +101,7 @@ class InversionOptions:
     # twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one whose twin stood for
     # it (core.twin.twin_faithful), else the one whose twin got closer to its known answer. "" turns it off (the run
     # stays gradient-free). Skipped where the codec has no differentiable decoder or its activations (twin included)
-    # would exceed memory_limit_mb. On the 64 px bench it made the latent 2.3-7.2 dB closer to the truth on 6 of 9
+    # would exceed memory_limit_mb (0: the device's free memory). On the 64 px bench it made the latent 2.3-7.2 dB closer to the truth on 6 of 9
     # TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the time on the samples it ran on (docs/convergence.md, "The rival").
     rival: str = "diis"
 
@@ -565,11 +566,14 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
     report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
-    elif opts.memory_limit_mb > 0:  # the twin doubles the batch the backward runs on
+    else:  # the twin doubles the batch the backward runs on
         z0 = first.latent[rows[0]:rows[0] + 1]
+        # without a cap, the device's free memory: the rival is part of the default, and a backward pass of a full SD
+        # decoder at 1024 px keeps ~27 GiB of activations (x2 with the twin), which a CPU host would not survive
+        limit, whose = (opts.memory_limit_mb, "limit") if opts.memory_limit_mb > 0 else (free_memory_mb(z0.device), "free")
         report["activation_estimate_mb"] = 2 * backward_activation_mb(codec.differentiable_decode(), z0)
-        if report["activation_estimate_mb"] > opts.memory_limit_mb:
-            report["skipped"] = f"memory (limit {opts.memory_limit_mb:.0f} MiB)"
+        if limit > 0 and report["activation_estimate_mb"] > limit:
+            report["skipped"] = f"memory ({whose} {limit:.0f} MiB)"
     if report["skipped"]:
         return replace(first, extra=dict(first.extra, rival=report))
     # select "twin": the twin's pick even where the decode reaches the noise floor -- a gradient method gets there on

@@ -109,15 +109,13 @@ def latent_shape(vae, shape: tuple) -> tuple:
 
 
 def memory_cap_mb(vae, requested_mb: float) -> float:
-    """The hybrid's memory cap: the user's, else ComfyUI's free-memory estimate of the VAE's
-    device on a GPU (a backward pass there competes with the models ComfyUI keeps loaded), else
-    none (0) on the CPU, where the operating system's memory is the limit."""
+    """The cap on the hybrid's and the rival's backward-pass activations: the user's, else ComfyUI's
+    free-memory estimate of the VAE's device (on a GPU a backward pass competes with the models ComfyUI
+    keeps loaded; on the CPU it is the host's available memory, which a full SD decoder's backward at
+    1024 px, ~27 GiB, would exceed on most machines)."""
     if requested_mb > 0:
         return float(requested_mb)
-    device = torch.device(getattr(vae, "device", "cpu"))
-    if device.type == "cpu":
-        return 0.0
-    return comfy.model_management.get_free_memory(device) / 2**20
+    return comfy.model_management.get_free_memory(torch.device(getattr(vae, "device", "cpu"))) / 2**20
 
 
 def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) -> Codec:

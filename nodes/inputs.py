@@ -80,7 +80,7 @@ def stop_inputs() -> list:
         io.Int.Input("memory_limit_mb", default=0, min=0, max=1 << 20, optional=True,
                      tooltip="(advanced) hybrid and the rival: cap in MiB on the decoder activations their gradient "
                              "steps keep; above it the run stays gradient-free. 0 = ComfyUI's free-memory "
-                             "estimate of the VAE's device on a GPU, no cap on the CPU."),
+                             "estimate of the VAE's device (on the CPU the host's available memory)."),
         io.Combo.Input("select", options=list(SELECTIONS), default="auto", optional=True,
                        tooltip="(advanced) Which iterate is returned. auto: where the decode cannot reach the "
                                "image's 8-bit noise floor (e.g. TAEF2), the one a twin problem with a known "

@@ -182,6 +182,20 @@ def test_the_rival_respects_the_memory_cap(taef2, pack):
     assert torch.equal(capped.latent, free.latent) and "rival not run: memory" in capped.summary()
 
 
+def test_without_a_cap_the_rival_keeps_to_the_devices_free_memory(taef2, pack, monkeypatch):
+    """The rival is part of the default, so memory_limit_mb 0 does not mean unbounded for it: a full SD decoder's
+    backward keeps ~6 GiB of activations at 512 px (bench.memory_live), ~4x that at 1024 px; above the device's free
+    memory the run stays gradient-free instead of exhausting the host."""
+    adapter, core = pack
+    solver = importlib.import_module(core.__name__ + ".solver")
+    assert solver.free_memory_mb("cpu") > 0  # this host's available memory is known (Linux MemAvailable / psutil)
+    monkeypatch.setattr(solver, "free_memory_mb", lambda device: 0.01)
+    codec, x, _, _ = _protocol(adapter, taef2, "flat_noise")
+    short = core.invert(codec, x, steps=STEPS)
+    assert short.extra["rival"]["skipped"] == "memory (free 0 MiB)" and "rival not run: memory" in short.summary()
+    assert torch.equal(short.latent, core.invert(codec, x, steps=STEPS, rival="").latent)
+
+
 def test_where_the_decode_reaches_the_noise_floor_the_first_iterate_at_the_noise_level_is_returned(kl_small, pack):
     """kl-f8 explains the 8-bit image to its rounding noise: auto returns the first iterate whose decode came
     within FLOOR_NEAR_DB of the noise floor (the discrepancy principle), not the twin's pick; later iterates

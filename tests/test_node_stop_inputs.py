@@ -43,3 +43,14 @@ def test_a_negative_time_budget_is_an_error_naming_it(run_node, taef2, photos64)
 
     with pytest.raises(ValueError, match="time_budget"):
         run_node(photos64["astronaut"][:, :32, :32], taef2, steps=5, time_budget=-1.0)
+
+
+def test_memory_limit_0_is_comfyuis_free_memory_on_the_cpu_too(taef2, pack):
+    """The node's default cap (memory_limit_mb 0) on the hybrid's and the rival's backward pass is ComfyUI's free-memory
+    estimate of the VAE's device, on the CPU as on a GPU: the host's memory is not unbounded either."""
+    import comfy.model_management
+
+    free = comfy.model_management.get_free_memory(torch.device("cpu")) / 2**20
+    cap = pack("nodes.adapter").memory_cap_mb(taef2, 0)
+    assert cap > 0 and abs(cap - free) < 0.05 * free
+    assert pack("nodes.adapter").memory_cap_mb(taef2, 300) == 300.0
