@@ -67,13 +67,24 @@ def _saved_bytes(decode, z: Tensor) -> int:
 def backward_activation_mb(decode, z: Tensor) -> float:
     """Estimated activation memory (MiB) of one backward of `decode` at the latent `z` (B, C, h, w):
     saved tensors at crops of c and 2c cells per side, S(a) = weights + alpha * a, extrapolated to
-    the full area. Latents smaller than 2 cells a side are measured whole (an over-estimate)."""
+    the full area. Latents too small to crop are measured whole (an over-estimate: weights count too). A tiled
+    decode (core.tiling) only takes its grid's latent, and its backward keeps every tile's activations:
+    its base decode's estimate for one tile, times the tiles' summed area (overlaps counted twice)."""
+    tiled = getattr(decode, "tiles_of", None)
+    if tiled is not None:
+        base, grid = tiled
+        areas = [(y1 - y0) * (x1 - x0) for y0, y1, x0, x1, _ in grid.tiles(1)]
+        y0, y1, x0, x1, _ = next(grid.tiles(1))
+        return backward_activation_mb(base, z[..., y0:y1, x0:x1]) * sum(areas) / areas[0]
     h, w = z.shape[-2:]
     c = min(h, w) // 2
-    if c < 1:
-        return _saved_bytes(decode, z) / 2**20
-    small = _saved_bytes(decode, z[:1, ..., :c, :c])
-    large = _saved_bytes(decode, z[:1, ..., :2 * c, :2 * c])
+    try:
+        if c < 1:
+            raise ValueError("no crop")
+        small = _saved_bytes(decode, z[:1, ..., :c, :c])
+        large = _saved_bytes(decode, z[:1, ..., :2 * c, :2 * c])
+    except (RuntimeError, ValueError):  # too small to crop, or a decoder that cannot take such a crop (LTXV: 1 x 1)
+        return _saved_bytes(decode, z) / 2**20  # the forward alone (nothing kept): weights counted too
     per_cell = max(large - small, 0) / (3 * c * c)
     return per_cell * h * w * z.shape[0] / 2**20
 

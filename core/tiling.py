@@ -122,6 +122,7 @@ def tiled(fn: Callable[[Tensor], Tensor], grid: TileGrid, encode: bool) -> Calla
             del piece
         return (out / wsum).to(dtype)
 
+    run.tiles_of = (fn, grid)  # core.hybrid.backward_activation_mb: estimate per tile (a crop is not this grid's)
     return run
 
 

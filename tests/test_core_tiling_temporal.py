@@ -77,6 +77,25 @@ def _conv_codec(seed=0, cell=4):
     return Codec(enc, dec)
 
 
+def test_the_backward_memory_estimate_of_a_tiled_decode_counts_every_tile():
+    """A tiled decode takes only its grid's latent, so core.hybrid.backward_activation_mb cannot crop it: it estimates one
+    tile with the base decode and scales by the tiles' summed area (the rival and the hybrid compare this with their cap;
+    the video node crashed here once the cap applied on the CPU too)."""
+    from core.hybrid import backward_activation_mb
+
+    base = _conv_codec()
+    codec = Codec(base.encode, base.decode, grad_decode=lambda: base.decode)
+    t = tiled_codec(codec, (10, 14), cell=4, tile=4, overlap=2)
+    z = torch.rand(2, 3, 10, 14)
+    whole = backward_activation_mb(codec.differentiable_decode(), z)
+    tiles = backward_activation_mb(t.differentiable_decode(), z)
+    areas = [(y1 - y0) * (x1 - x0) for y0, y1, x0, x1, _ in TileGrid(10, 14, 4, 2, 4).tiles()]
+    assert tiles == pytest.approx(whole * sum(areas) / (10 * 14), rel=0.3) and tiles > whole
+    one = backward_activation_mb(t.differentiable_decode(), z[:1])  # the rival runs one sample and its twin
+    run = invert(t, t.decode(z).clamp(0, 1), steps=3)
+    assert run.extra["rival"]["activation_estimate_mb"] == pytest.approx(2 * one) and not run.extra["rival"]["skipped"]
+
+
 def test_tiled_inversion_matches_whole_inversion_and_has_no_seams():
     """Global iteration with tiled E/D on a neighbour-mixing decoder, judged by the *whole* decoder:
     the whole inversion is exact here (> 100 dB); the tiled one is limited by the tiles' zero-padded
