@@ -235,3 +235,13 @@ def test_bench_table_doctest():
     from bench import table
 
     assert doctest.testmod(table).attempted and not doctest.testmod(table).failed
+
+
+def test_autostop_counts_iterations_saved_against_the_full_runs_own():
+    """With the default's rival a run has more iterations than --steps (the rival's follow the fixed point's): the
+    share saved is against the full run's iterations, not --steps (bench/results/2026-12-05-cpu-autostop-rival-64px.md)."""
+    from bench.autostop import iterations_saved_pct
+
+    cases = [dict(full_iterations=200, auto_iterations=139, psnr=[]), dict(full_iterations=100, auto_iterations=100, psnr=[])]
+    assert iterations_saved_pct(cases) == round(100 * 61 / 300, 1)
+    assert iterations_saved_pct([dict(psnr=[0.0] * 101, auto_iterations=50)]) == 50.0  # older files: the trace's length
