@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "gradient method and keep the run a twin problem vouches for (2-6x the time on those "
                           "images; docs/convergence.md); off: gradient-free throughout")
     enc.add_argument("--memory-limit-mb", type=float, default=0.0,
-                     help="cap on the backward-pass activations of the rival / hybrid (0: no cap); above it "
-                          "the image stays gradient-free")
+                     help="cap on the backward-pass activations of the rival / hybrid; above it the image stays "
+                          "gradient-free (0: the device's free memory for the rival, no cap for the hybrid)")
     enc.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     enc.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     enc.add_argument("--batch-size", type=int, default=1, help="images of one size per solver call")

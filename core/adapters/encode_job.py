@@ -38,7 +38,7 @@ class Settings:
     precision: str = "fp32"
     device: str = "auto"  # resolved where the VAE is loaded (a Ray actor may have a GPU the driver lacks)
     rival: str = "diis"  # a name of RIVAL_NAMES: the default's gradient rival, or "off" (gradient-free throughout)
-    memory_limit_mb: float = 0.0  # cap on the rival's / hybrid's backward-pass activations (0: none)
+    memory_limit_mb: float = 0.0  # cap on the rival's / hybrid's backward-pass activations (0: InversionOptions')
 
     def options(self) -> InversionOptions:
         extra = {}
@@ -50,7 +50,7 @@ class Settings:
         if self.rival not in RIVAL_NAMES:
             raise ValueError(f"--rival must be one of {', '.join(RIVAL_NAMES)}; got {self.rival!r}")
         if not self.memory_limit_mb >= 0:
-            raise ValueError(f"--memory-limit-mb must be >= 0 (0: no cap); got {self.memory_limit_mb}")
+            raise ValueError(f"--memory-limit-mb must be >= 0 (0: the default cap); got {self.memory_limit_mb}")
         # the report has the returned latent's residual only: gradient methods need not encode every iterate
         return InversionOptions(method=self.method, steps=self.steps, tolerance=self.tolerance,
                                 residual_every=REPORTED_RESIDUAL_EVERY, rival=RIVAL_NAMES[self.rival],
