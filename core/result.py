@@ -133,7 +133,7 @@ class InversionResult:
         """Sample i and the default's rival: "chosen" (its pick was returned), "not chosen", "not run: <why>" or
         "" where it was not needed (the fixed point reached the noise floor, or no rival was asked for)."""
         rival = self.extra.get("rival")
-        if not rival or i not in rival.get("candidates", rival["samples"]):
+        if not rival or i not in rival["candidates"]:
             return ""
         if rival["skipped"]:
             return f"not run: {rival['skipped']}"
