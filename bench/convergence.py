@@ -70,10 +70,11 @@ def _race(h: dict | None, name: str) -> str:
             f"**{'met' if h['met'] else 'not met'}**")
 
 
-def markdown(cells: dict, meta: dict) -> str:
+def markdown(cells: dict, meta: dict, dtype: str = "fp32") -> str:
     lines = [f"# Issue 12 table — {meta.get('date')}, {meta.get('device_name')}", "",
              f"- Run: `{meta.get('command')}`; {meta.get('steps')} steps, sizes {meta.get('sizes')}.",
-             f"- Note: {meta.get('note')}", "- Table: `python -m bench.convergence <run>.json`.", "",
+             f"- Note: {meta.get('note')}", "- Table: `python -m bench.convergence <run>.json"
+             + ("" if dtype == "fp32" else f" --dtype {dtype}") + f"` ({dtype} rows).", "",
              "| VAE | image | encoder NMSE | " + " | ".join(f"{m} NMSE / PSNR" for m in cells["_methods"])
              + " | default vs best free | hybrid vs best gradient | diis vs best gradient |",
              "|---" * (5 + len(cells["_methods"])) + "|"]
@@ -95,20 +96,22 @@ def markdown(cells: dict, meta: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("result", help="a bench.run JSON")
+    p.add_argument("--dtype", default="fp32", help="the rows of this dtype (bench.run --dtypes); default fp32")
     args = p.parse_args(argv)
     path = Path(args.result)
     run = json.loads(path.read_text())
     groups: dict = {}
     for r in run["rows"]:
-        if r.get("dtype", "fp32") == "fp32":
+        if r.get("dtype", "fp32") == args.dtype:
             groups.setdefault((r["model"], r["image"]), []).append(r)
     # a run cut at a time limit (its .partial.json) may end inside a cell: keep the cells it finished
     cells = {key: cell(rows) for key, rows in groups.items() if any(r["method"] == "encoder" for r in rows)}
     methods = [m for m in ("encoder", "paper", "ours", "forward", "km", "anderson", "hybrid", "diis")
                if any(m in c["methods"] for c in cells.values())]
     methods += sorted({m for c in cells.values() for m in c["methods"] if m.startswith("grad-")})
-    md = markdown({"_methods": methods, **cells}, run["meta"])
-    stem = path.with_suffix("")
+    md = markdown({"_methods": methods, **cells}, run["meta"], args.dtype)
+    stem = str(path.with_suffix(""))
+    stem += "" if args.dtype == "fp32" or stem.endswith(f"-{args.dtype}") else f"-{args.dtype}"
     Path(f"{stem}-convergence.md").write_text(md)
     Path(f"{stem}-convergence.json").write_text(json.dumps(
         {"cells": [{"model": k[0], "image": k[1], **v} for k, v in cells.items()], "meta": run["meta"]}, indent=1) + "\n")

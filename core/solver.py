@@ -24,7 +24,8 @@ from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
 from .hybrid import backward_activation_mb, free_memory_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
-from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, rival_wins, twin_faithful, twin_of
+from .twin import (FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, precision_floor_psnr, rival_wins,
+                   twin_faithful, twin_of)
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS",
@@ -83,12 +84,12 @@ class InversionOptions:
     memory_limit_mb: float = 0.0
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;
-    # "auto" the twin for fixed-point methods in fp32 unless the decode reached the input's noise floor
-    # (then the first iterate at that noise level, core.twin.FLOOR_NEAR_DB, or else pixel), pixel for
-    # gradient methods and 16-bit codecs. The twin doubles the batch (time, and
-    # memory on GPU).
+    # "auto" the twin for fixed-point methods unless the decode reached the input's noise floor (8-bit
+    # rounding, or a 16-bit codec's own, core.twin.precision_floor_psnr; then the first iterate at that noise
+    # level, core.twin.FLOOR_NEAR_DB, or else pixel), pixel for gradient methods. The twin doubles the batch
+    # (time, and memory on GPU).
     select: str = "auto"
-    # Where the twin decided (a fixed-point run in fp32 whose decode stayed below the noise floor): restart
+    # Where the twin decided (a fixed-point run whose decode stayed below the noise floor): restart
     # that sample from E(x) with every step projected off the round trip's expanding directions (core.unstable),
     # found by this many Arnoldi steps at E(x) (each one decode + encode of the batch) and again, by
     # core.unstable.REFRESH_STEPS, at the current iterate every `unstable_refresh` iterations; the restart's
@@ -402,18 +403,19 @@ def _result(state: RunState, log: IterateLog, final_k: int, opts: InversionOptio
 def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: InversionOptions, family: str):
     """(image, weight, target latent, tracker) with each sample's twin appended (core.twin), or the
     inputs unchanged and no tracker where the twin does not apply: selection "pixel", "auto" for
-    a gradient method or a 16-bit codec, or a caller-given target latent (it has no image of its own to
-    twin). 16-bit: the codec's own rounding sets a pixel floor above the 8-bit one that is not known
-    here, so auto could not tell a converged sample from a drifting one (measured: kl-f8 in bf16 took
-    the twin's early pick, 8.6 dB worse in the latent than fp32's pixel-best)."""
-    auto_off = opts.select == "auto" and (family != "fixed_point" or codec.dtype != torch.float32)
+    a gradient method, or a caller-given target latent (it has no image of its own to twin). A 16-bit
+    codec's own rounding stops the decode below the 8-bit floor: auto takes the lower of the two
+    (core.twin.precision_floor_psnr), so a sample at the codec's floor is not handed to the twin (kl-f8 in
+    bf16 with the 8-bit floor alone: the twin's early pick, up to 9 dB worse in the latent than pixel-best)."""
+    auto_off = opts.select == "auto" and family != "fixed_point"
     if opts.select == "pixel" or auto_off or target_latent is not None:
         return image, weight, target_latent, None
     x = image.to(device=codec.device, dtype=torch.float32)
     with torch.inference_mode():
         latent = codec.encode(x.to(codec.dtype)).float().contiguous()
     x_t, truth = twin_of(codec, x, latent)
-    floor = noise_floor_psnr(x) if opts.select == "auto" else torch.full((x.shape[0],), math.inf)
+    floor = torch.minimum(noise_floor_psnr(x), precision_floor_psnr(codec, truth, x_t)) if opts.select == "auto" \
+        else torch.full((x.shape[0],), math.inf)
     with torch.inference_mode():
         latents = torch.cat([latent, codec.encode(x_t.to(codec.dtype)).float()])
     if weight is not None and weight.shape[0] == x.shape[0] > 1:

@@ -69,6 +69,30 @@ def noise_floor_psnr(x: Tensor) -> Tensor:
     return torch.where(is_8bit(x), psnr, torch.full_like(psnr, math.inf))
 
 
+def precision_floor_psnr(codec: Codec, truth: Tensor, x_t: Tensor) -> Tensor:
+    """(B,) PSNR (dB) a 16-bit codec's decode cannot beat at the twin: its truth z_t moved uniformly within half a
+    unit in the last place of the codec's dtype (the cell a latent rounds into when it is decoded) and decoded,
+    against x_t. The 8-bit floor does not apply alone there: the codec's own rounding stops every method first
+    (kl-f8 in bf16 at 64 px: the fixed point ended at 53.9-54.7 dB on the images where fp32 reaches the 59 dB
+    floor, this estimate 54.0-55.2 dB; docs/convergence.md, "16-bit"). inf for a 32-bit codec: its latent cell is
+    too fine to matter. Seeded, so a sample's floor is the same on every run.
+
+    >>> from core import Codec
+    >>> codec = Codec(lambda x: x, lambda z: z, dtype=torch.bfloat16)
+    >>> x_t = torch.full((1, 3, 4, 4), 128 / 255)
+    >>> 50 < precision_floor_psnr(codec, x_t, x_t).item() < 60  # bf16 keeps 8 bits of mantissa
+    True
+    """
+    if codec.dtype == torch.float32:
+        return torch.full((truth.shape[0],), math.inf, device=truth.device)
+    half_ulp = torch.finfo(codec.dtype).eps / 2
+    g = torch.Generator().manual_seed(0)
+    u = (torch.rand(truth.shape, generator=g) * 2 - 1).to(truth.device)
+    with torch.inference_mode():
+        moved = codec.decode((truth * (1 + half_ulp * u)).to(codec.dtype)).float()
+    return psnr_from_mse((moved - x_t).square().flatten(1).mean(1))
+
+
 def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int]) -> list[bool]:
     """Per real sample of a twin batch (trace columns :B real, B: twins; `samples` the batch's stats before
     selection): whether its twin stood for it. Not, where the real run had settled (its best PSNR gained less than

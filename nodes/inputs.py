@@ -88,7 +88,8 @@ def stop_inputs() -> list:
                                "drift away from the true latent); where it does, the first iterate at that noise "
                                "level (later ones fit the rounding noise), else the pixel-best. pixel: always the "
                                "pixel-best (sharpest decode). twin: always the twin's pick. The twin doubles "
-                               "the batch; gradient methods and fp16/bf16 use pixel under auto."),
+                               "the batch; gradient methods use pixel under auto, fp16/bf16 the codec's own "
+                               "noise floor where it is below the 8-bit one."),
         io.Combo.Input("rival", options=list(RIVAL_NAMES), default="diis", optional=True,
                        tooltip="(advanced) Where the twin picked (the decode stayed below the noise floor), run "
                                "the image again from the plain encoding with this gradient method and its own "
