@@ -50,7 +50,8 @@ class SampleStats:
     cocoercivity: Optional[dict] = None
     # What picked the returned iterate (core.twin): "pixel" its pixel error, "twin" the twin problem's
     # lowest latent error, "encoder" E(x) because the twin's pick decoded worse than it, "noise level"
-    # the first iterate whose decode came within core.twin.FLOOR_NEAR_DB of the input's 8-bit noise floor.
+    # the first iterate whose decode came within core.twin.FLOOR_NEAR_DB of the noise floor (the input's 8-bit one, or
+    # the lower 16-bit codec's own, core.twin.precision_floor_psnr).
     selection: str = "pixel"
 
     @property
@@ -83,7 +84,7 @@ SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats
     "pixel": "best at iteration",
     "twin": "returned the twin problem's pick (its latent error was lowest) at iteration",
     "encoder": "returned E(x): the twin's pick decoded worse, iteration",
-    "noise level": "returned the first iterate at the image's 8-bit noise level, iteration",
+    "noise level": "returned the first iterate at the noise level (8-bit rounding, or a 16-bit codec's own), iteration",
 }
 
 

@@ -10,7 +10,8 @@ run in the same batch with the same method and steps, and each real sample keeps
 the iteration where its twin's latent error was lowest.
 
 Selection `auto` uses the twin only where the pixel error cannot decide: a sample whose decode
-reached the input's noise floor (8-bit rounding, within FLOOR_MARGIN_DB) has found a latent that
+reached the input's noise floor (8-bit rounding, or a 16-bit codec's own where lower: precision_floor_psnr;
+within FLOOR_MARGIN_DB) has found a latent that
 explains x to within its noise, and returns the first iterate within FLOOR_NEAR_DB of that floor
 (the discrepancy principle), or its best pixel iterate where none got that close; the others
 return the twin's choice (E(x) if that decodes worse). Either way the returned iterate is never
