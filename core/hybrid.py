@@ -6,7 +6,7 @@ iterations the latent drifts while the pixel error stalls. The pixel-loss gradie
 J_D^T (D(z) - x) has no component there. So each sample runs safeguarded Anderson until its
 best PSNR gains less than MIN_GAIN_DB per iteration (over STALL), unless that gain still projects it to the
 noise floor within NEAR_FLOOR_ITERATIONS. If by then its best decode reached
-the input's noise floor (8-bit rounding, core.twin), the fixed point has done what the gradient
+the input's noise floor (8-bit rounding, or a 16-bit codec's own: core.twin), the fixed point has done what the gradient
 would (kl-f8 on most images, in 8-17 iterations) and the sample stays gradient-free. Otherwise it
 restarts from E(x) and takes `diis` steps (DIIS-accelerated pixel-gradient steps): from the
 fixed point's best iterate, which carries the drift, the gradient made slower progress than from
@@ -30,7 +30,7 @@ import torch
 from .diis import PixelDIIS
 from .metrics import psnr_from_mse
 from .steppers import Anderson
-from .twin import FLOOR_MARGIN_DB, noise_floor_psnr
+from .twin import FLOOR_MARGIN_DB
 
 Tensor = torch.Tensor
 STALL = 3  # the fixed point has stopped paying when its best PSNR gained at most
@@ -110,18 +110,18 @@ def free_memory_mb(device) -> float:
 
 class Hybrid:
     """Stepper of family "both" (core.methods): per sample, Anderson on the residual; once it stalls
-    below the noise floor of `image` (and if memory allows), `diis` on the pixel gradient from E(x)."""
+    below the target's noise floor (and if memory allows), `diis` on the pixel gradient from E(x)."""
 
-    def __init__(self, z0: Tensor, scale: Tensor, rho: float, memory: int, image: Tensor,
+    def __init__(self, z0: Tensor, scale: Tensor, rho: float, memory: int, floor_psnr: Tensor,
                  decode_grad=None, memory_limit_mb: float = 0.0, encoded: Tensor | None = None):
-        """`image`: the target x, for its noise floor; `decode_grad`: the differentiable decoder,
-        needed only to estimate memory against a cap; `encoded`: E(x), read only (the solver's target;
-        None: a copy of z0)."""
+        """`floor_psnr`: (B,) the target's noise floor (core.twin.decode_floor_psnr); `decode_grad`: the
+        differentiable decoder, needed only to estimate memory against a cap; `encoded`: E(x), read only (the
+        solver's target; None: a copy of z0)."""
         batch, self.view = z0.shape[0], (z0.shape[0],) + (1,) * (z0.ndim - 1)
         self.fixed_point = Anderson(z0, rho, memory)
         self.scale, self.gradient = scale, None  # the diis stepper, built at the first switch
         self.encoded = z0.clone() if encoded is None else encoded  # E(x): where the gradient phase starts
-        self.floor_psnr = noise_floor_psnr(image).to(z0.device) - FLOOR_MARGIN_DB
+        self.floor_psnr = floor_psnr.to(z0.device) - FLOOR_MARGIN_DB
         self.best_err = torch.full((batch,), math.inf, device=z0.device)
         self.best_db = torch.full((STALL + 1, batch), -math.inf, device=z0.device)  # ring: the last bests
         self.switched = torch.zeros(batch, dtype=torch.bool, device=z0.device)

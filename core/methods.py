@@ -82,11 +82,14 @@ def _diis(s: StepSetup):
 
 def _hybrid(s: StepSetup):
     from .hybrid import Hybrid
+    from .twin import decode_floor_psnr, noise_floor_psnr
 
     # the decoder copy for the memory estimate is built only when there is a cap to check
     cap = s.opts.memory_limit_mb
     decode_grad = s.codec.differentiable_decode() if cap > 0 and s.codec is not None else None
-    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, s.image, decode_grad, cap, s.latent)
+    # the noise floor it stays gradient-free at: a 16-bit codec's own where lower than the 8-bit one (core.twin)
+    floor = decode_floor_psnr(s.codec, s.image, s.latent) if s.codec is not None else noise_floor_psnr(s.image)
+    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, floor, decode_grad, cap, s.latent)
 
 
 METHOD_REGISTRY: dict[str, Method] = {

@@ -24,8 +24,7 @@ from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
 from .hybrid import backward_activation_mb, free_memory_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
-from .twin import (FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, noise_floor_psnr, precision_floor_psnr, rival_wins,
-                   twin_faithful, twin_of)
+from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, decode_floor_psnr, rival_wins, twin_faithful, twin_of
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS",
@@ -414,8 +413,7 @@ def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Invers
     with torch.inference_mode():
         latent = codec.encode(x.to(codec.dtype)).float().contiguous()
     x_t, truth = twin_of(codec, x, latent)
-    floor = torch.minimum(noise_floor_psnr(x), precision_floor_psnr(codec, truth, x_t)) if opts.select == "auto" \
-        else torch.full((x.shape[0],), math.inf)
+    floor = decode_floor_psnr(codec, x, truth, x_t) if opts.select == "auto" else torch.full((x.shape[0],), math.inf)
     with torch.inference_mode():
         latents = torch.cat([latent, codec.encode(x_t.to(codec.dtype)).float()])
     if weight is not None and weight.shape[0] == x.shape[0] > 1:

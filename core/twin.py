@@ -95,6 +95,19 @@ def precision_floor_psnr(codec: Codec, truth: Tensor, x_t: Tensor) -> Tensor:
     return psnr_from_mse((moved - x_t).square().flatten(1).mean(1))
 
 
+def decode_floor_psnr(codec: Codec, x: Tensor, latent: Tensor, x_t: Tensor | None = None) -> Tensor:
+    """(B,) the noise floor a decode of x is judged by (selection auto, the hybrid's switch): the 8-bit one of x, or a
+    16-bit codec's own where lower (precision_floor_psnr at the twin of x; `latent` E(x), `x_t` its twin image if
+    already decoded)."""
+    floor = noise_floor_psnr(x)
+    if codec.dtype == torch.float32:
+        return floor
+    if x_t is None:
+        with side_evaluations():  # a setup decode, not an iterate
+            x_t, _ = twin_of(codec, x, latent)
+    return torch.minimum(floor, precision_floor_psnr(codec, latent, x_t))
+
+
 def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int]) -> list[bool]:
     """Per real sample of a twin batch (trace columns :B real, B: twins; `samples` the batch's stats before
     selection): whether its twin stood for it. Not, where the real run had settled (its best PSNR gained less than

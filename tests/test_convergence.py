@@ -82,10 +82,12 @@ def test_hybrid_keeps_the_fixed_point_of_a_sample_still_closing_on_the_noise_flo
     last STALL: 0.5 dB below the floor (with its margin) and still gaining 0.2 dB per iteration (projected
     there in 2.5 iterations) keeps its fixed point; 15 dB below it, or not gaining, restarts from E(x)."""
     from core import hybrid as hy
+    from core.twin import noise_floor_psnr
 
     z0 = torch.zeros(3, 4, 2, 2)
     image = torch.full((3, 3, 16, 16), 128 / 255)
-    h = hy.Hybrid(z0, torch.ones(3, 1, 1, 1), rho=0.5, memory=3, image=image, encoded=torch.full_like(z0, 7.0))
+    h = hy.Hybrid(z0, torch.ones(3, 1, 1, 1), rho=0.5, memory=3, floor_psnr=noise_floor_psnr(image),
+                  encoded=torch.full_like(z0, 7.0))
     floor = h.floor_psnr
     gain = 0.2 * hy.STALL  # over the ring's span: below STALL x MIN_GAIN_DB, so each counts as stalled
     assert gain < hy.STALL * hy.MIN_GAIN_DB and 0.5 * hy.STALL / gain < hy.NEAR_FLOOR_ITERATIONS
@@ -239,6 +241,17 @@ def test_hybrid_beats_the_gradient_free_default_in_pixels_on_a_taef2_hard_case(t
     hybrid = core.invert(codec, x, method="hybrid", steps=STEPS)
     assert hybrid.extra["switch_iteration"][0] is not None
     assert hybrid.samples[0].psnr_best > default.psnr_best + 1.0
+
+
+def test_hybrid_in_bf16_stays_gradient_free_at_the_codecs_own_noise_floor(kl_small, pack):
+    """In bf16 kl-f8's decode stops below the 8-bit floor, at the codec's own (core.twin.decode_floor_psnr): the
+    hybrid stays gradient-free there, as the default's selection counts it at the floor."""
+    adapter, core = pack
+    _, x, _, _ = _protocol(adapter, kl_small, "stars")
+    codec = adapter.vae_codec(kl_small, "bf16", (1, 3, SIZE, SIZE))
+    r = core.invert(codec, x, method="hybrid", steps=STEPS)
+    assert r.samples[0].psnr_best < core.twin.noise_floor_psnr(x).item() - core.twin.FLOOR_MARGIN_DB  # 8-bit: below
+    assert r.extra["at_noise_floor"] == [True] and r.extra["switch_iteration"] == [None]
 
 
 def test_hybrid_on_kl_f8_finishes_gradient_free_at_the_noise_floor(kl_small, pack):
