@@ -45,7 +45,7 @@ class StepSetup:
     lr: float
     eps: float
     opts: "InversionOptions"
-    codec: Optional[Codec] = None  # for methods that need the differentiable decoder up front (hybrid)
+    codec: Optional[Codec] = None  # for methods that need it up front (hybrid: its noise floor, its decoder)
     image: Optional[Tensor] = None  # the target x (fp32), for methods that read its noise floor (hybrid)
     latent: Optional[Tensor] = None  # E(x) (fp32, never written), for methods that restart there (hybrid)
 
@@ -82,14 +82,14 @@ def _diis(s: StepSetup):
 
 def _hybrid(s: StepSetup):
     from .hybrid import Hybrid
-    from .twin import decode_floor_psnr, noise_floor_psnr
+    from .twin import decode_floor_psnr
 
     # the decoder copy for the memory estimate is built only when there is a cap to check
     cap = s.opts.memory_limit_mb
-    decode_grad = s.codec.differentiable_decode() if cap > 0 and s.codec is not None else None
+    decode_grad = s.codec.differentiable_decode() if cap > 0 else None
     # the noise floor it stays gradient-free at: a 16-bit codec's own where lower than the 8-bit one (core.twin)
-    floor = decode_floor_psnr(s.codec, s.image, s.latent) if s.codec is not None else noise_floor_psnr(s.image)
-    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, floor, decode_grad, cap, s.latent)
+    return Hybrid(s.z, s.scale, s.lr, s.opts.memory, decode_floor_psnr(s.codec, s.image, s.latent), decode_grad, cap,
+                  s.latent)
 
 
 METHOD_REGISTRY: dict[str, Method] = {

@@ -76,8 +76,8 @@ def precision_floor_psnr(codec: Codec, truth: Tensor, x_t: Tensor) -> Tensor:
     unit in the last place of the codec's dtype (the cell a latent rounds into when it is decoded) and decoded,
     against x_t. The 8-bit floor does not apply alone there: the codec's own rounding stops every method first
     (kl-f8 in bf16 at 64 px: the fixed point ended at 53.9-54.7 dB on the images where fp32 reaches the 59 dB
-    floor, this estimate 54.0-55.2 dB; docs/convergence.md, "16-bit"). inf for a 32-bit codec: its latent cell is
-    too fine to matter. Seeded, so a sample's floor is the same on every run.
+    floor, this estimate 54.0-55.2 dB; docs/convergence.md, "16-bit"). Seeded, so a sample's floor is the same on
+    every run. Only for 16-bit codecs (decode_floor_psnr): an fp32 latent's cell is too fine to matter.
 
     >>> from core import Codec
     >>> codec = Codec(lambda x: x, lambda z: z, dtype=torch.bfloat16)
@@ -85,8 +85,6 @@ def precision_floor_psnr(codec: Codec, truth: Tensor, x_t: Tensor) -> Tensor:
     >>> 50 < precision_floor_psnr(codec, x_t, x_t).item() < 60  # bf16 keeps 8 bits of mantissa
     True
     """
-    if codec.dtype == torch.float32:
-        return torch.full((truth.shape[0],), math.inf, device=truth.device)
     half_ulp = torch.finfo(codec.dtype).eps / 2
     g = torch.Generator().manual_seed(0)
     u = (torch.rand(truth.shape, generator=g) * 2 - 1).to(truth.device)
