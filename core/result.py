@@ -73,6 +73,7 @@ def stop_text(reason: str, options: dict) -> str:
         "patience": "patience (no new best in {patience} iterations)",
         "stalled": "stalled (no new best in {stall_steps} iterations, residual within {stall_flat_db} dB)",
         "time_budget": "time_budget ({time_budget} s spent)",
+        "outmatched": "outmatched (a rival whose twin could no longer get closer than the first run's)",
     }
     try:
         return words[reason].format(**o)
@@ -125,6 +126,9 @@ class InversionResult:
             chosen = ", ".join(str(i + 1) for i in rival["chosen"]) or "none"
             lines.append(f"{rival['method']} rival run from E(x) on {len(rival['samples'])} image(s) whose decode stayed "
                          f"below the noise floor; its pick returned for image(s): {chosen}")
+            for i, k in rival.get("outmatched", []):
+                lines.append(f"{rival['method']} rival for image {i + 1} stopped at its iteration {k}: its twin could no "
+                             "longer get closer to its answer than the first run's twin, so it could not win")
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
             lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")

@@ -53,6 +53,12 @@ QUANT_MSE = (1 / 255) ** 2 / 12  # the error variance of rounding to 8 bits
 FAITHFUL_GAIN = 0.5
 SETTLE_STEPS = 20  # ... judged only once it had settled: its best PSNR gained less than SETTLED_GAIN_DB over this
 SETTLED_GAIN_DB = 1.0  # many iterations (auto-stop's flatness threshold); a diis run on a real photo creeps on slowly
+# TwinTracker.outmatched: a rival whose twin, improving for the rest of the run at this many times its rate over the
+# last SETTLE_STEPS iterations, would still not get closer to its answer than the first run's twin cannot win and is
+# stopped. On the diis rival's twin curves (64 px, 18 paper-protocol cells and the 8 photos' twins) 3x stopped every
+# losing rival whose twin was 1 dB or more behind at iteration 20 and no rival that won (docs/convergence.md, "The
+# rival's race").
+CATCH_UP = 3.0
 
 
 def is_8bit(x: Tensor) -> Tensor:
@@ -174,6 +180,42 @@ class TwinTracker:
         self.iteration = torch.zeros(self.batch, dtype=torch.long, device=truth.device)
         self.near_z = truth.new_zeros(truth.shape)  # the first real iterate within FLOOR_NEAR_DB of the floor
         self.near_iteration = torch.full((self.batch,), -1, dtype=torch.long, device=truth.device)  # -1: none
+        self.to_beat: Tensor | None = None  # (B,) dB, a rival's race (race(), outmatched())
+
+    def race(self, to_beat_db: Tensor, first_faithful: Tensor, steps: int) -> None:
+        """Make this a rival run's tracker (core.solver's rival): outmatched() then says which samples' rivals can no
+        longer win against the first run, whose twins reached `to_beat_db` (B,) dB at their picks and stood for their
+        runs where `first_faithful` (B,) bool (rival_wins); `steps` the rival's iterations."""
+        b, device = self.batch, self.truth.device
+        self.to_beat, self.steps = to_beat_db.to(device, torch.float32), steps
+        self.first_faithful = first_faithful.to(device)
+        self.history = torch.full((SETTLE_STEPS + 1, b), math.inf, device=device)  # the twins' best errors, dB
+        self.psnr = torch.full((steps + 1, 2 * b), math.nan, device=device)  # every row's PSNR, for twin_faithful
+        self.rows = torch.arange(b, device=device)
+
+    def outmatched(self, k: int, pixel_mse: Tensor) -> Tensor | None:
+        """(B,) after observe(k), in a race: True where the rival can no longer win, by rival_wins' own terms: its
+        twin's best error, falling from now to the last step at CATCH_UP times its rate over the last SETTLE_STEPS
+        iterations, would stay above the first run's, and either the first run's twin stood for it or the rival's,
+        judged as twin_faithful would judge it if the run ended here, does not. None outside a race. On the device."""
+        if self.to_beat is None:
+            return None
+        b, w = self.batch, SETTLE_STEPS
+        self.psnr[k] = psnr_from_mse(pixel_mse)
+        now = 10 * torch.log10(self.best_err.clamp_min(1e-30))
+        self.history[k % (w + 1)] = now
+        if k < w:
+            return torch.zeros_like(self.first_faithful)
+        rate = (now - self.history[(k + 1) % (w + 1)]) / w  # <= 0: a best never rises
+        behind = now + CATCH_UP * rate * (self.steps - k) > self.to_beat  # NaN (no finite best yet): False
+        real, twin = self.psnr[:k + 1, :b], self.psnr[:k + 1, b:]
+        picked = self.iteration.clamp_max(k)
+        real_gain = real[picked, self.rows] - real[0]
+        twin_gain = twin[picked, self.rows] - twin[0]
+        best = real.nan_to_num(-math.inf).cummax(0).values
+        settled = (best[k] - best[k - w]) < SETTLED_GAIN_DB
+        unfaithful = settled & (twin_gain > 0) & (real_gain < FAITHFUL_GAIN * twin_gain)
+        return behind & (self.first_faithful | unfaithful)
 
     def observe(self, k: int, z: Tensor, active: Tensor, pixel_mse: Tensor) -> None:
         """Iterate k of the doubled batch, with each row's activity before this iteration's stop

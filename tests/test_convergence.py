@@ -216,6 +216,30 @@ def test_without_a_cap_the_rival_keeps_to_the_devices_free_memory(taef2, pack, m
     assert torch.equal(short.latent, core.invert(codec, x, steps=STEPS, rival="").latent)
 
 
+def test_the_rival_stops_once_it_cannot_win_and_returns_what_the_whole_race_would(kl_small, pack, monkeypatch):
+    """A real photo with kl-f8 (what a node gets; docs/convergence.md, "The rival's race"): the fixed point's twin gets
+    to about -36 dB, the diis rival's creeps from -19 dB and cannot catch up, and neither stood for its run, so
+    rival_wins keeps the fixed point's pick. The race stops the rival once that is certain (core.twin.CATCH_UP); with
+    the race off the rival runs every step and the default returns the same latent."""
+    from tests.support.images import load_photo
+    from tests.support.paths import image_paths
+
+    adapter, core = pack
+    twin = importlib.import_module(core.__name__ + ".twin")
+    photo = {p.stem: p for p in image_paths()}["astronaut"]
+    x = load_photo(photo, 64).permute(0, 3, 1, 2).contiguous()
+    codec = adapter.vae_codec(kl_small, "fp32", (1, 3, 64, 64))
+    raced = core.invert(codec, x)
+    monkeypatch.setattr(twin, "CATCH_UP", float("inf"))  # the rival's twin could catch up at any rate: no early stop
+    whole = core.invert(codec, x)
+    assert raced.extra["rival"]["samples"] == whole.extra["rival"]["samples"] == [0]
+    assert raced.extra["rival"]["chosen"] == whole.extra["rival"]["chosen"] == []
+    (i, stopped_at), = raced.extra["rival"]["outmatched"]
+    assert i == 0 and stopped_at < 50 and whole.extra["rival"]["outmatched"] == []
+    assert "could not win" in raced.summary()
+    assert torch.equal(raced.latent, whole.latent) and raced.samples == whole.samples
+
+
 def test_where_the_decode_reaches_the_noise_floor_the_first_iterate_at_the_noise_level_is_returned(kl_small, pack):
     """kl-f8 explains the 8-bit image to its rounding noise: auto returns the first iterate whose decode came
     within FLOOR_NEAR_DB of the noise floor (the discrepancy principle), not the twin's pick; later iterates

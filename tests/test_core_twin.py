@@ -1,11 +1,13 @@
 """The twin problem that picks the returned iterate (core.twin), on plain-torch codecs."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from core import Codec, invert
-from core.twin import is_8bit, noise_floor_psnr, twin_of
+from core.twin import SETTLE_STEPS, TwinTracker, is_8bit, noise_floor_psnr, twin_faithful, twin_of
 from test_core_solver import linear_codec, nan_after, target
 
 
@@ -132,3 +134,43 @@ def test_without_expanding_directions_the_restart_changes_nothing():
     plain = invert(codec, x, method="forward", steps=30)
     assert not any(u["restarted"] for u in r.extra.get("unstable", [{"restarted": False}]))
     assert torch.equal(r.latent, plain.latent) and torch.equal(r.trace_psnr, plain.trace_psnr)
+
+
+def _race(twin_db: list[float], real_psnr: list[float], twin_psnr: list[float], to_beat: float, first_faithful: bool):
+    """A race tracker fed a rival's run: the twin's latent error (dB) and both rows' PSNR per iteration; returns
+    the first iteration at which outmatched() said stop (None: never)."""
+    truth = torch.ones(1, 4, 2, 2)
+    tracker = TwinTracker(truth, torch.tensor([math.inf]))
+    tracker.race(torch.tensor([to_beat]), torch.tensor([first_faithful]), steps=len(twin_db) - 1)
+    active = torch.ones(2, dtype=torch.bool)
+    for k, (db, p_real, p_twin) in enumerate(zip(twin_db, real_psnr, twin_psnr)):
+        z = torch.cat([truth, truth * (1 + 10 ** (db / 20))])  # the twin row's relative error is db
+        mse = torch.tensor([10 ** (-p_real / 10), 10 ** (-p_twin / 10)])
+        tracker.observe(k, z, active, mse)
+        if tracker.outmatched(k, mse).item():
+            return k
+    return None
+
+
+def test_a_rival_whose_twin_cannot_catch_up_with_the_first_runs_is_stopped_once_its_rate_is_known():
+    """kl-f8 on a real photo: the first run's twin reached -36 dB, the diis rival's creeps from -19 dB; at three
+    times its rate it would not get there in the steps left, so rival_wins could not prefer it."""
+    creeping = [-19.0 - 0.05 * k for k in range(101)]
+    gaining = [20.0 + 0.2 * k for k in range(101)]  # its decode still improving: a faithful rival
+    assert _race(creeping, gaining, gaining, to_beat=-36.0, first_faithful=True) == SETTLE_STEPS
+    # a twin falling fast enough could still win: raced to the end
+    assert _race([-19.0 - 0.3 * k for k in range(101)], gaining, gaining, to_beat=-36.0, first_faithful=True) is None
+    # the first run's twin did not stand for it: a faithful rival wins whatever its error, so it runs on
+    assert _race(creeping, gaining, gaining, to_beat=-36.0, first_faithful=False) is None
+
+
+def test_against_an_unfaithful_first_run_only_a_rival_that_would_be_judged_unfaithful_too_is_stopped():
+    creeping = [-19.0 - 0.05 * k for k in range(101)]
+    settled = [20.0 + min(k, 5) * 0.1 for k in range(101)]  # gained 0.5 dB, then flat
+    twin_gaining = [30.0 + 0.3 * k for k in range(101)]  # its twin gained 6 dB by iteration 20 and keeps on
+    k = _race(creeping, settled, twin_gaining, to_beat=-36.0, first_faithful=False)
+    assert k == SETTLE_STEPS
+    # what twin_faithful says of that run had it ended there: unfaithful, so rival_wins keeps the first run's pick
+    trace = torch.tensor([settled[:k + 1], twin_gaining[:k + 1]]).T
+    picks = [k]  # the creeping twin's best is its newest iterate
+    assert twin_faithful(trace, [type("S", (), {"iterations": k})(), None], picks) == [False]
