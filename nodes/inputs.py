@@ -95,8 +95,8 @@ def stop_inputs() -> list:
                                "the image again from the plain encoding with this gradient method and its own "
                                "twin, and keep the run whose twin behaved like it, else whose twin got closer to "
                                "its known answer: on TAEF2 2.3-7.2 dB closer to the true latent on most images, for "
-                               "2-5x the time and a backward pass's memory (within memory_limit_mb). off: "
-                               "gradient-free throughout."),
+                               "2-5x the time and a backward pass's memory (within memory_limit_mb); it stops as "
+                               "soon as it can no longer win. off: gradient-free throughout."),
     ]
 
 

@@ -1,0 +1,104 @@
+"""The default's rival with and without its race (issue 12; docs/convergence.md, "The rival's race").
+
+The race stops the `diis` rival once it can no longer win (core.twin.TwinTracker.outmatched). It must not change a
+result, only the time: per VAE and image, the default as it is and with the race off (core.twin.CATCH_UP = inf: the
+rival's twin could catch up at any rate), side by side in one process, on the paper protocol's pairs (z_gt known:
+latent NMSE reported) or on the photos as a node gets them. The run exits non-zero where the two latents differ.
+
+    .venv/bin/python -m bench.rival_race --protocol paper --sizes 64 --out bench/results
+    .venv/bin/python -m bench.rival_race --protocol photo --sizes 64 --images astronaut chelsea coffee rocket
+
+Writes <out>/<date>-<device>-rival-race-<protocol>-<sizes>px.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .environment import REPO, boot, device_info
+from .measure import load_vae, paper_pair, photo_bchw
+from .twin_probe import nmse
+
+IMAGES = ("flat_objects", "flat_noise", "stars", "texture", "clipped", "astronaut", "chelsea", "coffee", "rocket")
+
+
+def row(core, codec, model: str, image: str, size: int, paper: bool) -> dict:
+    twin = importlib.import_module(core.__name__ + ".twin")
+    x, z_gt = paper_pair(codec, photo_bchw(image, size)) if paper else (photo_bchw(image, size), None)
+    x = x.clone()
+    raced = core.invert(codec, x)
+    catch_up, twin.CATCH_UP = twin.CATCH_UP, math.inf
+    try:
+        whole = core.invert(codec, x)
+    finally:
+        twin.CATCH_UP = catch_up
+    rival = raced.extra.get("rival") or {}
+    stopped = {i: k for i, k in rival.get("outmatched", [])}
+    return dict(model=model, image=image, size=size, same_latent=torch.equal(raced.latent, whole.latent),
+                rival_ran=0 in rival.get("samples", []), rival_chosen=0 in rival.get("chosen", []),
+                stopped_at=stopped.get(0), twin_first_db=raced.extra["twin"][0]["latent_nmse_db"],
+                latent_nmse_db=None if z_gt is None else round(nmse(raced.latent, z_gt.clone()), 2),
+                psnr=round(raced.samples[0].psnr_best, 2),
+                seconds_raced=round(raced.seconds, 2), seconds_whole=round(whole.seconds, 2))
+
+
+def markdown(result: dict) -> str:
+    m, rows = result["meta"], result["rows"]
+    lines = [f"# The default's rival with and without its race — {m['date']}, {m['device']}, {m['threads']} threads", "",
+             f"`{m['command']}`: fp32, the default (`core.invert`, auto-stop on) as it is and with the race off "
+             "(`core.twin.CATCH_UP` = inf), one process, side by side. \"Stopped at\": the rival's iteration where the "
+             "race ended it (\"—\": it ran on, or did not run: the decode reached the noise floor).", "",
+             "| VAE | size | image | rival ran / chosen | stopped at | same latent | latent NMSE (dB) | PSNR (dB) "
+             "| s raced / whole |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ran = ("yes / " + ("yes" if r["rival_chosen"] else "no")) if r["rival_ran"] else "no"
+        lines.append(f"| {r['model']} | {r['size']} | {r['image']} | {ran} | {r['stopped_at'] or '—'} | "
+                     f"{'yes' if r['same_latent'] else '**no**'} | {r['latent_nmse_db'] or '—'} | {r['psnr']} | "
+                     f"{r['seconds_raced']} / {r['seconds_whole']} |")
+    raced, whole = sum(r["seconds_raced"] for r in rows), sum(r["seconds_whole"] for r in rows)
+    lines += ["", f"Same latent on {sum(r['same_latent'] for r in rows)} of {len(rows)}; the race stopped the rival on "
+              f"{sum(r['stopped_at'] is not None for r in rows)} of the {sum(r['rival_ran'] for r in rows)} where it ran; "
+              f"seconds in all: {raced:.1f} raced, {whole:.1f} whole ({raced / whole:.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--protocol", choices=("paper", "photo"), default="paper")
+    p.add_argument("--models", nargs="+", default=["taef2", "kl_f8_small"])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64])
+    p.add_argument("--images", nargs="+", default=list(IMAGES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    a = p.parse_args(argv)
+    ctx = boot(a.threads)
+    _, slug, name = device_info()
+    rows = []
+    for model in a.models:
+        vae = load_vae(model)
+        for size in a.sizes:
+            codec = ctx.adapter.vae_codec(vae, "fp32", (1, 3, size, size))
+            for image in a.images:
+                rows.append(row(ctx.core, codec, model, image, size, a.protocol == "paper"))
+                print(rows[-1], file=sys.stderr, flush=True)
+    command = "python -m bench.rival_race " + shlex.join(argv if argv is not None else sys.argv[1:])
+    meta = dict(date=str(datetime.date.today()), device=name, threads=a.threads, torch=torch.__version__, command=command)
+    result = dict(meta=meta, rows=rows)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = a.out / f"{meta['date']}-{slug}-rival-race-{a.protocol}-{'-'.join(map(str, a.sizes))}px"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0 if all(r["same_latent"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
