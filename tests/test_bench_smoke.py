@@ -245,3 +245,16 @@ def test_autostop_counts_iterations_saved_against_the_full_runs_own():
     cases = [dict(full_iterations=200, auto_iterations=139, psnr=[]), dict(full_iterations=100, auto_iterations=100, psnr=[])]
     assert iterations_saved_pct(cases) == round(100 * 61 / 300, 1)
     assert iterations_saved_pct([dict(psnr=[0.0] * 101, auto_iterations=50)]) == 50.0  # older files: the trace's length
+
+
+def test_rival_race_bench_stops_a_losing_rival_and_returns_the_same_latent(tmp_path):
+    """`python -m bench.rival_race` on one small cell where the rival loses (TAEF2 stars, 32 px: stopped at its 20th
+    iteration in bench/results/2026-12-05-cpu-rival-race-paper-32px.md); it exits non-zero if the latents differ."""
+    proc = subprocess.run([sys.executable, "-m", "bench.rival_race", "--models", "taef2", "--images", "stars",
+                           "--sizes", "32", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-rival-race-paper-32px.json")]
+    (row,) = result["rows"]
+    assert row["same_latent"] and row["rival_ran"] and not row["rival_chosen"] and 20 <= row["stopped_at"] < 100
+    assert "Same latent on 1 of 1" in next(tmp_path.glob("*-rival-race-paper-32px.md")).read_text()
