@@ -55,9 +55,9 @@ SETTLE_STEPS = 20  # ... judged only once it had settled: its best PSNR gained l
 SETTLED_GAIN_DB = 1.0  # many iterations (auto-stop's flatness threshold); a diis run on a real photo creeps on slowly
 # TwinTracker.outmatched: a rival whose twin, improving for the rest of the run at this many times its rate over the
 # last SETTLE_STEPS iterations, would still not get closer to its answer than the first run's twin cannot win and is
-# stopped. On the diis rival's twin curves (64 px, 18 paper-protocol cells and the 8 photos' twins) 3x stopped every
-# losing rival whose twin was 1 dB or more behind at iteration 20 and no rival that won (docs/convergence.md, "The
-# rival's race").
+# stopped. Offline on the diis rival's twin curves (64 px, 18 paper-protocol pairs and the 8 photos' twins) 2x, 3x and
+# 5x stopped no rival that won; in the solver, 3x stopped every rival that lost on the 64 and 32 px bench cells and
+# photos, always with the same latent as the whole race (docs/convergence.md, "The rival's race").
 CATCH_UP = 3.0
 
 
