@@ -1,10 +1,14 @@
 """The machine a bench run happens on, and the in-process ComfyUI it measures through."""
 from __future__ import annotations
 
+import datetime
 import importlib
+import json
 import platform
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,3 +83,30 @@ def comfyui_version():
         return importlib.import_module("comfyui_version").__version__
     except Exception:
         return None
+
+
+def run_meta(module: str, argv, threads: int) -> dict:
+    """The date, device, threads, torch and the command line of a bench run, for its result files."""
+    command = f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return dict(date=str(datetime.date.today()), device=device_info()[2], threads=threads, torch=torch.__version__,
+                command=command)
+
+
+def save_result(out: Path, name: str, meta: dict, rows: list, markdown) -> str:
+    """Writes {"meta", "rows"} to <out>/<date>-<device>-<name>.json and markdown(result) beside it as .md; returns the
+    markdown."""
+    result = dict(meta=meta, rows=rows)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{meta['date']}-{device_info()[1]}-{name}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    stem.with_suffix(".md").write_text(text)
+    return text
+
+
+def add_run_args(parser, sizes: list[int]) -> None:
+    """--models, --sizes, --threads and --out, as the per-image benches (bench.rival, bench.rival_race) take them."""
+    parser.add_argument("--models", nargs="+", default=["taef2", "kl_f8_small"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=sizes)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import statistics
+import sys
 import time
 from dataclasses import replace
 
@@ -93,6 +94,20 @@ def load_vae(name: str):
         if name == "random_sd":
             return models.random_sd_vae(0)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def image_rows(ctx, models, sizes, images, make_row) -> list[dict]:
+    """make_row(codec, model, image, size) for each model, size and image, with the pack's fp32 codec of the VAE
+    (loaded once per model); each row is echoed to stderr as it comes."""
+    rows = []
+    for model in models:
+        vae = load_vae(model)
+        for size in sizes:
+            codec = ctx.adapter.vae_codec(vae, "fp32", (1, 3, size, size))
+            for image in images:
+                rows.append(make_row(codec, model, image, size))
+                print(rows[-1], file=sys.stderr, flush=True)
+    return rows
 
 
 def photo_bchw(name: str, size: int) -> torch.Tensor:

@@ -13,16 +13,9 @@ Writes <out>/<date>-<device>-rival-photos.md and .json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
-import sys
-from pathlib import Path
 
-import torch
-
-from .environment import REPO, boot, device_info
-from .measure import load_vae, photo_bchw
+from .environment import add_run_args, boot, run_meta, save_result
+from .measure import image_rows, photo_bchw
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -62,30 +55,13 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["taef2", "kl_f8_small"])
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    add_run_args(p, sizes=[64, 128])
     p.add_argument("--photos", nargs="+", default=list(PHOTOS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     a = p.parse_args(argv)
     ctx = boot(a.threads)
-    _, slug, name = device_info()
-    rows = []
-    for model in a.models:
-        vae = load_vae(model)
-        for size in a.sizes:
-            codec = ctx.adapter.vae_codec(vae, "fp32", (1, 3, size, size))
-            for photo in a.photos:
-                rows.append(row(ctx.core, codec, model, photo, size))
-                print(rows[-1], file=sys.stderr, flush=True)
-    command = "python -m bench.rival " + shlex.join(argv if argv is not None else sys.argv[1:])
-    meta = dict(date=str(datetime.date.today()), device=name, threads=a.threads, torch=torch.__version__, command=command)
-    result = dict(meta=meta, rows=rows)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"{meta['date']}-{slug}-rival-photos"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    rows = image_rows(ctx, a.models, a.sizes, a.photos,
+                      lambda codec, model, photo, size: row(ctx.core, codec, model, photo, size))
+    print(save_result(a.out, "rival-photos", run_meta("bench.rival", argv, a.threads), rows, markdown))
     return 0
 
 

@@ -13,18 +13,13 @@ Writes <out>/<date>-<device>-rival-race-<protocol>-<sizes>px.md and .json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import json
 import math
-import shlex
-import sys
-from pathlib import Path
 
 import torch
 
-from .environment import REPO, boot, device_info
-from .measure import load_vae, paper_pair, photo_bchw
+from .environment import add_run_args, boot, run_meta, save_result
+from .measure import image_rows, paper_pair, photo_bchw
 from .twin_probe import nmse
 
 IMAGES = ("flat_objects", "flat_noise", "stars", "texture", "clipped", "astronaut", "chelsea", "coffee", "rocket")
@@ -73,30 +68,14 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--protocol", choices=("paper", "photo"), default="paper")
-    p.add_argument("--models", nargs="+", default=["taef2", "kl_f8_small"])
-    p.add_argument("--sizes", type=int, nargs="+", default=[64])
+    add_run_args(p, sizes=[64])
     p.add_argument("--images", nargs="+", default=list(IMAGES))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     a = p.parse_args(argv)
     ctx = boot(a.threads)
-    _, slug, name = device_info()
-    rows = []
-    for model in a.models:
-        vae = load_vae(model)
-        for size in a.sizes:
-            codec = ctx.adapter.vae_codec(vae, "fp32", (1, 3, size, size))
-            for image in a.images:
-                rows.append(row(ctx.core, codec, model, image, size, a.protocol == "paper"))
-                print(rows[-1], file=sys.stderr, flush=True)
-    command = "python -m bench.rival_race " + shlex.join(argv if argv is not None else sys.argv[1:])
-    meta = dict(date=str(datetime.date.today()), device=name, threads=a.threads, torch=torch.__version__, command=command)
-    result = dict(meta=meta, rows=rows)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"{meta['date']}-{slug}-rival-race-{a.protocol}-{'-'.join(map(str, a.sizes))}px"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    rows = image_rows(ctx, a.models, a.sizes, a.images,
+                      lambda codec, model, image, size: row(ctx.core, codec, model, image, size, a.protocol == "paper"))
+    name = f"rival-race-{a.protocol}-{'-'.join(map(str, a.sizes))}px"
+    print(save_result(a.out, name, run_meta("bench.rival_race", argv, a.threads), rows, markdown))
     return 0 if all(r["same_latent"] for r in rows) else 1
 
 
