@@ -126,9 +126,10 @@ class InversionResult:
             chosen = ", ".join(str(i + 1) for i in rival["chosen"]) or "none"
             lines.append(f"{rival['method']} rival run from E(x) on {len(rival['samples'])} image(s) whose decode stayed "
                          f"below the noise floor; its pick returned for image(s): {chosen}")
-            for i, k in rival.get("outmatched", []):
-                lines.append(f"{rival['method']} rival for image {i + 1} stopped at its iteration {k}: its twin could no "
-                             "longer get closer to its answer than the first run's twin, so it could not win")
+            if rival.get("outmatched"):
+                where = ", ".join(f"{i + 1} (its iteration {k})" for i, k in rival["outmatched"])
+                lines.append(f"{rival['method']} rival stopped early for image(s): {where}: its twin could no longer get "
+                             "closer to its answer than the first run's twin, so it could not win")
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
             lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")
