@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .environment import REPO, boot, cpu_name
-from .measure import load_vae, paper_pair, photo_bchw
+from .measure import load_vae, paper_pair, photo_bchw, race_off
 
 WINDOWS = (5, 10, 15, 20, 30, 40)
 FLATS_DB = (0.25, 0.5, 1.0, 2.0, math.inf)
@@ -48,7 +48,8 @@ def replay(psnr: list[float], residual_db: list[float], window: int, flat_db: fl
 
 def measure_case(core, codec, x, z_gt, steps: int) -> dict:
     t = time.perf_counter()
-    full = core.invert(codec, x, steps=steps, stall_steps=0)
+    with race_off(core):  # every step: no auto-stop, and the rival (if it runs) without its race
+        full = core.invert(codec, x, steps=steps, stall_steps=0)
     t_full = time.perf_counter() - t
     t = time.perf_counter()
     auto = core.invert(codec, x, steps=steps)

@@ -6,6 +6,7 @@ the parent this process was forked from) and gets the pack's modules from `ctx`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import statistics
@@ -108,6 +109,18 @@ def image_rows(ctx, models, sizes, images, make_row) -> list[dict]:
                 rows.append(make_row(codec, model, image, size))
                 print(rows[-1], file=sys.stderr, flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def race_off(core):
+    """The default's rival without its race (core.twin.CATCH_UP = inf: its twin could catch up at any rate), so it
+    runs all its steps: the race is a stop rule, off where a run must be the whole one."""
+    twin = importlib.import_module(core.__name__ + ".twin")
+    catch_up, twin.CATCH_UP = twin.CATCH_UP, math.inf
+    try:
+        yield
+    finally:
+        twin.CATCH_UP = catch_up
 
 
 def photo_bchw(name: str, size: int) -> torch.Tensor:

@@ -13,28 +13,22 @@ Writes <out>/<date>-<device>-rival-race-<protocol>-<sizes>px.md and .json.
 from __future__ import annotations
 
 import argparse
-import importlib
-import math
 
 import torch
 
 from .environment import add_run_args, boot, run_meta, save_result
-from .measure import image_rows, paper_pair, photo_bchw
+from .measure import image_rows, paper_pair, photo_bchw, race_off
 from .twin_probe import nmse
 
 IMAGES = ("flat_objects", "flat_noise", "stars", "texture", "clipped", "astronaut", "chelsea", "coffee", "rocket")
 
 
 def row(core, codec, model: str, image: str, size: int, paper: bool) -> dict:
-    twin = importlib.import_module(core.__name__ + ".twin")
     x, z_gt = paper_pair(codec, photo_bchw(image, size)) if paper else (photo_bchw(image, size), None)
     x = x.clone()
     raced = core.invert(codec, x)
-    catch_up, twin.CATCH_UP = twin.CATCH_UP, math.inf
-    try:
+    with race_off(core):
         whole = core.invert(codec, x)
-    finally:
-        twin.CATCH_UP = catch_up
     rival = raced.extra.get("rival") or {}
     stopped = {i: k for i, k in rival.get("outmatched", [])}
     return dict(model=model, image=image, size=size, same_latent=torch.equal(raced.latent, whole.latent),

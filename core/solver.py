@@ -249,6 +249,12 @@ class RunState:
         # rows: pixel MSE, residual dB, active after the stop rules; NaN once a sample stopped
         self.trace = torch.full((3, opts.steps + 1, batch), math.nan, device=device)
 
+    def record_trace(self, k: int, ev: Evaluation) -> None:
+        """Row k of the trace (pixel MSE, residual dB; NaN for samples already stopped), which the stop rules of
+        record() and a rival's race (core.twin.TwinTracker.outmatched) read."""
+        self.trace[0, k].copy_(ev.pixel_mse).masked_fill_(~self.active, math.nan)
+        self.trace[1, k].copy_(ev.residual_db).masked_fill_(~self.active, math.nan)
+
     def record(self, k: int, z: Tensor, ev: Evaluation, hold: Tensor | None = None,
                outmatched: Tensor | None = None) -> None:
         """`hold` (real rows of a twin batch): samples that may not stall yet, because their twin's
@@ -256,8 +262,6 @@ class RunState:
         rival's twin batch): samples whose rival can no longer win; they stop unless another rule stops them."""
         opts, active, err, res = self.opts, self.active, ev.pixel_mse, ev.residual_db
         tracks_residual = self.tracks_residual and ev.residual is not None  # a hybrid may stop encoding
-        self.trace[0, k].copy_(err).masked_fill_(~active, math.nan)
-        self.trace[1, k].copy_(res).masked_fill_(~active, math.nan)
         improved = (err < self.best_err) & active
         torch.where(improved, err, self.best_err, out=self.best_err)
         torch.where(improved.view(self.view), z, self.best_z, out=self.best_z)
@@ -658,10 +662,11 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)
         log.keep(k, z, ev)
+        state.record_trace(k, ev)
         hold = outmatched = None
         if twin is not None:
             twin.observe(k, z, state.active, ev.pixel_mse)
-            hold, outmatched = twin.improved_within(k, opts.stall_steps), twin.outmatched(k, ev.pixel_mse)
+            hold, outmatched = twin.improved_within(k, opts.stall_steps), twin.outmatched(k, state.trace[0, :k + 1])
         state.record(k, z, ev, hold, outmatched)
         if sync(k, state):
             break

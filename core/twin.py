@@ -190,30 +190,29 @@ class TwinTracker:
         self.to_beat, self.steps = to_beat_db.to(device, torch.float32), steps
         self.first_faithful = first_faithful.to(device)
         self.history = torch.full((SETTLE_STEPS + 1, b), math.inf, device=device)  # the twins' best errors, dB
-        self.psnr = torch.full((steps + 1, 2 * b), math.nan, device=device)  # every row's PSNR, for twin_faithful
         self.rows = torch.arange(b, device=device)
 
     def outmatched(self, k: int, pixel_mse: Tensor) -> Tensor | None:
         """(B,) after observe(k), in a race: True where the rival can no longer win, by rival_wins' own terms: its
         twin's best error, falling from now to the last step at CATCH_UP times its rate over the last SETTLE_STEPS
         iterations, would stay above the first run's, and either the first run's twin stood for it or the rival's,
-        judged as twin_faithful would judge it if the run ended here, does not. None outside a race. On the device."""
+        judged as twin_faithful would judge it if the run ended here, does not. `pixel_mse` (k + 1, 2B): every row's
+        pixel error so far (the run's trace; NaN once stopped). None outside a race. On the device."""
         if self.to_beat is None:
             return None
         b, w = self.batch, SETTLE_STEPS
-        self.psnr[k] = psnr_from_mse(pixel_mse)
         now = 10 * torch.log10(self.best_err.clamp_min(1e-30))
         self.history[k % (w + 1)] = now
         if k < w:
             return torch.zeros_like(self.first_faithful)
         rate = (now - self.history[(k + 1) % (w + 1)]) / w  # <= 0: a best never rises
         behind = now + CATCH_UP * rate * (self.steps - k) > self.to_beat  # NaN (no finite best yet): False
-        real, twin = self.psnr[:k + 1, :b], self.psnr[:k + 1, b:]
+        real, twin = pixel_mse[:, :b], pixel_mse[:, b:]
         picked = self.iteration.clamp_max(k)
-        real_gain = real[picked, self.rows] - real[0]
-        twin_gain = twin[picked, self.rows] - twin[0]
-        best = real.nan_to_num(-math.inf).cummax(0).values
-        settled = (best[k] - best[k - w]) < SETTLED_GAIN_DB
+        real_gain = psnr_from_mse(real[picked, self.rows]) - psnr_from_mse(real[0])
+        twin_gain = psnr_from_mse(twin[picked, self.rows]) - psnr_from_mse(twin[0])
+        lowest = real.nan_to_num(math.inf)  # the best PSNR is the lowest error's
+        settled = psnr_from_mse(lowest.amin(0)) - psnr_from_mse(lowest[:k - w + 1].amin(0)) < SETTLED_GAIN_DB
         unfaithful = settled & (twin_gain > 0) & (real_gain < FAITHFUL_GAIN * twin_gain)
         return behind & (self.first_faithful | unfaithful)
 

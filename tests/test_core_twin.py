@@ -143,11 +143,11 @@ def _race(twin_db: list[float], real_psnr: list[float], twin_psnr: list[float], 
     tracker = TwinTracker(truth, torch.tensor([math.inf]))
     tracker.race(torch.tensor([to_beat]), torch.tensor([first_faithful]), steps=len(twin_db) - 1)
     active = torch.ones(2, dtype=torch.bool)
-    for k, (db, p_real, p_twin) in enumerate(zip(twin_db, real_psnr, twin_psnr)):
+    mse = 10 ** (-torch.tensor([real_psnr, twin_psnr], dtype=torch.float64).T / 10)  # (steps + 1, 2): the trace
+    for k, db in enumerate(twin_db):
         z = torch.cat([truth, truth * (1 + 10 ** (db / 20))])  # the twin row's relative error is db
-        mse = torch.tensor([10 ** (-p_real / 10), 10 ** (-p_twin / 10)])
-        tracker.observe(k, z, active, mse)
-        if tracker.outmatched(k, mse).item():
+        tracker.observe(k, z, active, mse[k].float())
+        if tracker.outmatched(k, mse[:k + 1].float()).item():
             return k
     return None
 
