@@ -48,7 +48,8 @@ class SampleStats:
     # With options.record_every: the paper's assumption along the trajectory
     # (core.diagnostics.cocoercivity: beta_min, beta_median, share_positive, points).
     cocoercivity: Optional[dict] = None
-    # What picked the returned iterate (core.twin): "pixel" its pixel error, "twin" the twin problem's
+    # What picked the returned iterate (core.twin): "pixel" its pixel error (with selection auto also where the twin
+    # picked a later iterate, extra["twin"][i]["why"] "pixel best first"), "twin" the twin problem's
     # lowest latent error, "encoder" E(x) because the twin's pick decoded worse than it, "noise level"
     # the first iterate whose decode came within core.twin.FLOOR_NEAR_DB of the noise floor (the input's 8-bit one, or
     # the lower 16-bit codec's own, core.twin.precision_floor_psnr).

@@ -83,7 +83,8 @@ class InversionOptions:
     memory_limit_mb: float = 0.0
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;
-    # "auto" the twin for fixed-point methods unless the decode reached the input's noise floor (8-bit
+    # "auto" the twin for fixed-point methods, but never an iterate past the pixel-best, unless the decode reached
+    # the input's noise floor (8-bit
     # rounding, or a 16-bit codec's own, core.twin.precision_floor_psnr; then the first iterate at that noise
     # level, core.twin.FLOOR_NEAR_DB, or else pixel), pixel for gradient methods. The twin doubles the batch
     # (time, and memory on GPU).
@@ -430,11 +431,12 @@ def _twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Invers
     return torch.cat([x, x_t]), weight, latents, TwinTracker(truth, floor.to(codec.device))
 
 
-def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor) -> InversionResult:
+def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor, auto: bool) -> InversionResult:
     """The real samples of a twin batch, each returning its twin's pick where its decode did not reach
-    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse;
-    where it did, the first iterate within FLOOR_NEAR_DB of the floor (the pixel-best if none was).
-    extra["twin"][i]["why"] says which rule decided ("floor", "noise level", "twin", "decoded worse")."""
+    the noise floor: the iterate at the twin's lowest latent error, or E(x) if that one decodes worse, or
+    (`auto`) the pixel-best where the twin picked a later iterate; where it did, the first iterate within
+    FLOOR_NEAR_DB of the floor (the pixel-best if none was). extra["twin"][i]["why"] says which rule decided
+    ("floor", "noise level", "twin", "decoded worse", "pixel best first")."""
     b = tracker.batch
     samples, latent = result.samples[:b], result.latent[:b].clone()
     trace_psnr, trace_res = result.trace_psnr[:, :b], result.trace_residual_db[:, :b]
@@ -450,6 +452,11 @@ def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor)
                                      residual_db_best=trace_res[k, i].item(), selection="noise level")
             continue  # else the best pixel iterate stands
         k = twin_k[i]
+        if auto and s.best_iteration < k:  # never past the pixel-best: the decode only got worse after it, so x
+            # supports none of the later iterates (kl-f8 stars at 64 px: the pixel-best at 22 is -21.20 dB from the
+            # true latent, the twin's pick at 31 -19.73; docs/convergence.md, "Never past the pixel-best")
+            why[i] = "pixel best first"
+            continue
         worse = not trace_psnr[k, i].item() >= s.psnr_initial  # NaN counts as worse
         why[i] = "decoded worse" if worse else "twin"
         latent[i] = start_latent[i] if worse else tracker.z[i]
@@ -527,7 +534,7 @@ def _merged(first: InversionResult, second: InversionResult, rows: list[int], us
 
 def _twin_decided(first: InversionResult) -> list[int]:
     """The samples whose returned iterate the twin chose: their decode stayed below the noise floor."""
-    return [i for i, t in enumerate(first.extra.get("twin") or []) if t["why"] in ("twin", "decoded worse")]
+    return [i for i, t in enumerate(first.extra.get("twin") or []) if t["why"] in ("twin", "decoded worse", "pixel best first")]
 
 
 def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
@@ -687,6 +694,6 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         result = _with_returned_residual(result, codec, target)
         result.seconds = time.perf_counter() - start
     if twin is not None:
-        result = _select(result, twin, target.latent)
+        result = _select(result, twin, target.latent, opts.select == "auto")
         result.seconds = time.perf_counter() - start
     return result

@@ -240,6 +240,23 @@ def test_the_rival_stops_once_it_cannot_win_and_returns_what_the_whole_race_woul
     assert torch.equal(raced.latent, whole.latent) and raced.samples == whole.samples
 
 
+def test_the_default_never_returns_an_iterate_past_the_pixel_best(kl_small, pack):
+    """kl-f8 stars at 64 px (docs/convergence.md, "Never past the pixel-best"): the twin picks iteration 31, but the
+    decode was best at 22 and only got worse after it; the pixel-best is 1.5 dB closer to the true latent (-21.20
+    vs -19.73 dB), and the default returns it (the rival, outmatched, does not win)."""
+    adapter, core = pack
+    codec, x, z_gt, z_enc = _protocol(adapter, kl_small, "stars", size=64)
+    default = core.invert(codec, x)
+    twin = core.invert(codec, x, select="twin", rival="")
+    pixel = core.invert(codec, x, select="pixel")
+    assert pixel.samples[0].best_iteration < twin.samples[0].best_iteration, "the case must have the pick after"
+    assert default.extra["twin"][0]["why"] == "pixel best first" and default.extra["rival"]["chosen"] == []
+    # the same iterate; the pixel run has no twin rows, and a batch of two convolves with other rounding
+    assert default.samples[0].best_iteration == pixel.samples[0].best_iteration
+    assert torch.allclose(default.latent, pixel.latent, atol=1e-3)
+    assert _nmse_db(default.latent, z_gt) < _nmse_db(twin.latent, z_gt) - 1.0 < _nmse_db(z_enc, z_gt)
+
+
 def test_where_the_decode_reaches_the_noise_floor_the_first_iterate_at_the_noise_level_is_returned(kl_small, pack):
     """kl-f8 explains the 8-bit image to its rounding noise: auto returns the first iterate whose decode came
     within FLOOR_NEAR_DB of the noise floor (the discrepancy principle), not the twin's pick; later iterates

@@ -487,21 +487,35 @@ def test_auto_stop_returns_the_full_runs_latent_when_the_best_is_early(method):
 
 
 def test_auto_stop_waits_while_the_twins_latent_error_still_falls():
-    """The default returns its twin's pick (core.twin) where the decode does not reach a noise floor
-    (this float toy has none): the pixel stall rule alone would stop before that pick is reached
-    (measured: at iteration 74 of a pick at 89), so the run waits for the twin, and stopping early
-    returns exactly the full run's latent."""
+    """select "twin" returns its twin's pick (core.twin): the pixel stall rule alone would stop before that pick is
+    reached (measured: at iteration 74 of a pick at 89), so the run waits for the twin, and stopping early
+    returns exactly the full run's latent. (Here the pick comes after the pixel-best, so `auto` would return the
+    pixel-best: test_auto_never_returns_an_iterate_past_the_pixel_best.)"""
     codec, _ = linear_codec()
     x = off_range_target()
-    rule = dict(method="forward", lr=0.2, steps=400, stall_steps=10, stall_flat_db=math.inf, rival="")
+    rule = dict(method="forward", lr=0.2, steps=400, stall_steps=10, stall_flat_db=math.inf, rival="", select="twin")
     full = invert(codec, x, **{**rule, "stall_steps": 0})
     auto = invert(codec, x, **rule)
     twin_pick = full.extra["twin"][0]["iteration"]
-    pixel_stop = invert(codec, x, **rule, select="pixel").samples[0].iterations
+    pixel_stop = invert(codec, x, **{**rule, "select": "pixel"}).samples[0].iterations
     assert pixel_stop < twin_pick, "the case must be one the pixel rule alone gets wrong"
     s = auto.samples[0]
     assert s.stop_reason == "stalled" and twin_pick + 10 <= s.iterations < 400
     assert s.selection == "twin" and torch.equal(auto.latent, full.latent)
+
+
+def test_auto_never_returns_an_iterate_past_the_pixel_best():
+    """Where the twin picks an iterate after the pixel-best, the decode only got worse from the pixel-best on, and
+    auto returns the pixel-best (extra["twin"][0]["why"] "pixel best first"); the twin's record is kept."""
+    codec, _ = linear_codec()
+    x = off_range_target()
+    rule = dict(method="forward", lr=0.2, steps=120, stall_steps=0, rival="")
+    auto, twin, pixel = (invert(codec, x, **rule, select=s) for s in ("auto", "twin", "pixel"))
+    assert pixel.samples[0].best_iteration < twin.samples[0].best_iteration, "the case must have the pick after"
+    assert auto.extra["twin"][0]["why"] == "pixel best first" and auto.samples[0].selection == "pixel"
+    assert torch.equal(auto.latent, pixel.latent) and auto.samples[0] == pixel.samples[0]
+    assert auto.extra["twin"][0]["iteration"] == twin.samples[0].best_iteration
+    assert "best at iteration" in auto.summary()
 
 
 def test_auto_stop_waits_while_the_residual_still_moves():
