@@ -258,3 +258,18 @@ def test_rival_race_bench_stops_a_losing_rival_and_returns_the_same_latent(tmp_p
     (row,) = result["rows"]
     assert row["same_latent"] and row["rival_ran"] and not row["rival_chosen"] and 20 <= row["stopped_at"] < 100
     assert "Same latent on 1 of 1" in next(tmp_path.glob("*-rival-race-paper-32px.md")).read_text()
+
+
+def test_pick_probe_reports_the_twins_pick_and_the_pixel_best(tmp_path):
+    """`python -m bench.pick_probe` on one small TAEF2 cell where the twin decides and its pick comes first (TAEF2
+    stars, 32 px: the drift lowers the pixel error after the pick); the default returned the pick."""
+    proc = subprocess.run([sys.executable, "-m", "bench.pick_probe", "--models", "taef2", "--images", "stars",
+                           "--sizes", "32", "--steps", "30", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-pick-probe-32px.json")]
+    (row,) = result["rows"]
+    assert row["why"] == "twin" and row["twin_pick"] < row["pixel_best"]
+    assert row["nmse_returned_db"] == row["nmse_twin_pick_db"] < row["nmse_encoder_db"]
+    assert all(0 < row[k] < 10 for k in ("gain_encoder_to_pick", "gain_pick_to_pixel_best", "twin_gain_pick_to_pixel_best"))
+    assert "The twin decided 1 of 1" in next(tmp_path.glob("*-pick-probe-32px.md")).read_text()
