@@ -85,8 +85,9 @@ def stop_inputs() -> list:
                        tooltip="(advanced) Which iterate is returned. auto: where the decode cannot reach the "
                                "image's 8-bit noise floor (e.g. TAEF2), the one a twin problem with a known "
                                "answer, run alongside, finds closest in the latent (the pixel-best one can "
-                               "drift away from the true latent); where it does, the first iterate at that noise "
-                               "level (later ones fit the rounding noise), else the pixel-best. pixel: always the "
+                               "drift away from the true latent), never one after the pixel-best; where it "
+                               "does, the first iterate at that noise level (later ones fit the rounding "
+                               "noise), else the pixel-best. pixel: always the "
                                "pixel-best (sharpest decode). twin: always the twin's pick. The twin doubles "
                                "the batch; gradient methods use pixel under auto, fp16/bf16 the codec's own "
                                "noise floor where it is below the 8-bit one."),
