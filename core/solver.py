@@ -84,10 +84,9 @@ class InversionOptions:
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;
     # "auto" the twin for fixed-point methods, but never an iterate past the pixel-best, unless the decode reached
-    # the input's noise floor (8-bit
-    # rounding, or a 16-bit codec's own, core.twin.precision_floor_psnr; then the first iterate at that noise
-    # level, core.twin.FLOOR_NEAR_DB, or else pixel), pixel for gradient methods. The twin doubles the batch
-    # (time, and memory on GPU).
+    # the input's noise floor (8-bit rounding, or a 16-bit codec's own, core.twin.precision_floor_psnr; then the
+    # first iterate at that noise level, core.twin.FLOOR_NEAR_DB, or else pixel), pixel for gradient methods.
+    # The twin doubles the batch (time, and memory on GPU).
     select: str = "auto"
     # Where the twin decided (a fixed-point run whose decode stayed below the noise floor): restart
     # that sample from E(x) with every step projected off the round trip's expanding directions (core.unstable),
@@ -532,9 +531,12 @@ def _merged(first: InversionResult, second: InversionResult, rows: list[int], us
                    seconds=first.seconds + extra_seconds + second.seconds, extra=extra)
 
 
+TWIN_DECIDED = ("twin", "decoded worse", "pixel best first")  # _select's rules below the noise floor
+
+
 def _twin_decided(first: InversionResult) -> list[int]:
     """The samples whose returned iterate the twin chose: their decode stayed below the noise floor."""
-    return [i for i, t in enumerate(first.extra.get("twin") or []) if t["why"] in ("twin", "decoded worse", "pixel best first")]
+    return [i for i, t in enumerate(first.extra.get("twin") or []) if t["why"] in TWIN_DECIDED]
 
 
 def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,

@@ -14,10 +14,11 @@ reached the input's noise floor (8-bit rounding, or a 16-bit codec's own where l
 within FLOOR_MARGIN_DB) has found a latent that
 explains x to within its noise, and returns the first iterate within FLOOR_NEAR_DB of that floor
 (the discrepancy principle), or its best pixel iterate where none got that close; the others
-return the twin's choice (E(x) if that decodes worse), or the pixel-best where the twin's choice came after it. Either way the returned iterate is never
-worse in pixels than E(x). Opt-in (core.solver's unstable_steps > 0): a sample the twin decided for is run once
-more from E(x) where the round trip expands at E(x) (core.unstable), with its steps projected off those
-directions, and the restart's twin choice (again never worse in pixels than E(x)) is returned. The default's
+return the twin's choice (E(x) if that decodes worse), or the pixel-best where the twin's choice came after it
+(past the pixel-best the decode only got worse). Either way the returned iterate is never worse in pixels than E(x).
+Opt-in (core.solver's unstable_steps > 0): a sample the twin decided for is run once more from E(x) where the
+round trip expands at E(x) (core.unstable), with its steps projected off those directions, and the restart's twin
+choice (again never worse in pixels than E(x)) is returned. The default's
 rival (core.solver's `rival`): a sample the twin decided for is also run from E(x) by `diis` with its own twin, and
 rival_wins keeps the run whose twin stood for it (twin_faithful), else the one whose twin got closer to E(x).
 
