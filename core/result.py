@@ -131,6 +131,10 @@ class InversionResult:
                 where = ", ".join(f"{i + 1} (its iteration {k})" for i, k in rival["outmatched"])
                 lines.append(f"{rival['method']} rival stopped early for image(s): {where}: its twin could no longer get "
                              "closer to its answer than the first run's twin, so it could not win")
+        later = [str(i + 1) for i, t in enumerate(self.extra.get("twin") or []) if t["why"] == "pixel best first"]
+        if later:  # core.solver._select: auto never returns an iterate after the pixel-best
+            lines.append(f"pixel-best iterate returned where the twin picked a later one (the decode only got worse "
+                         f"after it), for image(s): {', '.join(later)}")
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
             lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")

@@ -515,7 +515,8 @@ def test_auto_never_returns_an_iterate_past_the_pixel_best():
     assert auto.extra["twin"][0]["why"] == "pixel best first" and auto.samples[0].selection == "pixel"
     assert torch.equal(auto.latent, pixel.latent) and auto.samples[0] == pixel.samples[0]
     assert auto.extra["twin"][0]["iteration"] == twin.samples[0].best_iteration
-    assert "best at iteration" in auto.summary()
+    assert "best at iteration" in auto.summary() and "twin picked a later one" in auto.summary()
+    assert "twin picked a later one" not in twin.summary()
 
 
 def test_auto_stop_waits_while_the_residual_still_moves():
