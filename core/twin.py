@@ -191,6 +191,8 @@ class TwinTracker:
         self.to_beat, self.steps = to_beat_db.to(device, torch.float32), steps
         self.first_faithful = first_faithful.to(device)
         self.history = torch.full((SETTLE_STEPS + 1, b), math.inf, device=device)  # the twins' best errors, dB
+        self.lowest_mse = torch.full((b,), math.inf, device=device)  # the real rows' best pixel error so far ...
+        self.lowest_history = torch.full((SETTLE_STEPS + 1, b), math.inf, device=device)  # ... and over the window
         self.rows = torch.arange(b, device=device)
 
     def outmatched(self, k: int, pixel_mse: Tensor) -> Tensor | None:
@@ -202,18 +204,21 @@ class TwinTracker:
         if self.to_beat is None:
             return None
         b, w = self.batch, SETTLE_STEPS
+        real, twin = pixel_mse[:, :b], pixel_mse[:, b:]
         now = 10 * torch.log10(self.best_err.clamp_min(1e-30))
         self.history[k % (w + 1)] = now
+        torch.fmin(self.lowest_mse, real[k], out=self.lowest_mse)  # fmin: a stopped row's NaN is no best
+        self.lowest_history[k % (w + 1)] = self.lowest_mse
         if k < w:
             return torch.zeros_like(self.first_faithful)
         rate = (now - self.history[(k + 1) % (w + 1)]) / w  # <= 0: a best never rises
         behind = now + CATCH_UP * rate * (self.steps - k) > self.to_beat  # NaN (no finite best yet): False
-        real, twin = pixel_mse[:, :b], pixel_mse[:, b:]
         picked = self.iteration.clamp_max(k)
         real_gain = psnr_from_mse(real[picked, self.rows]) - psnr_from_mse(real[0])
         twin_gain = psnr_from_mse(twin[picked, self.rows]) - psnr_from_mse(twin[0])
-        lowest = real.nan_to_num(math.inf)  # the best PSNR is the lowest error's
-        settled = psnr_from_mse(lowest.amin(0)) - psnr_from_mse(lowest[:k - w + 1].amin(0)) < SETTLED_GAIN_DB
+        # the best PSNR (the lowest error's) now against SETTLE_STEPS iterations ago
+        window_start = self.lowest_history[(k + 1) % (w + 1)]
+        settled = psnr_from_mse(self.lowest_mse) - psnr_from_mse(window_start) < SETTLED_GAIN_DB
         unfaithful = settled & (twin_gain > 0) & (real_gain < FAITHFUL_GAIN * twin_gain)
         return behind & (self.first_faithful | unfaithful)
 
