@@ -112,10 +112,15 @@ def memory_cap_mb(vae, requested_mb: float) -> float:
     """The cap on the hybrid's and the rival's backward-pass activations: the user's, else ComfyUI's
     free-memory estimate of the VAE's device (on a GPU a backward pass competes with the models ComfyUI
     keeps loaded; on the CPU it is the host's available memory, which a full SD decoder's backward at
-    1024 px, ~27 GiB, would exceed on most machines)."""
+    1024 px, ~27 GiB, would exceed on most machines). Newer ComfyUI asks the VAE's patcher, as its own VAE decode
+    does: with dynamic VRAM (on by default there) the global estimate leaves out weights it can page out and reads
+    near 0 (docs/compat.md)."""
     if requested_mb > 0:
         return float(requested_mb)
-    return comfy.model_management.get_free_memory(torch.device(getattr(vae, "device", "cpu"))) / 2**20
+    device = torch.device(getattr(vae, "device", "cpu"))
+    patcher_free = getattr(getattr(vae, "patcher", None), "get_free_memory", None)
+    free = patcher_free(device) if patcher_free else comfy.model_management.get_free_memory(device)
+    return free / 2**20
 
 
 def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) -> Codec:

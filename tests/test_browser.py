@@ -341,6 +341,30 @@ def test_sparkline_label_when_the_page_joins_a_run_midway(page):
     assert label.startswith("PSNR 20.50 → 21.25 dB · iteration 6/8"), label
 
 
+def test_the_summary_and_sparkline_are_not_saved_into_the_workflow(page):
+    """The display widgets hold nothing to restore: a saved workflow keeps only the node's own inputs. The newest
+    frontend decides what goes into `widgets_values` by `widget.serialize`, not by addDOMWidget's
+    `options.serialize` (which only keeps a value out of the prompt): the pack set only the latter, so 1.58 saved
+    two empty values per node."""
+    blank_graph(page)
+    saved = page.evaluate("""() => {
+        const graph = window.app.graph, api = window.comfyAPI.api.api;
+        const node = window.LiteGraph.createNode("VAEExactEncode");
+        graph.add(node);
+        const own = node.widgets.length;  // the node's inputs, before any display widget exists
+        api.dispatchCustomEvent("exact_encode.progress",
+            {node: String(node.id), prompt_id: "saved", iteration: 1, steps: 8, psnr: [20.5]});
+        api.dispatchCustomEvent("executed", {node: String(node.id), display_node: String(node.id),
+                                             output: {text: ["a summary"]}});
+        const names = node.widgets.map(w => w.name);
+        const data = node.serialize();  // what graph.serialize() writes for it
+        return {own, names, values: data.widgets_values, named: Object.keys(data.widgets_values_named ?? {})};
+    }""")
+    assert {"exact_encode_summary", "exact_encode_sparkline"} <= set(saved["names"]), saved["names"]
+    assert len(saved["values"]) == saved["own"], saved
+    assert not {"exact_encode_summary", "exact_encode_sparkline"} & set(saved["named"]), saved["named"]
+
+
 def test_help_panel_shows_the_node_docs(page):
     """web/docs/<node id>.md is what the node's help (Info) panel shows."""
     blank_graph(page)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,30 @@ def test_vae_with_chunked_encoder_io_is_refused(adapter, host):
     vae.first_stage_model.comfy_has_chunked_io = True
     with pytest.raises(adapter.UnsupportedVAE, match="chunked or post-processed"):
         adapter.check_supported(vae)
+
+
+def test_the_free_memory_cap_asks_the_vaes_patcher_on_newer_comfyui(adapter, taef2, monkeypatch):
+    """Newer ComfyUI's own VAE decode sizes its batches by vae.patcher.get_free_memory(device): under dynamic VRAM the
+    global estimate leaves out pageable weights. On 0.3.75 the patcher has no such method (the global one is used,
+    tests/test_node_stop_inputs.py)."""
+    assert not hasattr(taef2.patcher, "get_free_memory")
+    asked = []
+    monkeypatch.setattr(type(taef2.patcher), "get_free_memory",
+                        lambda self, device: asked.append(device) or 3 * 2**30, raising=False)
+    assert adapter.memory_cap_mb(taef2, 0) == 3 * 1024.0
+    assert asked == [taef2.device]
+    assert adapter.memory_cap_mb(taef2, 300) == 300.0  # the user's cap still comes first
+
+
+@pytest.mark.parametrize("method", ["anderson", "diis", "gradient"])
+def test_newer_comfyuis_in_place_process_output_gives_the_same_latent(run_node, kl_small, photos64, monkeypatch,
+                                                                      method):
+    """Newest comfy/sd.py: process_output = lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0), in place where
+    0.3.75 made a new tensor. The pack's decodes feed it the decoder's output, under inference_mode (fixed-point steps)
+    and under autograd (gradient steps, the default's rival): in place must neither fail there nor change the
+    result."""
+    image = photos64["chelsea"][:, :32, :32]
+    before, _ = run_node(image, kl_small, steps=6, method=method)
+    monkeypatch.setattr(kl_small, "process_output", lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0))
+    after, _ = run_node(image, kl_small, steps=6, method=method)
+    assert torch.equal(after["samples"], before["samples"])

@@ -34,8 +34,8 @@ function fitNode(node) {
 // `flex: none` keeps the element at its own height where a Vue row stretches its children.
 function addDisplayWidget(node, name, el, height) {
   el.style.flex = "none";
-  return node.addDOMWidget(name, name, el, {
-    serialize: false, // display only: never saved into workflows or prompts
+  const widget = node.addDOMWidget(name, name, el, {
+    serialize: false, // display only: kept out of the prompt ...
     hideOnZoom: false,
     margin: MARGIN,
     getValue: () => "",
@@ -43,6 +43,8 @@ function addDisplayWidget(node, name, el, height) {
     getMinHeight: () => height() + 2 * MARGIN,
     getMaxHeight: () => height() + 2 * MARGIN,
   });
+  widget.serialize = false; // ... and out of saved workflows (widgets_values), which options.serialize is not
+  return widget;
 }
 
 function summaryElement(node) {
