@@ -342,7 +342,7 @@ def test_sparkline_label_when_the_page_joins_a_run_midway(page):
 
 
 def test_the_summary_and_sparkline_are_not_saved_into_the_workflow(page):
-    """The display widgets hold nothing to restore: a saved workflow keeps only the node's own inputs. The newest
+    """The display widgets hold nothing to restore: a saved workflow keeps only the node's own inputs. The
     frontend (litegraph) decides what goes into `widgets_values` by `widget.serialize`, not by addDOMWidget's
     `options.serialize` (which only keeps a value out of the prompt): the pack set only the latter, and 1.32.9 and
     1.58.1 alike saved two empty values per node."""
