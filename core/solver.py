@@ -100,10 +100,10 @@ class InversionOptions:
     # Where the twin decided (as above), run those samples again from E(x) with this gradient method and its own
     # twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one whose twin stood for
     # it (core.twin.twin_faithful), else the one whose twin got closer to its known answer. "" turns it off (the run
-    # stays gradient-free). Skipped where the codec has no differentiable decoder or its activations (twin included)
-    # would exceed memory_limit_mb (0: the device's free memory). On the 64 px bench it made the latent 2.3-7.2 dB
-    # closer to the truth on 6 of 9 TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the time on the samples it ran on
-    # (docs/convergence.md, "The rival").
+    # stays gradient-free). Skipped where the codec has no differentiable decoder (or autograd cannot build it) or
+    # its activations (twin included) would exceed memory_limit_mb (0: the device's free memory). On the 64 px bench
+    # it made the latent 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the
+    # time on the samples it ran on (docs/convergence.md, "The rival").
     rival: str = "diis"
 
     def validate(self) -> "InversionOptions":
@@ -591,8 +591,14 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
         # without a cap, the device's free memory: the rival is part of the default, and a backward pass of a full SD
         # decoder at 1024 px keeps ~27 GiB of activations (x2 with the twin), which a CPU host would not survive
         limit, whose = (opts.memory_limit_mb, "limit") if opts.memory_limit_mb > 0 else (free_memory_mb(z0.device), "free")
-        report["activation_estimate_mb"] = 2 * backward_activation_mb(codec.differentiable_decode(), z0)
-        if limit > 0 and report["activation_estimate_mb"] > limit:
+        try:
+            report["activation_estimate_mb"] = 2 * backward_activation_mb(codec.differentiable_decode(), z0)
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            # a decoder autograd cannot run here (a host whose model cannot be copied for it, docs/compat.md: newer
+            # ComfyUI's dynamic VRAM): the rival is part of the default, so the run returns the fixed point's pick and
+            # says why, where a gradient method the caller asked for raises
+            report["skipped"] = f"no differentiable decoder here ({type(e).__name__}: {e})"
+        if limit > 0 and report.get("activation_estimate_mb", 0) > limit:
             report["skipped"] = f"memory ({whose} {limit:.0f} MiB)"
     if report["skipped"]:
         return replace(first, extra=dict(first.extra, rival=report))

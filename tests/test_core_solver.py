@@ -94,6 +94,24 @@ def test_anderson_safeguard_survives_a_bad_direction():
     assert s.best_iteration <= s.iterations and rescued.trace_psnr[s.best_iteration, 0] == s.psnr_best
 
 
+def test_a_decoder_autograd_cannot_run_skips_the_default_rival_and_says_why():
+    """The rival is part of the default; where its gradient decoder cannot be built (a host whose model cannot be
+    copied for autograd), the run returns the fixed point's pick and the summary names the error."""
+    codec, dec = linear_codec(enc_gain=-0.9)  # the case the rival rescues (test above)
+    x, _ = target()
+
+    def unbuildable():
+        raise RuntimeError("Only Tensors created explicitly by the user support the deepcopy protocol")
+
+    r = invert(Codec(encode=codec.encode, decode=dec, grad_decode=unbuildable), x, method="anderson", steps=30)
+    alone = invert(codec, x, method="anderson", steps=30, rival="")
+    assert r.extra["rival"]["skipped"].startswith("no differentiable decoder here (RuntimeError: Only Tensors")
+    assert r.extra["rival"]["chosen"] == [] and torch.equal(r.latent, alone.latent)
+    assert "diis rival not run: no differentiable decoder here (RuntimeError" in r.summary()
+    with pytest.raises(RuntimeError, match="deepcopy"):  # asked for by name, a gradient method still raises
+        invert(Codec(encode=codec.encode, decode=dec, grad_decode=unbuildable), x, method="diis", steps=5)
+
+
 def test_best_iterate_is_never_worse_than_the_encoder():
     # An encoder that points the wrong way: every step makes D(z) worse.
     codec, _ = linear_codec(enc_gain=-0.9)
