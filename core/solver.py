@@ -593,7 +593,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
         limit, whose = (opts.memory_limit_mb, "limit") if opts.memory_limit_mb > 0 else (free_memory_mb(z0.device), "free")
         try:
             report["activation_estimate_mb"] = 2 * backward_activation_mb(codec.differentiable_decode(), z0)
-        except (RuntimeError, TypeError, NotImplementedError) as e:
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
             # a decoder autograd cannot run here (a host whose model cannot be copied for it, docs/compat.md: newer
             # ComfyUI's dynamic VRAM): the rival is part of the default, so the run returns the fixed point's pick and
             # says why, where a gradient method the caller asked for raises

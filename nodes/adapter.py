@@ -123,6 +123,17 @@ def memory_cap_mb(vae, requested_mb: float) -> float:
     return free / 2**20
 
 
+def _copy_of(model, dtype: torch.dtype, purpose: str):
+    """A private copy of the VAE's model in `dtype`, so the shared VAE other nodes use is never changed; an error
+    naming the input where the host's model cannot be copied (docs/compat.md: newer ComfyUI's dynamic VRAM may page
+    its weights, not verified)."""
+    try:
+        return copy.deepcopy(model).to(dtype)
+    except (RuntimeError, TypeError) as e:
+        raise UnsupportedVAE(f"{purpose} needs a copy of its model, which this host refused ({type(e).__name__}: {e}); "
+                             "use precision 'auto' and a gradient-free method, which run the VAE as loaded.") from e
+
+
 def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) -> Codec:
     """Codec for `vae` computing in `precision` (auto = the dtype ComfyUI chose for this VAE).
 
@@ -146,7 +157,7 @@ def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) ->
                                                force_full_load=vae.disable_offload)
         model = vae.first_stage_model
         if dtype != vae.vae_dtype:
-            model = copy.deepcopy(model).to(dtype)
+            model = _copy_of(model, dtype, f"precision: running this VAE in {precision}")
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         try:
@@ -162,7 +173,7 @@ def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) ->
         # ComfyUI ran a loader node under inference_mode holds inference tensors, which
         # autograd refuses. A private fp32 copy also keeps the shared VAE untouched.
         with torch.inference_mode(False):
-            model32 = copy.deepcopy(vae.first_stage_model).float().requires_grad_(False)
+            model32 = _copy_of(vae.first_stage_model, torch.float32, "gradient steps").requires_grad_(False)
         return lambda z: vae.process_output(model32.decode(z))
 
     return Codec(encode=encode, decode=decode, dtype=dtype, device=vae.device, grad_decode=grad_decode)

@@ -105,3 +105,23 @@ def test_newer_comfyuis_in_place_process_output_gives_the_same_latent(run_node, 
     monkeypatch.setattr(kl_small, "process_output", lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0))
     after, _ = run_node(image, kl_small, steps=6, method=method)
     assert torch.equal(after["samples"], before["samples"])
+
+
+def test_a_model_the_host_will_not_let_us_copy_is_an_error_naming_precision(adapter, taef2, run_node, photos64,
+                                                                            monkeypatch):
+    """A precision other than the VAE's own runs on a private copy of its model; where the host's model cannot be
+    copied (newer ComfyUI's dynamic VRAM may page its weights: docs/compat.md, not verified), the error names the
+    input and the setting that needs no copy, instead of a bare deepcopy traceback."""
+    def refuse(self, memo):
+        raise RuntimeError("Only Tensors created explicitly by the user support the deepcopy protocol")
+
+    monkeypatch.setattr(type(taef2.first_stage_model), "__deepcopy__", refuse, raising=False)
+    other = "bf16" if taef2.vae_dtype != torch.bfloat16 else "fp32"
+    with pytest.raises(adapter.UnsupportedVAE, match=f"precision: running this VAE in {other} needs a copy"):
+        adapter.vae_codec(taef2, other)
+    codec = adapter.vae_codec(taef2, "auto")  # the VAE as loaded: no copy
+    with pytest.raises(adapter.UnsupportedVAE, match="gradient steps needs a copy of its model"):
+        codec.differentiable_decode()
+    latent, summary = run_node(photos64["astronaut"][:, :32, :32], taef2, steps=8)  # the default: its rival skipped
+    assert "diis rival not run: no differentiable decoder here (UnsupportedVAE: gradient steps needs a copy" in summary
+    assert torch.isfinite(latent["samples"]).all()
