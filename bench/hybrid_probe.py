@@ -16,7 +16,9 @@ gradient-free / preconditioned-gradient / alternating directions (`pixel-diis-gr
 floor) core's `diis` from E(x); `gn@INNER[:channel]`: Gauss-Newton with INNER CGLS steps, 8 s budget
 (`:channel`: CGLS scaled per latent channel by J's column norms, estimated from one random backward pass);
 `VARIANT:dct`: any variant on the latent's 2-D DCT coefficients (an orthogonal change of coordinates);
-`diis-jacobi[@LR]`: core's diis preconditioned by J's column norms at E(x) (4 random backward passes) instead of
+`and@K|diis`: K Anderson steps, then core's diis from
+their pixel-best iterate; `hybrid-early@K`: core's hybrid restarting from the pixel-best of its first K fixed-point
+iterates (0: from E(x), before session 14); `diis-jacobi[@LR]`: core's diis preconditioned by J's column norms at E(x) (4 random backward passes) instead of
 RMSprop's per-entry g^2 (whose mean still sets the level); `diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
 evaluations to the baseline's PSNR) and writes /tmp/hybrid-probe-<model>.json.
 """
@@ -300,6 +302,14 @@ def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
             return ts0, ps0
         ts, ps, _ = timed_run(core, codec, x, method="diis", steps=101 - len(ps0), stall_steps=0, track_residual=False)
         return ts0 + [t + ts0[-1] for t in ts], ps0 + ps
+    if variant.startswith("and@"):  # and@K|diis: K Anderson steps, then core's diis from their pixel-best iterate
+        k = int(variant.split("@")[1].split("|")[0])
+        ts0, ps0, r = timed_run(core, codec, x, method="anderson", steps=k, select="pixel", stall_steps=0, rival="")
+        with torch.inference_mode():
+            z0 = r.latent.float().clone()
+        ts, ps, _ = timed_run(core, codec, x, method="diis", steps=100 - k, stall_steps=0, track_residual=False,
+                              target_latent=z0)
+        return ts0 + [t + ts0[-1] for t in ts[1:]], ps0 + ps[1:]
     if variant.startswith("diis-jacobi"):  # diis-jacobi[@LR]
         return diis_jacobi_run(core, codec, x, float(variant.split("@")[1]) if "@" in variant else None)
     if variant.startswith("diis"):  # core's method under the baseline's protocol; diis@B2:LR patches its decay
@@ -314,13 +324,15 @@ def variant_curve(core, codec, x, variant: str) -> tuple[list, list]:
         return ts, ps
     if variant.startswith("anderson-grad@"):
         return anderson_grad_run(core, codec, x, float(variant.split("@")[1]))
-    if variant.startswith("hybrid"):  # core's, under the baseline's protocol; hybrid@G patches MIN_GAIN_DB
-        hybrid = importlib.import_module(core.__name__ + ".hybrid")
-        kept, hybrid.MIN_GAIN_DB = hybrid.MIN_GAIN_DB, float(variant.split("@")[1]) if "@" in variant else hybrid.MIN_GAIN_DB
+    if variant.startswith("hybrid"):  # core's, under the baseline's protocol; hybrid@G patches MIN_GAIN_DB,
+        hybrid = importlib.import_module(core.__name__ + ".hybrid")  # hybrid-early@K its EARLY_STEPS
+        name = "EARLY_STEPS" if variant.startswith("hybrid-early@") else "MIN_GAIN_DB"
+        kept = getattr(hybrid, name)
+        setattr(hybrid, name, type(kept)(variant.split("@")[1]) if "@" in variant else kept)
         try:
             ts, ps, _ = timed_run(core, codec, x, method="hybrid", steps=100, stall_steps=0, track_residual=False)
         finally:
-            hybrid.MIN_GAIN_DB = kept
+            setattr(hybrid, name, kept)
         return ts, ps
     if variant.startswith("lbfgs"):
         with torch.inference_mode():

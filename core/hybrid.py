@@ -1,4 +1,4 @@
-"""The `hybrid` method: gradient-free while it pays, then `diis` (core.diis) from E(x).
+"""The `hybrid` method: gradient-free while it pays, then `diis` (core.diis) from an early fixed-point iterate.
 
 Why (docs/convergence.md): the fixed-point step E(D(z)) - E(x) has components along latent
 directions the decoder barely responds to, and nothing pulls them back, so after the first
@@ -8,10 +8,12 @@ best PSNR gains less than MIN_GAIN_DB per iteration (over STALL), unless that ga
 noise floor within NEAR_FLOOR_ITERATIONS. If by then its best decode reached
 the input's noise floor (8-bit rounding, or a 16-bit codec's own: core.twin), the fixed point has done what the gradient
 would (kl-f8 on most images, in 8-17 iterations) and the sample stays gradient-free. Otherwise it
-restarts from E(x) and takes `diis` steps (DIIS-accelerated pixel-gradient steps): from the
-fixed point's best iterate, which carries the drift, the gradient made slower progress than from
-E(x) on TAEF2 (`bench.hybrid_probe`'s and+diis against and|diis). The returned iterate is the
-best of both phases (the solver's selection), so the restart costs nothing in the result.
+restarts from the pixel-best of E(x) and the first EARLY_STEPS fixed-point iterates and takes `diis` steps
+(DIIS-accelerated pixel-gradient steps): from the fixed point's best iterate, which carries the drift, the
+gradient made slower progress than from E(x) on TAEF2 (`bench.hybrid_probe`'s and+diis against and|diis), but
+the first few steps gain several dB before the drift sets in (session 14: fewer evaluations on 9 of the 12 cells
+that switch). The returned iterate is the best of both phases (the solver's selection), so the restart costs
+nothing in the result.
 
 Memory: gradient steps keep the decoder's activations for the backward pass. With
 `memory_limit_mb` > 0 the need is estimated before the first gradient step (autograd's saved
@@ -41,12 +43,18 @@ STALL = 3  # the fixed point has stopped paying when its best PSNR gained at mos
 # so 0.3 keeps those with a margin of 2 (1.0 switched flat_noise early: 65 evaluations instead of 14).
 MIN_GAIN_DB = 0.3
 # ... unless it is still closing on the floor: a sample whose gain over the last STALL iterations projects it to
-# the floor within NEAR_FLOOR_ITERATIONS more keeps its fixed point, since restarting from E(x) costs diis 30-90
+# the floor within NEAR_FLOOR_ITERATIONS more keeps its fixed point, since restarting near E(x) costs diis 30-90
 # evaluations to get back there and lands on a latent far from the fixed point's (kl-f8 at 128 px on an H200:
 # Anderson stalled 0.1 dB short of floor - 1 dB at iteration 12, the restart ended 18 dB worse in latent NMSE and
 # slower than Adam; docs/convergence.md, "On a GPU"). TAEF2 stalls 10-25 dB below its floor: it still switches.
 NEAR_FLOOR_ITERATIONS = 10
 DIIS_LR = 0.02  # the gradient phase's relative step: method diis's default
+# Where diis restarts: the pixel-best of the fixed point's first EARLY_STEPS iterates (0: E(x) itself). The first
+# fixed-point steps gain several dB at a forward pass each before the latent drifts; later iterates carry the drift,
+# from which diis made slower progress (`and+diis`). Measured (bench.hybrid_probe, TAEF2, 64 px, 9 images): diis
+# from Anderson's 3rd iterate reached Adam's 100-step PSNR in a median 43 evaluations instead of 57 from E(x), fewer
+# on 7 of 9; from the 6th, 46 (docs/convergence.md, "The hybrid's restart point").
+EARLY_STEPS = 3
 
 
 def _saved_bytes(decode, z: Tensor) -> int:
@@ -110,7 +118,8 @@ def free_memory_mb(device) -> float:
 
 class Hybrid:
     """Stepper of family "both" (core.methods): per sample, Anderson on the residual; once it stalls
-    below the target's noise floor (and if memory allows), `diis` on the pixel gradient from E(x)."""
+    below the target's noise floor (and if memory allows), `diis` on the pixel gradient from the pixel-best of E(x)
+    and the first EARLY_STEPS fixed-point iterates."""
 
     def __init__(self, z0: Tensor, scale: Tensor, rho: float, memory: int, floor_psnr: Tensor,
                  decode_grad=None, memory_limit_mb: float = 0.0, encoded: Tensor | None = None):
@@ -120,7 +129,8 @@ class Hybrid:
         batch, self.view = z0.shape[0], (z0.shape[0],) + (1,) * (z0.ndim - 1)
         self.fixed_point = Anderson(z0, rho, memory)
         self.scale, self.gradient = scale, None  # the diis stepper, built at the first switch
-        self.encoded = z0.clone() if encoded is None else encoded  # E(x): where the gradient phase starts
+        # where the gradient phase starts: E(x), then the pixel-best of the first EARLY_STEPS iterates
+        self.restart = (z0 if encoded is None else encoded).clone()
         self.floor_psnr = floor_psnr.to(z0.device) - FLOOR_MARGIN_DB
         self.best_err = torch.full((batch,), math.inf, device=z0.device)
         self.best_db = torch.full((STALL + 1, batch), -math.inf, device=z0.device)  # ring: the last bests
@@ -147,7 +157,7 @@ class Hybrid:
         return not self.all_switched
 
     def _switch(self, z: Tensor, active: Tensor) -> None:
-        """Samples that stalled: at the floor they stay gradient-free, below it they restart from E(x)."""
+        """Samples that stalled: at the floor they stay gradient-free, below it they restart from an early iterate."""
         now, then = self.best_db[self.k % (STALL + 1)], self.best_db[(self.k + 1) % (STALL + 1)]
         gained_little = ~(now - then > STALL * MIN_GAIN_DB) & (self.k > STALL)  # inf - inf: no gain
         at_floor = now >= self.floor_psnr
@@ -159,7 +169,7 @@ class Hybrid:
         any_new, self.all_done, self.all_switched = torch.stack(
             [new.any(), (self.switched | self.settled | new).all(), (self.switched | new).all()]).tolist()
         if any_new:
-            z.copy_(torch.where(new.view(self.view), self.encoded, z))
+            z.copy_(torch.where(new.view(self.view), self.restart, z))
             if self.gradient is None:
                 self.gradient = PixelDIIS(z, self.scale, DIIS_LR)
             self.gradient.forget(new)  # z jumped: no difference spans the jump
@@ -171,6 +181,8 @@ class Hybrid:
     def step(self, z: Tensor, ev, active: Tensor) -> None:
         improved = ev.pixel_mse < self.best_err
         torch.where(improved, ev.pixel_mse, self.best_err, out=self.best_err)
+        if 0 < self.k <= EARLY_STEPS:  # z is the iterate ev was evaluated at (iterate 0 is E(x), the start)
+            torch.where((improved & ~self.switched).view(self.view), z, self.restart, out=self.restart)
         self.k += 1
         self.best_db[self.k % (STALL + 1)] = psnr_from_mse(self.best_err)
         free = (~self.switched).view(self.view).to(z.dtype)

@@ -99,7 +99,7 @@ METHOD_REGISTRY: dict[str, Method] = {
     "anderson": Method("fixed_point", 0.5, lambda s: Anderson(s.z, s.lr, s.opts.memory)),
     "gradient": Method("gradient", 0.01, _adam),  # the baseline: Adam on the pixel-loss gradient
     "diis": Method("pixel", 0.02, _diis),  # pixel-gradient steps mixed by their pixel residual (core.diis)
-    "hybrid": Method("both", 0.5, _hybrid),  # anderson, then diis from E(x) where it stalls below the noise floor
+    "hybrid": Method("both", 0.5, _hybrid),  # anderson, then diis from an early iterate where it stalls below the floor
 }
 METHODS = tuple(METHOD_REGISTRY)
 PIXEL_ONLY_METHODS = tuple(name for name, m in METHOD_REGISTRY.items() if m.pixel_only)

@@ -21,7 +21,7 @@ METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the 
                   "diis: gradient steps mixed by their pixel error (DIIS), the highest PSNR on TAEF2-like VAEs whose "
                   "encoder is not the decoder's inverse; the memory of a backward pass. "
                   "hybrid: anderson until it stops paying; where its decode did not reach the image's noise floor, "
-                  "diis from the plain encoding, within memory_limit_mb (fast on jointly trained VAEs, the memory "
+                  "diis from its best of the first 3 iterates, within memory_limit_mb (fast on jointly trained VAEs, the memory "
                   "of a backward pass).")
 
 
