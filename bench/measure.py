@@ -39,6 +39,8 @@ FREE_CONFIGS = {
     "ours-restart": dict(unstable_steps=20),
     # the default without its gradient rival (core.solver's `rival`): gradient-free throughout, as before 2026-12-04
     "ours-free": dict(rival=""),
+    # the default with its rival started from E(x), as before session 15 (core.solver's rival_early_steps)
+    "ours-rival-ex": dict(rival_early_steps=0),
     "forward": dict(method="forward", select="pixel"),
     "km": dict(method="km", select="pixel"),
     "anderson": dict(method="anderson", select="pixel"),  # the default before the twin (issue 12)

@@ -125,8 +125,11 @@ class InversionResult:
             lines.append(f"{rival['method']} rival not run: {rival['skipped']}")
         elif rival:
             chosen = ", ".join(str(i + 1) for i in rival["chosen"]) or "none"
-            lines.append(f"{rival['method']} rival run from E(x) on {len(rival['samples'])} image(s) whose decode stayed "
-                         f"below the noise floor; its pick returned for image(s): {chosen}")
+            k = rival.get("early_steps", 0)
+            steps = "the first fixed-point step" if k == 1 else f"the first {k} fixed-point steps"
+            start = "E(x)" if k == 0 else f"the pixel-best of E(x) and {steps}"
+            lines.append(f"{rival['method']} rival run from {start} on {len(rival['samples'])} image(s) whose decode "
+                         f"stayed below the noise floor; its pick returned for image(s): {chosen}")
             if rival.get("outmatched"):
                 where = ", ".join(f"{i + 1} (its iteration {k})" for i, k in rival["outmatched"])
                 lines.append(f"{rival['method']} rival stopped early for image(s): {where}: its twin could no longer get "

@@ -20,7 +20,7 @@ from .codec import Codec
 from .diagnostics import cocoercivity
 from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
-from .metrics import psnr_from_mse
+from .metrics import per_sample_norm, psnr_from_mse, ratio_db
 from .result import InversionResult, SampleStats
 from .hybrid import backward_activation_mb, free_memory_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
@@ -97,14 +97,18 @@ class InversionOptions:
     # cells with no gain among them, and held out at 32 px it only cost (docs/convergence.md, "Restarting off").
     unstable_steps: int = 0
     unstable_refresh: int = 10
-    # Where the twin decided (as above), run those samples again from E(x) with this gradient method and its own
-    # twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one whose twin stood for
-    # it (core.twin.twin_faithful), else the one whose twin got closer to its known answer. "" turns it off (the run
-    # stays gradient-free). Skipped where the codec has no differentiable decoder (or autograd cannot build it) or
-    # its activations (twin included) would exceed memory_limit_mb (0: the device's free memory). On the 64 px bench
-    # it made the latent 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the
-    # time on the samples it ran on (docs/convergence.md, "The rival").
+    # Where the twin decided (as above), run those samples again (from rival_early_steps' start) with this gradient
+    # method and its own twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one
+    # whose twin stood for it (core.twin.twin_faithful), else the one whose twin got closer to its known answer.
+    # "" turns it off (the run stays gradient-free). Skipped where the codec has no differentiable decoder (or
+    # autograd cannot build it) or its activations (twin included) would exceed memory_limit_mb (0: the device's free
+    # memory). On the 64 px bench it made the latent 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed
+    # kl-f8 texture, for 2.2-5x the time on the samples it ran on (docs/convergence.md, "The rival").
     rival: str = "diis"
+    # Where the rival (and its twin) starts: the pixel-best of E(x) and the first fixed-point run's first this many
+    # iterates (0: E(x)), as the hybrid restarts (core.hybrid.EARLY_STEPS): the first step gains several dB before the
+    # latent drifts. MEASURED-RIVAL-START
+    rival_early_steps: int = 1
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -147,6 +151,9 @@ class InversionOptions:
             raise ValueError(f"unstable_refresh must be an integer >= 0 (0: never); got {self.unstable_refresh!r}")
         if self.rival not in RIVALS:
             raise ValueError(f"rival must be one of {', '.join(map(repr, RIVALS))} ('' turns it off); got {self.rival!r}")
+        if int(self.rival_early_steps) != self.rival_early_steps or self.rival_early_steps < 0:
+            raise ValueError(f"rival_early_steps must be an integer >= 0 (0: the rival starts from E(x)); "
+                             f"got {self.rival_early_steps!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}; got {self.select!r}")
         return self
@@ -211,8 +218,9 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
         return _run(codec, image, opts, callback, target_latent, weight)
     with torch.inference_mode():
         first = _run(codec, image, opts, callback, target_latent, weight)
+        early = first.extra.pop(EARLY_START, None)
         first = _restart_off_expanding(first, codec, image, opts, callback, weight)
-    return _with_rival(first, codec, image, opts, callback, weight)  # a gradient method: outside inference mode
+    return _with_rival(first, codec, image, opts, callback, weight, early)  # a gradient method: outside inference mode
 
 
 def _to_host(t: Tensor) -> Tensor:
@@ -380,9 +388,11 @@ def _with_returned_residual(result: InversionResult, codec: Codec, target: Targe
     missing = [math.isnan(s.residual_db_best) for s in result.samples]
     if not any(missing):
         return result
+    b = len(result.samples)  # a twin batch's real rows come first
     with torch.inference_mode():
         z = result.latent.to(codec.dtype)
-        res_db = target.residual_db(codec.encode(codec.decode(z)).float() - target.latent).tolist()
+        residual = codec.encode(codec.decode(z)).float() - target.latent[:b]
+        res_db = ratio_db(per_sample_norm(residual), target.latent_norm[:b]).tolist()
     samples = [replace(s, residual_db_best=r) if m else s for s, m, r in zip(result.samples, missing, res_db)]
     return replace(result, samples=samples)
 
@@ -572,10 +582,11 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
 
 
 def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
-                weight) -> InversionResult:
-    """The samples the twin decided for, each run again from E(x) by the gradient method `opts.rival` with its twin
-    (core.twin), returning whichever run's pick core.twin.rival_wins prefers. Skipped where the codec has no
-    differentiable decoder or the rival's activations would exceed memory_limit_mb. One sample at a time: diis
+                weight, early: Tensor | None = None) -> InversionResult:
+    """The samples the twin decided for, each run again by the gradient method `opts.rival` with its twin (core.twin),
+    from `early` (the first run's rows, real then twin: _EarlyIterate) or else E(x), returning whichever run's pick
+    core.twin.rival_wins prefers. Skipped where the codec has no differentiable decoder or the rival's activations
+    would exceed memory_limit_mb. One sample at a time: diis
     mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions (TAEF2, 64 px:
     latents up to 0.3 apart between a batch of three and single runs), so a batched rival's result would depend on
     the batch; this way each image's result is its own, and the activations are one sample's (and its twin's)."""
@@ -583,7 +594,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
     if not opts.rival or not rows or _left_of(opts, first.seconds) <= 0:
         return first
     report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None,
-              "outmatched": []}
+              "outmatched": [], "early_steps": 0 if early is None else opts.rival_early_steps}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
     else:  # the twin doubles the batch the backward runs on
@@ -617,8 +628,9 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
         # faithfulness verdict saves it): on real photos with kl-f8 its twin ended 15-20 dB behind after 100 steps
         first_twin = result.extra["twin"][i]
         race = torch.tensor([first_twin["latent_nmse_db"]]), torch.tensor([first_twin["faithful"]])
+        start = None if early is None else early[[i, len(first.samples) + i]]  # the sample's row and its twin's
         with side_evaluations():  # not the fixed-point run's iterates (a host tracing every decode skips them)
-            second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight, race=race)
+            second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight, race=race, start=start)
         twin = second.extra["twin"][0]
         wins = rival_wins(first_twin, twin)
         report["samples"].append(i)
@@ -643,13 +655,34 @@ def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([pad(a), pad(b)])
 
 
+class _EarlyIterate:
+    """Per row, the pixel-best of the first iterates (0 = the start): where the default's rival starts
+    (InversionOptions.rival_early_steps)."""
+
+    def __init__(self, z: Tensor, steps: int):
+        self.z, self.steps = z.clone(), steps
+        self.err = torch.full((z.shape[0],), math.inf, device=z.device)
+
+    def observe(self, k: int, z: Tensor, pixel_mse: Tensor) -> None:
+        if k > self.steps:
+            return
+        better = pixel_mse < self.err  # NaN (not finite) never is
+        torch.where(better, pixel_mse, self.err, out=self.err)
+        torch.where(better.view((-1,) + (1,) * (z.ndim - 1)), z, self.z, out=self.z)
+
+
+EARLY_START = "early_start"  # the first run's extra key for _EarlyIterate's latents (taken off before it is returned)
+
+
 def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
-         weight=None, deflate: tuple[Tensor, list] | None = None, race: tuple[Tensor, Tensor] | None = None) -> InversionResult:
+         weight=None, deflate: tuple[Tensor, list] | None = None, race: tuple[Tensor, Tensor] | None = None,
+         start: Tensor | None = None) -> InversionResult:
     """`deflate`: (directions, lowest Ritz real parts) of the real rows at E(x), from the restart's probe: project
     every fixed-point step off the round trip's expanding directions (core.unstable), where a twin is run; the
     twin rows' own are found here. `race`: a rival's, (the first run's twin errors in dB, whether each stood for its
-    run) per sample (TwinTracker.race)."""
-    start = time.perf_counter()
+    run) per sample (TwinTracker.race). `start`: the first iterate of every row, twins included (a rival's), instead
+    of the target latent."""
+    started = time.perf_counter()
     method = METHOD_REGISTRY[opts.method]
     batch = image.shape[0]
     if deflate is not None:  # a restart: its twin image is not an iterate either (core.unstable.side_evaluations)
@@ -661,6 +694,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         twin.race(*race, opts.steps)
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
     z = target.start()
+    if start is not None:
+        z.copy_(start)
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
     stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec, target.image, target.latent))
     evaluate = evaluator_for(method, codec, target, z, stepper, opts.residual_every if opts.track_residual else 0)
@@ -673,10 +708,15 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
                                                          opts.unstable_steps)
             expanding, lowest = _pad_rows(deflate[0].to(z.device), twin_dirs), list(deflate[1]) + twin_lowest
             initial = [int(v.abs().sum(1).gt(0).sum()) for v in expanding.cpu()]
-    log, sync = IterateLog(opts.record_every), HostSync(opts, callback, start, real_rows)
+    log, sync = IterateLog(opts.record_every), HostSync(opts, callback, started, real_rows)
+    early = None  # where a rival would start (the default's: a fixed-point run with a twin)
+    if twin is not None and opts.rival and opts.rival_early_steps > 0 and method.family == "fixed_point":
+        early = _EarlyIterate(z, opts.rival_early_steps)
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)
         log.keep(k, z, ev)
+        if early is not None:
+            early.observe(k, z, ev.pixel_mse)
         state.record_trace(k, ev)
         hold = outmatched = None
         if twin is not None:
@@ -693,15 +733,16 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
         if expanding is not None and opts.unstable_refresh > 0 and k > 0 and k % opts.unstable_refresh == 0:
             with torch.inference_mode():
                 expanding, _ = unstable_directions(_roundtrip(codec), z, target.latent, REFRESH_STEPS)
-    result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - start)
+    result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - started)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
+    if early is not None:
+        result.extra[EARLY_START] = early.z
     if expanding is not None:  # per row (real, then twin): how many directions E(x)'s steps were projected off
         result.extra["expanding"] = initial
         result.extra["lowest_ritz"] = [round(x, 4) for x in lowest]
-    if opts.track_residual and opts.residual_stride > 1:
-        result = _with_returned_residual(result, codec, target)
-        result.seconds = time.perf_counter() - start
     if twin is not None:
         result = _select(result, twin, target.latent, opts.select == "auto")
-        result.seconds = time.perf_counter() - start
+    if opts.track_residual and opts.residual_stride > 1:  # after the twin's pick, which may not have been encoded
+        result = _with_returned_residual(result, codec, target)
+    result.seconds = time.perf_counter() - started
     return result

@@ -273,3 +273,17 @@ def test_pick_probe_reports_the_twins_pick_and_the_pixel_best(tmp_path):
     assert row["nmse_returned_db"] == row["nmse_twin_pick_db"] < row["nmse_encoder_db"]
     assert all(0 < row[k] < 10 for k in ("gain_encoder_to_pick", "gain_pick_to_pixel_best", "twin_gain_pick_to_pixel_best"))
     assert "The twin decided 1 of 1" in next(tmp_path.glob("*-pick-probe-32px.md")).read_text()
+
+
+def test_rival_start_bench_runs_the_default_at_each_start(tmp_path):
+    """`python -m bench.rival_start` on one small cell where the rival runs (TAEF2 texture, 32 px), K = 0 and 1:
+    one row per K with the returned latent's error, the rival's verdict and its twin's error."""
+    proc = subprocess.run([sys.executable, "-m", "bench.rival_start", "--models", "taef2", "--images", "texture",
+                           "--sizes", "32", "--early", "0", "1", "--threads", "1", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-rival-start.json")]
+    rows = result["rows"]
+    assert [r["early"] for r in rows] == [0, 1] and all(r["rival_ran"] and r["why"] for r in rows)
+    assert all(math.isfinite(r["nmse_db"]) and r["twin_rival_db"] is not None for r in rows)
+    assert "| taef2 | 32 | texture | 1 |" in next(tmp_path.glob("*-rival-start.md")).read_text()

@@ -88,10 +88,37 @@ def test_anderson_safeguard_survives_a_bad_direction():
     x, _ = target()
     r = invert(codec, x, method="anderson", steps=30, rival="")  # the fixed point alone (no gradient rival)
     assert r.samples[0].psnr_best == r.samples[0].psnr_initial and torch.isfinite(r.latent).all()
-    rescued = invert(codec, x, method="anderson", steps=30)  # the default's diis rival solves it from E(x)
+    rescued = invert(codec, x, method="anderson", steps=30)  # the default's diis rival solves it (from E(x): no
+    # fixed-point iterate decoded better)
     assert rescued.extra["rival"]["chosen"] == [0] and rescued.samples[0].psnr_best > r.samples[0].psnr_best + 20
     s = rescued.samples[0]
     assert s.best_iteration <= s.iterations and rescued.trace_psnr[s.best_iteration, 0] == s.psnr_best
+
+
+def test_the_default_rival_starts_from_the_pixel_best_of_the_first_fixed_point_iterates():
+    """Like the hybrid's restart (core.hybrid.EARLY_STEPS): the first fixed-point step gains before the latent
+    drifts, so the rival (and its twin) starts from the pixel-best of E(x) and the first rival_early_steps iterates."""
+    codec, _ = linear_codec()
+    x, _ = target()
+    seen = {}
+
+    def callback(k, steps, info):  # the rival's iterations come after the first run's, with `steps` grown
+        seen.setdefault(steps, []).append(info["psnr"][0])
+
+    for early in (None, 0, 3):  # None: the default
+        seen.clear()
+        options = {} if early is None else {"rival_early_steps": early}
+        r = invert(codec, x, method="forward", lr=0.3, steps=10, callback=callback, **options)
+        assert r.extra["rival"]["samples"] == [0]
+        first, rival = [psnr for _, psnr in sorted(seen.items())]
+        k = InversionOptions().rival_early_steps if early is None else early
+        assert rival[0] == pytest.approx(max(first[:k + 1]), abs=1e-4), early
+        assert rival[0] > first[0] + 3 if k > 0 else rival[0] == pytest.approx(first[0], abs=1e-4)
+        said = {0: "from E(x) on 1 image", 1: "from the pixel-best of E(x) and the first fixed-point step on 1 image",
+                3: "from the pixel-best of E(x) and the first 3 fixed-point steps on 1 image"}[k]
+        assert f"diis rival run {said}(s)" in r.summary(), r.summary()
+    with pytest.raises(ValueError, match="rival_early_steps must be an integer >= 0"):
+        invert(codec, x, rival_early_steps=-1)
 
 
 def test_a_decoder_autograd_cannot_run_skips_the_default_rival_and_says_why():
@@ -473,7 +500,7 @@ def test_a_method_of_family_both_gets_the_residual_always_and_the_pixel_gradient
     codec, dec = linear_codec()
     x, _ = target()
     r = invert(codec, x, method="probe", steps=6)
-    assert torch.equal(r.latent, invert(codec, x, method="forward", lr=0.5, steps=6).latent)
+    assert torch.equal(r.latent, invert(codec, x, method="forward", lr=0.5, steps=6, rival="").latent)
     assert [(has_res, g is not None) for _, has_res, g in seen] == [(True, k % 2 == 1) for k in range(6)]
     z, _, g = seen[3]
     zg = z.requires_grad_(True)
@@ -494,14 +521,17 @@ def off_range_target():
 def test_auto_stop_returns_the_full_runs_latent_when_the_best_is_early(method):
     codec, _ = linear_codec()
     x = off_range_target()
-    full = invert(codec, x, method=method, steps=300, stall_steps=0)
-    auto = invert(codec, x, method=method, steps=300)  # the default auto-stop
+    full = invert(codec, x, method=method, steps=300, stall_steps=0, rival="")
+    auto = invert(codec, x, method=method, steps=300, rival="")  # the default auto-stop, the fixed point alone
     assert full.samples[0].stop_reason == "max_steps" and full.samples[0].best_iteration < 50
     s = auto.samples[0]
     assert s.stop_reason == "stalled" and s.iterations < 100, s
     assert torch.equal(auto.latent, full.latent)
     assert s.best_iteration == full.samples[0].best_iteration
     assert "stalled (no new best in 20 iterations" in auto.summary()
+    # the whole default, its rival included: auto-stop still keeps the full run's latent
+    full, auto = invert(codec, x, method=method, steps=300, stall_steps=0), invert(codec, x, method=method, steps=300)
+    assert full.extra["rival"]["samples"] == [0] and torch.equal(auto.latent, full.latent)
 
 
 def test_auto_stop_waits_while_the_twins_latent_error_still_falls():
