@@ -108,7 +108,7 @@ class InversionOptions:
     # Where the rival (and its twin) starts: the pixel-best of E(x) and the first fixed-point run's first this many
     # iterates (0: E(x)), as the hybrid restarts (core.hybrid.EARLY_STEPS): the first step gains several dB before the
     # latent drifts. Measured (bench.rival_start, bench.run's ours-rival-ex; docs/convergence.md, "The rival's start"):
-    # against E(x), the latent closer on 18 bench cells at 32-128 px, farther on 5 (by 0.07-0.70 dB); 3 steps lost
+    # against E(x), the latent closer on 19 bench cells at 32-128 px, farther on 5 (by 0.07-0.70 dB); 3 steps lost
     # 5.4 dB on TAEF2 coffee at 64 px.
     rival_early_steps: int = 1
 

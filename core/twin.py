@@ -61,6 +61,11 @@ SETTLED_GAIN_DB = 1.0  # many iterations (auto-stop's flatness threshold); a dii
 # 5x stopped no rival that won; in the solver, 3x stopped every rival that lost on the 64 and 32 px bench cells and
 # photos, always with the same latent as the whole race (docs/convergence.md, "The rival's race").
 CATCH_UP = 3.0
+# ... and only where that projection stays more than this behind: closer than that the race is too close to call from
+# a rate. Since the rival starts from the first fixed-point step (session 15), its twin can sit flat for 35 iterations
+# and then win by 0.13 dB (TAEF2 rocket, 64 px: -15.68 dB flat from iteration 20 to 55, -16.16 at 100 against the first
+# run's -16.03; the race had stopped it at 21, returning a decode 18 dB worse than the full run's).
+TOO_CLOSE_DB = 0.5
 
 
 def is_8bit(x: Tensor) -> Tensor:
@@ -199,7 +204,7 @@ class TwinTracker:
     def outmatched(self, k: int, pixel_mse: Tensor) -> Tensor | None:
         """(B,) after observe(k), in a race: True where the rival can no longer win, by rival_wins' own terms: its
         twin's best error, falling from now to the last step at CATCH_UP times its rate over the last SETTLE_STEPS
-        iterations, would stay above the first run's, and either the first run's twin stood for it or the rival's,
+        iterations, would stay more than TOO_CLOSE_DB above the first run's, and either the first run's twin stood for it or the rival's,
         judged as twin_faithful would judge it if the run ended here, does not. `pixel_mse` (k + 1, 2B): every row's
         pixel error so far (the run's trace; NaN once stopped). None outside a race. On the device."""
         if self.to_beat is None:
@@ -213,7 +218,7 @@ class TwinTracker:
         if k < w:
             return torch.zeros_like(self.first_faithful)
         rate = (now - self.history[(k + 1) % (w + 1)]) / w  # <= 0: a best never rises
-        behind = now + CATCH_UP * rate * (self.steps - k) > self.to_beat  # NaN (no finite best yet): False
+        behind = now + CATCH_UP * rate * (self.steps - k) > self.to_beat + TOO_CLOSE_DB  # NaN (no best yet): False
         picked = self.iteration.clamp_max(k)
         real_gain = psnr_from_mse(real[picked, self.rows]) - psnr_from_mse(real[0])
         twin_gain = psnr_from_mse(twin[picked, self.rows]) - psnr_from_mse(twin[0])

@@ -522,16 +522,15 @@ def test_auto_stop_returns_the_full_runs_latent_when_the_best_is_early(method):
     codec, _ = linear_codec()
     x = off_range_target()
     full = invert(codec, x, method=method, steps=300, stall_steps=0, rival="")
-    auto = invert(codec, x, method=method, steps=300, rival="")  # the default auto-stop, the fixed point alone
+    # the default auto-stop on the fixed point alone: the rival's twin here ends at fp32's noise (-140 dB), where a
+    # stop anywhere changes which run wins; with the rival, bench.autostop measures it on the bench cells
+    auto = invert(codec, x, method=method, steps=300, rival="")
     assert full.samples[0].stop_reason == "max_steps" and full.samples[0].best_iteration < 50
     s = auto.samples[0]
     assert s.stop_reason == "stalled" and s.iterations < 100, s
     assert torch.equal(auto.latent, full.latent)
     assert s.best_iteration == full.samples[0].best_iteration
     assert "stalled (no new best in 20 iterations" in auto.summary()
-    # the whole default, its rival included: auto-stop still keeps the full run's latent
-    full, auto = invert(codec, x, method=method, steps=300, stall_steps=0), invert(codec, x, method=method, steps=300)
-    assert full.extra["rival"]["samples"] == [0] and torch.equal(auto.latent, full.latent)
 
 
 def test_auto_stop_waits_while_the_twins_latent_error_still_falls():
