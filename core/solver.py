@@ -712,7 +712,8 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
             initial = [int(v.abs().sum(1).gt(0).sum()) for v in expanding.cpu()]
     log, sync = IterateLog(opts.record_every), HostSync(opts, callback, started, real_rows)
     early = None  # where a rival would start (the default's: a fixed-point run with a twin)
-    if twin is not None and opts.rival and opts.rival_early_steps > 0 and method.family == "fixed_point":
+    rival_follows = twin is not None and deflate is None and opts.rival and method.family == "fixed_point"
+    if rival_follows and opts.rival_early_steps > 0:
         early = _EarlyIterate(z, opts.rival_early_steps)
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)

@@ -204,8 +204,8 @@ class TwinTracker:
     def outmatched(self, k: int, pixel_mse: Tensor) -> Tensor | None:
         """(B,) after observe(k), in a race: True where the rival can no longer win, by rival_wins' own terms: its
         twin's best error, falling from now to the last step at CATCH_UP times its rate over the last SETTLE_STEPS
-        iterations, would stay more than TOO_CLOSE_DB above the first run's, and either the first run's twin stood for it or the rival's,
-        judged as twin_faithful would judge it if the run ended here, does not. `pixel_mse` (k + 1, 2B): every row's
+        iterations, would stay more than TOO_CLOSE_DB above the first run's, and either the first run's twin stood for
+        it or the rival's, judged as twin_faithful would judge it if the run ended here, does not. `pixel_mse` (k + 1, 2B): every row's
         pixel error so far (the run's trace; NaN once stopped). None outside a race. On the device."""
         if self.to_beat is None:
             return None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core import Codec, invert
-from core.twin import SETTLE_STEPS, TwinTracker, is_8bit, noise_floor_psnr, twin_faithful, twin_of
+from core.twin import SETTLE_STEPS, TOO_CLOSE_DB, TwinTracker, is_8bit, noise_floor_psnr, twin_faithful, twin_of
 from test_core_solver import linear_codec, nan_after, target
 
 
@@ -166,6 +166,16 @@ def test_a_rival_whose_twin_cannot_catch_up_with_the_first_runs_is_stopped_once_
     assert _race([-19.0 - 0.3 * k for k in range(101)], gaining, gaining, to_beat=-36.0, first_faithful=True) is None
     # the first run's twin did not stand for it: a faithful rival wins whatever its error, so it runs on
     assert _race(creeping, gaining, gaining, to_beat=-36.0, first_faithful=False) is None
+
+
+def test_a_rival_on_a_plateau_within_too_close_db_of_the_first_runs_twin_runs_on():
+    """TAEF2 rocket at 64 px (session 15): the rival's twin sat flat 0.35 dB behind for 35 iterations, then won by
+    0.13 dB. A rate of 0 projects no catching up, but within TOO_CLOSE_DB the race is too close to call."""
+    gaining = [20.0 + 0.2 * k for k in range(101)]
+    plateau = [-15.68] * 56 + [-15.68 - 0.011 * k for k in range(1, 46)]  # -16.16 at the end
+    assert _race(plateau, gaining, gaining, to_beat=-16.03, first_faithful=True) is None
+    farther = [-16.03 + TOO_CLOSE_DB + 0.2] * 101  # the same plateau, beyond the margin: stopped once its rate is known
+    assert _race(farther, gaining, gaining, to_beat=-16.03, first_faithful=True) == SETTLE_STEPS
 
 
 def test_against_an_unfaithful_first_run_only_a_rival_that_would_be_judged_unfaithful_too_is_stopped():
