@@ -109,8 +109,10 @@ class InversionOptions:
     # iterates (0: E(x)), as the hybrid restarts (core.hybrid.EARLY_STEPS): the first step gains several dB before the
     # latent drifts. Measured (bench.rival_start, bench.run's ours-rival-ex; docs/convergence.md, "The rival's start"):
     # against E(x), the latent closer on 19 bench cells at 32-128 px, farther on 5 (by 0.07-0.70 dB); 3 steps lost
-    # 5.4 dB on TAEF2 coffee at 64 px.
-    rival_early_steps: int = 1
+    # 5.4 dB on TAEF2 coffee at 64 px. Opt-in, not the default: the start comes from the batched first run, whose
+    # rounding diis amplifies (a batch of three no longer matched three single runs), and in bf16 a 32 px photo
+    # ended 3.3 dB below fp32 (tests/test_integration_node.py, session 15's CI); a per-sample start would fix the first.
+    rival_early_steps: int = 0
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
