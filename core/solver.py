@@ -110,8 +110,8 @@ class InversionOptions:
     # latent drifts. Measured (bench.rival_start, bench.run's ours-rival-ex; docs/convergence.md, "The rival's start"):
     # against E(x), the latent closer on 19 bench cells at 32-128 px, farther on 5 (by 0.07-0.70 dB); 3 steps lost
     # 5.4 dB on TAEF2 coffee at 64 px. Opt-in, not the default: the start comes from the batched first run, whose
-    # rounding diis amplifies (a batch of three no longer matched three single runs), and in bf16 a 32 px photo
-    # ended 3.3 dB below fp32 (tests/test_integration_node.py, session 15's CI); a per-sample start would fix the first.
+    # rounding diis amplifies (a batch of three no longer matched three single runs), and on a 32 px photo the twins'
+    # near tie went the rival's way in bf16, not in fp32 (3.3 dB apart; tests/test_integration_node.py, session 15).
     rival_early_steps: int = 0
 
     def validate(self) -> "InversionOptions":
