@@ -112,7 +112,7 @@ class InversionOptions:
     # 5.4 dB on TAEF2 coffee at 64 px. Opt-in, not the default: the start comes from the batched first run, whose
     # rounding diis amplifies (a batch of three no longer matched three single runs), and on a 32 px photo the twins'
     # near tie went the rival's way in bf16, not in fp32 (3.3 dB apart; tests/test_integration_node.py, session 15).
-    rival_early_steps: int = 0
+    rival_early_steps: int = 1
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -222,9 +222,8 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
         return _run(codec, image, opts, callback, target_latent, weight)
     with torch.inference_mode():
         first = _run(codec, image, opts, callback, target_latent, weight)
-        early = first.extra.pop(EARLY_START, None)
         first = _restart_off_expanding(first, codec, image, opts, callback, weight)
-    return _with_rival(first, codec, image, opts, callback, weight, early)  # a gradient method: outside inference mode
+    return _with_rival(first, codec, image, opts, callback, weight)  # a gradient method: outside inference mode
 
 
 def _to_host(t: Tensor) -> Tensor:
@@ -586,9 +585,9 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
 
 
 def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
-                weight, early: Tensor | None = None) -> InversionResult:
+                weight) -> InversionResult:
     """The samples the twin decided for, each run again by the gradient method `opts.rival` with its twin (core.twin),
-    from `early` (the first run's rows, real then twin: _EarlyIterate) or else E(x), returning whichever run's pick
+    from E(x) or (rival_early_steps > 0) _early_start's iterate, returning whichever run's pick
     core.twin.rival_wins prefers. Skipped where the codec has no differentiable decoder or the rival's activations
     would exceed memory_limit_mb. One sample at a time: diis
     mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions (TAEF2, 64 px:
@@ -598,7 +597,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
     if not opts.rival or not rows or _left_of(opts, first.seconds) <= 0:
         return first
     report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None,
-              "outmatched": [], "early_steps": 0 if early is None else opts.rival_early_steps}
+              "outmatched": [], "early_steps": opts.rival_early_steps}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
     else:  # the twin doubles the batch the backward runs on
@@ -632,19 +631,40 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
         # faithfulness verdict saves it): on real photos with kl-f8 its twin ended 15-20 dB behind after 100 steps
         first_twin = result.extra["twin"][i]
         race = torch.tensor([first_twin["latent_nmse_db"]]), torch.tensor([first_twin["faithful"]])
-        start = None if early is None else early[[i, len(first.samples) + i]]  # the sample's row and its twin's
         with side_evaluations():  # not the fixed-point run's iterates (a host tracing every decode skips them)
-            second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight, race=race, start=start)
+            start, start_s = _early_start(codec, image, i, opts, weight, left)
+            if left - start_s <= 0:
+                break
+            second = _rerun(result, codec, image, [i], rival_opts, left - start_s, callback, weight, race=race,
+                            start=start)
         twin = second.extra["twin"][0]
-        wins = rival_wins(first_twin, twin)
+        wins = rival_wins(first_twin, twin, result.samples[i].psnr_best, second.samples[0].psnr_best)
         report["samples"].append(i)
         report["twin_nmse_db"].append(twin["latent_nmse_db"])
         report["chosen"] += [i] if wins else []
         if second.samples[0].stop_reason == "outmatched":
             report["outmatched"].append([i, second.samples[0].iterations])
-        result = _merged(result, second, [i], [0] if wins else [], {"rival": opts.rival})
+        result = _merged(result, second, [i], [0] if wins else [], {"rival": opts.rival}, start_s)
     result.extra["rival"] = report
     return result
+
+
+def _early_start(codec: Codec, image: Tensor, i: int, opts: InversionOptions, weight,
+                 left: float) -> tuple[Tensor | None, float]:
+    """(start, seconds): where sample i's rival and its twin start, rows (2, ...) (rival_early_steps K > 0; else
+    None: E(x)). A run of the first method on the image and its twin alone; per row the pixel-best of E(x) and its
+    first K iterates (as the hybrid restarts, core.hybrid.EARLY_STEPS). Per image, not taken from the batched first
+    run: diis amplifies the rounding of batched convolutions, and a batch's results would differ from single runs'."""
+    if opts.rival_early_steps == 0:
+        return None, 0.0
+    x = image[i:i + 1].to(device=codec.device, dtype=torch.float32)
+    with torch.inference_mode():
+        x_t, _ = twin_of(codec, x, codec.encode(x.to(codec.dtype)).float())
+        w = weight if weight is None or weight.shape[0] == 1 else weight[[i, i]]
+        early_opts = replace(opts, steps=opts.rival_early_steps, select="pixel", rival="", unstable_steps=0,
+                             record_every=0, time_budget=0.0 if math.isinf(left) else left)
+        early = _run(codec, torch.cat([x, x_t]), early_opts, None, None, w)
+    return early.latent, early.seconds
 
 
 def _roundtrip(codec: Codec):
@@ -657,25 +677,6 @@ def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
     p = max(a.shape[1], b.shape[1])
     pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], p - t.shape[1], t.shape[2])], 1)
     return torch.cat([pad(a), pad(b)])
-
-
-class _EarlyIterate:
-    """Per row, the pixel-best of the first iterates (0 = the start): where the default's rival starts
-    (InversionOptions.rival_early_steps)."""
-
-    def __init__(self, z: Tensor, steps: int):
-        self.z, self.steps = z.clone(), steps
-        self.err = torch.full((z.shape[0],), math.inf, device=z.device)
-
-    def observe(self, k: int, z: Tensor, pixel_mse: Tensor) -> None:
-        if k > self.steps:
-            return
-        better = pixel_mse < self.err  # NaN (not finite) never is
-        torch.where(better, pixel_mse, self.err, out=self.err)
-        torch.where(better.view((-1,) + (1,) * (z.ndim - 1)), z, self.z, out=self.z)
-
-
-EARLY_START = "early_start"  # the first run's extra key for _EarlyIterate's latents (taken off before it is returned)
 
 
 def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
@@ -713,15 +714,9 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
             expanding, lowest = _pad_rows(deflate[0].to(z.device), twin_dirs), list(deflate[1]) + twin_lowest
             initial = [int(v.abs().sum(1).gt(0).sum()) for v in expanding.cpu()]
     log, sync = IterateLog(opts.record_every), HostSync(opts, callback, started, real_rows)
-    early = None  # where a rival would start (the default's: a fixed-point run with a twin)
-    rival_follows = twin is not None and deflate is None and opts.rival and method.family == "fixed_point"
-    if rival_follows and opts.rival_early_steps > 0:
-        early = _EarlyIterate(z, opts.rival_early_steps)
     for k in range(opts.steps + 1):
         ev = evaluate(k, z, with_grad=k < opts.steps)
         log.keep(k, z, ev)
-        if early is not None:
-            early.observe(k, z, ev.pixel_mse)
         state.record_trace(k, ev)
         hold = outmatched = None
         if twin is not None:
@@ -740,8 +735,6 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
                 expanding, _ = unstable_directions(_roundtrip(codec), z, target.latent, REFRESH_STEPS)
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - started)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
-    if early is not None:
-        result.extra[EARLY_START] = early.z
     if expanding is not None:  # per row (real, then twin): how many directions E(x)'s steps were projected off
         result.extra["expanding"] = initial
         result.extra["lowest_ritz"] = [round(x, 4) for x in lowest]
