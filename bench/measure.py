@@ -39,9 +39,9 @@ FREE_CONFIGS = {
     "ours-restart": dict(unstable_steps=20),
     # the default without its gradient rival (core.solver's `rival`): gradient-free throughout, as before 2026-12-04
     "ours-free": dict(rival=""),
-    # the default with its rival started from the pixel-best of E(x) and the first fixed-point step (core.solver's
-    # rival_early_steps; session 15's result files name the default with it "ours" and this one "ours-rival-ex")
-    "ours-rival-early": dict(rival_early_steps=1),
+    # the default with its rival started from E(x), as before session 16 (core.solver's rival_early_steps; session
+    # 15's 128 px result file has this row as "ours-rival-ex" and the start from the first step as "ours")
+    "ours-rival-ex": dict(rival_early_steps=0),
     "forward": dict(method="forward", select="pixel"),
     "km": dict(method="km", select="pixel"),
     "anderson": dict(method="anderson", select="pixel"),  # the default before the twin (issue 12)

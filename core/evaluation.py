@@ -44,8 +44,9 @@ class Target:
         return cls(x, weight, e0, e0_norm, scale)
 
     def residual_db(self, residual: Tensor) -> Tensor:
-        """(B,) ||residual|| / ||E(x)|| in dB, for a residual E(D(z)) - E(x)."""
-        return ratio_db(per_sample_norm(residual), self.latent_norm)
+        """(b,) ||residual|| / ||E(x)|| in dB, for a residual E(D(z)) - E(x) of the first b rows (all, or a twin
+        batch's real ones)."""
+        return ratio_db(per_sample_norm(residual), self.latent_norm[:residual.shape[0]])
 
     def start(self) -> Tensor:
         """A fresh copy of the target latent, the first iterate; an ordinary tensor when the

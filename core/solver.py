@@ -20,7 +20,7 @@ from .codec import Codec
 from .diagnostics import cocoercivity
 from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
-from .metrics import per_sample_norm, psnr_from_mse, ratio_db
+from .metrics import psnr_from_mse
 from .result import InversionResult, SampleStats
 from .hybrid import backward_activation_mb, free_memory_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
@@ -105,13 +105,11 @@ class InversionOptions:
     # memory). On the 64 px bench it made the latent 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed
     # kl-f8 texture, for 2.2-5x the time on the samples it ran on (docs/convergence.md, "The rival").
     rival: str = "diis"
-    # Where the rival (and its twin) starts: the pixel-best of E(x) and the first fixed-point run's first this many
-    # iterates (0: E(x)), as the hybrid restarts (core.hybrid.EARLY_STEPS): the first step gains several dB before the
-    # latent drifts. Measured (bench.rival_start, bench.run's ours-rival-ex; docs/convergence.md, "The rival's start"):
+    # Where the rival (and its twin) starts: the pixel-best of E(x) and the first this many fixed-point iterates of
+    # the image (and its twin) alone (0: E(x)), as the hybrid restarts (core.hybrid.EARLY_STEPS): the first step gains
+    # several dB before the latent drifts. Measured (bench.rival_start; docs/convergence.md, "The rival's start"):
     # against E(x), the latent closer on 19 bench cells at 32-128 px, farther on 5 (by 0.07-0.70 dB); 3 steps lost
-    # 5.4 dB on TAEF2 coffee at 64 px. Opt-in, not the default: the start comes from the batched first run, whose
-    # rounding diis amplifies (a batch of three no longer matched three single runs), and on a 32 px photo the twins'
-    # near tie went the rival's way in bf16, not in fp32 (3.3 dB apart; tests/test_integration_node.py, session 15).
+    # 5.4 dB on TAEF2 coffee at 64 px. Computed per image (core.solver._early_start), so a batch matches single runs.
     rival_early_steps: int = 1
 
     def validate(self) -> "InversionOptions":
@@ -394,8 +392,7 @@ def _with_returned_residual(result: InversionResult, codec: Codec, target: Targe
     b = len(result.samples)  # a twin batch's real rows come first
     with torch.inference_mode():
         z = result.latent.to(codec.dtype)
-        residual = codec.encode(codec.decode(z)).float() - target.latent[:b]
-        res_db = ratio_db(per_sample_norm(residual), target.latent_norm[:b]).tolist()
+        res_db = target.residual_db(codec.encode(codec.decode(z)).float() - target.latent[:b]).tolist()
     samples = [replace(s, residual_db_best=r) if m else s for s, m, r in zip(result.samples, missing, res_db)]
     return replace(result, samples=samples)
 
@@ -658,12 +655,14 @@ def _early_start(codec: Codec, image: Tensor, i: int, opts: InversionOptions, we
     if opts.rival_early_steps == 0:
         return None, 0.0
     x = image[i:i + 1].to(device=codec.device, dtype=torch.float32)
-    with torch.inference_mode():
-        x_t, _ = twin_of(codec, x, codec.encode(x.to(codec.dtype)).float())
+    with torch.inference_mode():  # E(x) and E(x_t) encoded one at a time, as _twin_batch does for the rival's run
+        latent = codec.encode(x.to(codec.dtype)).float()
+        x_t, _ = twin_of(codec, x, latent)
+        latents = torch.cat([latent, codec.encode(x_t.to(codec.dtype)).float()])
         w = weight if weight is None or weight.shape[0] == 1 else weight[[i, i]]
         early_opts = replace(opts, steps=opts.rival_early_steps, select="pixel", rival="", unstable_steps=0,
                              record_every=0, time_budget=0.0 if math.isinf(left) else left)
-        early = _run(codec, torch.cat([x, x_t]), early_opts, None, None, w)
+        early = _run(codec, torch.cat([x, x_t]), early_opts, None, latents, w)
     return early.latent, early.seconds
 
 
