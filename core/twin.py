@@ -19,8 +19,8 @@ return the twin's choice (E(x) if that decodes worse), or the pixel-best where t
 Opt-in (core.solver's unstable_steps > 0): a sample the twin decided for is run once more from E(x) where the
 round trip expands at E(x) (core.unstable), with its steps projected off those directions, and the restart's twin
 choice (again never worse in pixels than E(x)) is returned. The default's
-rival (core.solver's `rival`): a sample the twin decided for is also run from E(x) by `diis` with its own twin (opt-in:
-from the pixel-best of E(x) and the first fixed-point steps, core.solver's rival_early_steps), and
+rival (core.solver's `rival`): a sample the twin decided for is also run by `diis` with its own twin, from the
+pixel-best of E(x) and the first fixed-point step (core.solver's rival_early_steps; 0: from E(x)), and
 rival_wins keeps the run whose twin stood for it (twin_faithful), else the one whose twin got closer to E(x) (the one
 that decodes closer to x where the twins are within TOO_CLOSE_DB).
 
