@@ -100,10 +100,11 @@ class InversionOptions:
     # Where the twin decided (as above), run those samples again (from rival_early_steps' start) with this gradient
     # method and its own twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one
     # whose twin stood for it (core.twin.twin_faithful), else the one whose twin got closer to its known answer (on
-    # a near tie of the twins, the one that decodes closer to x). "" turns it off (the run stays gradient-free). Skipped where the codec has no differentiable decoder (or
-    # autograd cannot build it) or its activations (twin included) would exceed memory_limit_mb (0: the device's free
-    # memory). On the 64 px bench it made the latent 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed
-    # kl-f8 texture, for 2.2-5x the time on the samples it ran on (docs/convergence.md, "The rival").
+    # a near tie of the twins, the one that decodes closer to x). "" turns it off (the run stays gradient-free).
+    # Skipped where the codec has no differentiable decoder (or autograd cannot build it) or its activations (twin
+    # included) would exceed memory_limit_mb (0: the device's free memory). On the 64 px bench it made the latent
+    # 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the time on the
+    # samples it ran on (docs/convergence.md, "The rival").
     rival: str = "diis"
     # Where the rival (and its twin) starts: the pixel-best of E(x) and the first this many fixed-point iterates of
     # the image (and its twin) alone (0: E(x)), as the hybrid restarts (core.hybrid.EARLY_STEPS): the first step gains
