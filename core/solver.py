@@ -99,8 +99,8 @@ class InversionOptions:
     unstable_refresh: int = 10
     # Where the twin decided (as above), run those samples again (from rival_early_steps' start) with this gradient
     # method and its own twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one
-    # whose twin stood for it (core.twin.twin_faithful), else the one whose twin got closer to its known answer (on
-    # a near tie of the twins, the one that decodes closer to x). "" turns it off (the run stays gradient-free).
+    # whose twin stood for it (core.twin.twin_faithful), else the one whose twin got closer to its known answer.
+    # "" turns it off (the run stays gradient-free).
     # Skipped where the codec has no differentiable decoder (or autograd cannot build it) or its activations (twin
     # included) would exceed memory_limit_mb (0: the device's free memory). On the 64 px bench it made the latent
     # 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the time on the
@@ -636,7 +636,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
             second = _rerun(result, codec, image, [i], rival_opts, left - start_s, callback, weight, race=race,
                             start=start)
         twin = second.extra["twin"][0]
-        wins = rival_wins(first_twin, twin, result.samples[i].psnr_best, second.samples[0].psnr_best)
+        wins = rival_wins(first_twin, twin)
         report["samples"].append(i)
         report["twin_nmse_db"].append(twin["latent_nmse_db"])
         report["chosen"] += [i] if wins else []

@@ -21,8 +21,7 @@ round trip expands at E(x) (core.unstable), with its steps projected off those d
 choice (again never worse in pixels than E(x)) is returned. The default's
 rival (core.solver's `rival`): a sample the twin decided for is also run by `diis` with its own twin, from the
 pixel-best of E(x) and the first fixed-point step (core.solver's rival_early_steps; 0: from E(x)), and
-rival_wins keeps the run whose twin stood for it (twin_faithful), else the one whose twin got closer to E(x) (the one
-that decodes closer to x where the twins are within TOO_CLOSE_DB).
+rival_wins keeps the run whose twin stood for it (twin_faithful), else the one whose twin got closer to E(x).
 
     >>> import torch
     >>> noise_floor_psnr(torch.full((1, 3, 4, 4), 128 / 255)).round().tolist()
@@ -65,8 +64,7 @@ CATCH_UP = 3.0
 # ... and only where that projection stays more than this behind: closer than that the race is too close to call from
 # a rate. Since the rival starts from the first fixed-point step (session 15), its twin can sit flat for 35 iterations
 # and then win by 0.13 dB (TAEF2 rocket, 64 px: -15.68 dB flat from iteration 20 to 55, -16.16 at 100 against the first
-# run's -16.03; the race had stopped it at 21, returning a decode 18 dB worse than the full run's). rival_wins uses the
-# same margin: twins that end closer than it are a tie, which the decode breaks.
+# run's -16.03; the race had stopped it at 21, returning a decode 18 dB worse than the full run's).
 TOO_CLOSE_DB = 0.5
 
 
@@ -146,31 +144,23 @@ def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int]) -> list[b
     return out
 
 
-def rival_wins(first_twin: dict, rival_twin: dict, first_psnr: float, rival_psnr: float) -> bool:
+def rival_wins(first_twin: dict, rival_twin: dict) -> bool:
     """Whether the rival run's pick replaces the first run's (core.solver's `rival`), from each run's twin record
-    (`extra["twin"][i]`) and the PSNR of its pick: a run whose twin was faithful (twin_faithful) beats one whose twin
-    was not; otherwise the lower latent error of the twins at their picks, both twins' problems having the same known
-    answer E(x) -- unless the twins ended within TOO_CLOSE_DB of each other, a gap they cannot resolve (a 32 px TAEF2
-    photo: the first run's twin 0.12 dB ahead in fp32, the rival's 0.33 dB ahead in bf16, while the rival's pick
-    decoded 3.4 dB closer to x in both), where the pick that decodes closer to x wins. A rival that returned E(x)
-    because its pick decoded worse never wins.
+    (`extra["twin"][i]`): a run whose twin was faithful (twin_faithful) beats one whose twin was not; otherwise the
+    lower latent error of the twins at their picks, both twins' problems having the same known answer E(x). A rival
+    that returned E(x) because its pick decoded worse never wins.
 
     >>> twin = lambda db, ok=True, why="twin": {"latent_nmse_db": db, "faithful": ok, "why": why}
-    >>> rival_wins(twin(-41.5, ok=False), twin(-21.5), 50, 40)  # kl-f8 texture: the fixed point's twin did not stand for it
+    >>> rival_wins(twin(-41.5, ok=False), twin(-21.5))  # kl-f8 texture: the fixed point's twin did not stand for it
     True
-    >>> rival_wins(twin(-18.3), twin(-20.4), 50, 40), rival_wins(twin(-50.7), twin(-23.3), 30, 50)
-    (True, False)
-    >>> rival_wins(twin(-13.65), twin(-13.53), 21.8, 25.3), rival_wins(twin(-18.3), twin(-30, why="decoded worse"), 30, 50)
-    (True, False)
+    >>> rival_wins(twin(-18.3), twin(-20.4)), rival_wins(twin(-50.7), twin(-23.3)), rival_wins(twin(-18.3), twin(-30, why="decoded worse"))
+    (True, False, False)
     """
     if rival_twin["why"] == "decoded worse":
         return False
     if first_twin["faithful"] != rival_twin["faithful"]:
         return rival_twin["faithful"]
-    gap = rival_twin["latent_nmse_db"] - first_twin["latent_nmse_db"]
-    if abs(gap) <= TOO_CLOSE_DB:
-        return rival_psnr > first_psnr
-    return gap < 0
+    return rival_twin["latent_nmse_db"] < first_twin["latent_nmse_db"]
 
 
 def twin_of(codec: Codec, image: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:

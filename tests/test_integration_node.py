@@ -71,14 +71,20 @@ def test_gradient_methods_encode_a_strided_residual_and_report_the_returned_ones
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precisions_run_and_stay_within_half_a_db_of_fp32(precision, taef2, photos64, run_node, stock):
-    """32 px: CPUs without native fp16/bf16 convolutions emulate them (minutes at 64 px)."""
+    """32 px: CPUs without native fp16/bf16 convolutions emulate them (minutes at 64 px). Gradient-free (rival off):
+    within 0.5 dB of fp32 either way. The default: no more than 0.5 dB below fp32 -- its rival's verdict compares two
+    twins' latent errors, which end within the precision's rounding of each other here, so it may go either way
+    (session 16, rival from the first step: in bf16 the rival's twin 0.65 dB ahead, in fp32 0.12 dB behind; 25.2
+    against 21.8 dB PSNR; docs/convergence.md, "The rival's start as the default")."""
     image = photos64["astronaut"][:, 16:48, 16:48]
-    ref, _ = run_node(image, taef2, steps=20, precision="fp32")
-    half, summary = run_node(image, taef2, steps=20, precision=precision)
-    assert precision.replace("fp", "float").replace("bf16", "bfloat16") in summary
-    p_ref, p_half = psnr(stock.decode(taef2, ref), image), psnr(stock.decode(taef2, half), image)
-    assert all(abs(a - b) <= 0.5 for a, b in zip(p_ref, p_half)), (p_ref, p_half)
-    assert half["samples"].dtype == torch.float32
+    for rival, both_ways in (("off", True), ("diis", False)):
+        ref, _ = run_node(image, taef2, steps=20, precision="fp32", rival=rival)
+        half, summary = run_node(image, taef2, steps=20, precision=precision, rival=rival)
+        assert precision.replace("fp", "float").replace("bf16", "bfloat16") in summary
+        p_ref, p_half = psnr(stock.decode(taef2, ref), image), psnr(stock.decode(taef2, half), image)
+        below = [a - b for a, b in zip(p_ref, p_half)]
+        assert all((abs(d) if both_ways else d) <= 0.5 for d in below), (rival, p_ref, p_half)
+        assert half["samples"].dtype == torch.float32
     # the shared VAE was not cast: other nodes keep using it as it was
     assert next(taef2.first_stage_model.parameters()).dtype == taef2.vae_dtype
 
