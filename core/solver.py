@@ -655,15 +655,13 @@ def _early_start(codec: Codec, image: Tensor, i: int, opts: InversionOptions, we
     run: diis amplifies the rounding of batched convolutions, and a batch's results would differ from single runs'."""
     if opts.rival_early_steps == 0:
         return None, 0.0
-    x = image[i:i + 1].to(device=codec.device, dtype=torch.float32)
-    with torch.inference_mode():  # E(x) and E(x_t) encoded one at a time, as _twin_batch does for the rival's run
-        latent = codec.encode(x.to(codec.dtype)).float()
-        x_t, _ = twin_of(codec, x, latent)
-        latents = torch.cat([latent, codec.encode(x_t.to(codec.dtype)).float()])
-        w = weight if weight is None or weight.shape[0] == 1 else weight[[i, i]]
+    w = weight if weight is None or weight.shape[0] == 1 else weight[i:i + 1]
+    with torch.inference_mode():  # the image and its twin as the rival's own twin batch has them
+        pair, pair_weight, latents, _ = _twin_batch(codec, image[i:i + 1], w, None, replace(opts, select="twin"),
+                                                    "fixed_point")
         early_opts = replace(opts, steps=opts.rival_early_steps, select="pixel", rival="", unstable_steps=0,
                              record_every=0, time_budget=0.0 if math.isinf(left) else left)
-        early = _run(codec, torch.cat([x, x_t]), early_opts, None, latents, w)
+        early = _run(codec, pair, early_opts, None, latents, pair_weight)
     return early.latent, early.seconds
 
 
