@@ -42,6 +42,8 @@ FREE_CONFIGS = {
     # the default with its rival started from E(x), as before session 16 (core.solver's rival_early_steps; session
     # 15's 128 px result file has this row as "ours-rival-ex" and the start from the first step as "ours")
     "ours-rival-ex": dict(rival_early_steps=0),
+    # the default without its second rival run from the first run's pixel-best (session 17)
+    "ours-one-rival": dict(rival_from_pixel_best=False),
     "forward": dict(method="forward", select="pixel"),
     "km": dict(method="km", select="pixel"),
     "anderson": dict(method="anderson", select="pixel"),  # the default before the twin (issue 12)

@@ -90,6 +90,15 @@ SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats
 }
 
 
+def _outmatched(method: str, stopped: list | None) -> list[str]:
+    """The summary's line on rival runs the race stopped ([[image, iteration], ...])."""
+    if not stopped:
+        return []
+    where = ", ".join(f"{i + 1} (its iteration {k})" for i, k in stopped)
+    return [f"{method} rival stopped early for image(s): {where}: its twin could no longer get closer to its answer "
+            "than the standing pick's twin, so it could not win"]
+
+
 @dataclass
 class InversionResult:
     latent: torch.Tensor  # (B, C, h, w) fp32, the best iterate per sample
@@ -102,6 +111,9 @@ class InversionResult:
     dtype: str
     options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what the method reports about its path (core.hybrid)
+    # a twin batch's pixel-best iterate of every row (real samples, then their twins) before the twin's pick; None
+    # without a twin. The default's second rival starts there (core.solver._with_rival). Not in to_dict.
+    pixel_best_rows: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def summary(self) -> str:
         """One line per image, for people."""
@@ -130,10 +142,13 @@ class InversionResult:
             start = "E(x)" if k == 0 else f"the pixel-best of E(x) and {steps}"
             lines.append(f"{rival['method']} rival run from {start} on {len(rival['samples'])} image(s) whose decode "
                          f"stayed below the noise floor; its pick returned for image(s): {chosen}")
-            if rival.get("outmatched"):
-                where = ", ".join(f"{i + 1} (its iteration {k})" for i, k in rival["outmatched"])
-                lines.append(f"{rival['method']} rival stopped early for image(s): {where}: its twin could no longer get "
-                             "closer to its answer than the first run's twin, so it could not win")
+            lines += _outmatched(rival["method"], rival.get("outmatched"))
+            again = rival.get("from_pixel_best") or {}
+            if again.get("samples"):
+                chosen = ", ".join(str(i + 1) for i in again["chosen"]) or "none"
+                lines.append(f"{rival['method']} rival run again from the first run's pixel-best iterate on image(s) "
+                             f"{', '.join(str(i + 1) for i in again['samples'])}; its pick returned for image(s): {chosen}")
+                lines += _outmatched(rival["method"], again.get("outmatched"))
         later = [str(i + 1) for i, t in enumerate(self.extra.get("twin") or []) if t["why"] == "pixel best first"]
         if later:  # core.solver._select: auto never returns an iterate after the pixel-best
             lines.append(f"pixel-best iterate returned where the twin picked a later one (the decode only got worse "

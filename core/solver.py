@@ -112,6 +112,12 @@ class InversionOptions:
     # against E(x), the latent closer on 19 bench cells at 32-128 px, farther on 5 (by 0.07-0.70 dB); 3 steps lost
     # 5.4 dB on TAEF2 coffee at 64 px. Computed per image (core.solver._early_start), so a batch matches single runs.
     rival_early_steps: int = 1
+    # Then, where the first run's pixel-best iterate is not that start, the rival runs once more from it (its twin from
+    # its own pixel-best), raced against and judged by rival_wins against whichever pick stands: where the first run's
+    # twin turned unstable early (kl-f8 flat fields at 128 px) its pick is early while the real run kept closing in on
+    # the truth; a gradient run from the pixel-best keeps that iterate's latent and fits the pixels. Where the fixed
+    # point drifts (TAEF2), its twin drifts too and loses. docs/convergence.md, "The rival from the pixel-best".
+    rival_from_pixel_best: bool = True
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -157,6 +163,8 @@ class InversionOptions:
         if int(self.rival_early_steps) != self.rival_early_steps or self.rival_early_steps < 0:
             raise ValueError(f"rival_early_steps must be an integer >= 0 (0: the rival starts from E(x)); "
                              f"got {self.rival_early_steps!r}")
+        if not isinstance(self.rival_from_pixel_best, bool):
+            raise ValueError(f"rival_from_pixel_best must be True or False; got {self.rival_from_pixel_best!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}; got {self.select!r}")
         return self
@@ -479,7 +487,8 @@ def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor,
     faithful = twin_faithful(result.trace_psnr, result.samples, twin_k)
     result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2), "why": w,
                              "faithful": ok} for k, d, f, w, ok in zip(twin_k, twin_db, floors, why, faithful)]
-    return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res)
+    return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
+                   pixel_best_rows=result.latent)
 
 
 def _start_of(codec: Codec, image: Tensor, rows: Tensor) -> Tensor:
@@ -585,17 +594,18 @@ def _restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, 
 def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
                 weight) -> InversionResult:
     """The samples the twin decided for, each run again by the gradient method `opts.rival` with its twin (core.twin),
-    from E(x) or (rival_early_steps > 0) _early_start's iterate, returning whichever run's pick
-    core.twin.rival_wins prefers. Skipped where the codec has no differentiable decoder or the rival's activations
-    would exceed memory_limit_mb. One sample at a time: diis
-    mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions (TAEF2, 64 px:
-    latents up to 0.3 apart between a batch of three and single runs), so a batched rival's result would depend on
-    the batch; this way each image's result is its own, and the activations are one sample's (and its twin's)."""
+    from E(x) or (rival_early_steps > 0) _early_start's iterate, then (rival_from_pixel_best) from the first run's
+    pixel-best iterate where that is another start, returning whichever pick core.twin.rival_wins prefers. Skipped
+    where the codec has no differentiable decoder or the rival's activations would exceed memory_limit_mb. One sample
+    at a time: diis mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions
+    (TAEF2, 64 px: latents up to 0.3 apart between a batch of three and single runs), so a batched rival's result would
+    depend on the batch; this way each image's result is its own, and the activations are one sample's (and its twin's)."""
     rows = _twin_decided(first)
     if not opts.rival or not rows or _left_of(opts, first.seconds) <= 0:
         return first
     report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None,
-              "outmatched": [], "early_steps": opts.rival_early_steps}
+              "outmatched": [], "early_steps": opts.rival_early_steps,
+              "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": []}}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
     else:  # the twin doubles the batch the backward runs on
@@ -622,29 +632,67 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                          residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY))
     result = first
     for i in rows:
-        left = _left_of(opts, result.seconds)
-        if left <= 0:
-            break
-        # a race: the rival stops once it can no longer win (its twin cannot get closer than the first run's, and no
-        # faithfulness verdict saves it): on real photos with kl-f8 its twin ended 15-20 dB behind after 100 steps
-        first_twin = result.extra["twin"][i]
-        race = torch.tensor([first_twin["latent_nmse_db"]]), torch.tensor([first_twin["faithful"]])
-        with side_evaluations():  # not the fixed-point run's iterates (a host tracing every decode skips them)
-            start, start_s = _early_start(codec, image, i, opts, weight, left)
-            if left - start_s <= 0:
+        early_start = None
+        for origin in ("early", "pixel best") if opts.rival_from_pixel_best else ("early",):
+            left = _left_of(opts, result.seconds)
+            if left <= 0:
                 break
-            second = _rerun(result, codec, image, [i], rival_opts, left - start_s, callback, weight, race=race,
-                            start=start)
-        twin = second.extra["twin"][0]
-        wins = rival_wins(first_twin, twin)
-        report["samples"].append(i)
-        report["twin_nmse_db"].append(twin["latent_nmse_db"])
-        report["chosen"] += [i] if wins else []
-        if second.samples[0].stop_reason == "outmatched":
-            report["outmatched"].append([i, second.samples[0].iterations])
-        result = _merged(result, second, [i], [0] if wins else [], {"rival": opts.rival}, start_s)
+            with side_evaluations():  # not the fixed-point run's iterates (a host tracing every decode skips them)
+                if origin == "early":
+                    start, start_s = early_start = _early_start(codec, image, i, opts, weight, left)
+                else:
+                    start, start_s = _pixel_best_start(first, codec, image, i, opts, weight, left)
+                    if _same_start(start, early_start[0], first.latent.device):
+                        continue  # the pixel-best is the early start: that rival ran already
+                if left - start_s <= 0:
+                    break
+                result = _race_rival(result, codec, image, i, rival_opts, left - start_s, callback, weight, start,
+                                     start_s, report if origin == "early" else report["from_pixel_best"])
+    if report["from_pixel_best"]["chosen"]:  # "chosen": the returned latent is a rival's pick, from either start
+        report["chosen"] = sorted(set(report["chosen"]) | set(report["from_pixel_best"]["chosen"]))
     result.extra["rival"] = report
     return result
+
+
+def _race_rival(result: InversionResult, codec: Codec, image: Tensor, i: int, rival_opts: InversionOptions,
+                left: float, callback, weight, start: Tensor | None, start_s: float, record: dict) -> InversionResult:
+    """`result` with sample i's rival run from `start` (None: E(x)), whose pick replaces the one standing where
+    core.twin.rival_wins prefers it; `record` (the rival report or its from_pixel_best part) notes the run.
+    A race: the rival stops once it can no longer win (its twin cannot get closer than the standing pick's, and no
+    faithfulness verdict saves it): on real photos with kl-f8 its twin ended 15-20 dB behind after 100 steps."""
+    standing = result.extra["twin"][i]
+    race = torch.tensor([standing["latent_nmse_db"]]), torch.tensor([standing["faithful"]])
+    second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight, race=race, start=start)
+    twin = second.extra["twin"][0]
+    wins = rival_wins(standing, twin)
+    record["samples"].append(i)
+    record["twin_nmse_db"].append(twin["latent_nmse_db"])
+    if wins:
+        record["chosen"].append(i)
+    if second.samples[0].stop_reason == "outmatched":
+        record["outmatched"].append([i, second.samples[0].iterations])
+    return _merged(result, second, [i], [0] if wins else [], {"rival": rival_opts.method}, start_s)
+
+
+def _pixel_best_start(first: InversionResult, codec: Codec, image: Tensor, i: int, opts: InversionOptions, weight,
+                      left: float) -> tuple[Tensor, float]:
+    """(start, seconds): sample i's and its twin's pixel-best iterates of the first run, rows (2, ...). Taken from the
+    first run where it ran this image alone; in a batch, from a run of the image alone (the first run's options), so
+    that each image's result is its own (diis amplifies the rounding of batched convolutions)."""
+    if len(first.samples) == 1 and first.pixel_best_rows is not None:
+        return first.pixel_best_rows, 0.0
+    w = weight if weight is None or weight.shape[0] == 1 else weight[i:i + 1]
+    with torch.inference_mode():
+        alone = _run(codec, image[i:i + 1], replace(opts, rival="", unstable_steps=0,
+                                                     time_budget=0.0 if math.isinf(left) else left), None, None, w)
+    return alone.pixel_best_rows, alone.seconds
+
+
+def _same_start(a: Tensor | None, b: Tensor | None, device) -> bool:
+    """Whether two rival starts (rows (2, ...); None: E(x)) are the same iterates."""
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a.to(device), b.to(device))
 
 
 def _early_start(codec: Codec, image: Tensor, i: int, opts: InversionOptions, weight,

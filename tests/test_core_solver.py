@@ -108,7 +108,7 @@ def test_the_rival_starts_from_the_pixel_best_of_the_first_fixed_point_iterates(
 
     for early in (None, 0, 3):  # None: the default
         seen.clear()
-        options = {} if early is None else {"rival_early_steps": early}
+        options = ({} if early is None else {"rival_early_steps": early}) | {"rival_from_pixel_best": False}
         r = invert(codec, x, method="forward", lr=0.3, steps=10, callback=callback, **options)
         assert r.extra["rival"]["samples"] == [0]
         first, rival = [psnr for _, psnr in sorted(seen.items())]
@@ -120,6 +120,38 @@ def test_the_rival_starts_from_the_pixel_best_of_the_first_fixed_point_iterates(
         assert f"diis rival run {said}(s)" in r.summary(), r.summary()
     with pytest.raises(ValueError, match="rival_early_steps must be an integer >= 0"):
         invert(codec, x, rival_early_steps=-1)
+
+
+def test_the_rival_runs_again_from_the_first_runs_pixel_best_iterate():
+    """Where the first run's twin turned unstable early, its pick is early while the real run kept closing in; the
+    rival then also starts from the first run's pixel-best iterate (its twin from its own), judged against the pick
+    standing after the first rival; in a batch that start is each image's own (a run of it alone)."""
+    codec, _ = linear_codec()
+    x, _ = target()
+    seen = {}
+
+    def callback(k, steps, info):  # each rival's iterations come after the runs before it, `steps` grown each time
+        seen.setdefault(steps, []).append(info["psnr"][0])
+
+    r = invert(codec, x, method="forward", lr=0.3, steps=10, callback=callback)
+    first, early, again = [psnr for _, psnr in sorted(seen.items())]
+    assert again[0] == pytest.approx(max(first), abs=1e-4) and max(first) > early[0] + 1
+    again_report = r.extra["rival"]["from_pixel_best"]
+    assert again_report["samples"] == [0] and len(again_report["twin_nmse_db"]) == 1
+    assert "rival run again from the first run's pixel-best iterate on image(s) 1" in r.summary(), r.summary()
+    assert set(again_report["chosen"]) <= set(r.extra["rival"]["chosen"])
+    seen.clear()
+    invert(codec, x, method="forward", lr=0.3, steps=10, callback=callback, rival_from_pixel_best=False)
+    assert len(seen) == 2  # the first run and one rival
+    pair, _ = target(batch=2, seed=3)
+    both = invert(codec, pair, method="forward", lr=0.3, steps=10)
+    alone = [invert(codec, pair[i:i + 1], method="forward", lr=0.3, steps=10) for i in range(2)]
+    assert both.extra["rival"]["from_pixel_best"]["samples"] == [0, 1]
+    for i in range(2):
+        assert torch.allclose(both.latent[i], alone[i].latent[0], atol=1e-6)
+        assert both.samples[i].selection == alone[i].samples[0].selection
+    with pytest.raises(ValueError, match="rival_from_pixel_best must be True or False"):
+        invert(codec, x, rival_from_pixel_best=1)
 
 
 def test_a_decoder_autograd_cannot_run_skips_the_default_rival_and_says_why():
