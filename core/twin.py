@@ -119,13 +119,15 @@ def decode_floor_psnr(codec: Codec, x: Tensor, latent: Tensor, x_t: Tensor | Non
     return torch.minimum(floor, precision_floor_psnr(codec, latent, x_t))
 
 
-def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int]) -> list[bool]:
+def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int], origin: Tensor | None = None) -> list[bool]:
     """Per real sample of a twin batch (trace columns :B real, B: twins; `samples` the batch's stats before
     selection): whether its twin stood for it. Not, where the real run had settled (its best PSNR gained less than
     SETTLED_GAIN_DB over its last SETTLE_STEPS iterations) having gained less than FAITHFUL_GAIN of what its twin
     gained by the twin's pick, in dB: the twin then shows what the method does on an easier problem (kl-f8 texture
     at 64 px: 7.2 of 25.2 dB, ratio 0.28, its pick worse than E(x); 0.60-1.18 on the other 37 paper-protocol runs
-    measured, docs/convergence.md "The rival"). A run still gaining (a short one) is not judged.
+    measured, docs/convergence.md "The rival"). A run still gaining (a short one) is not judged. Gains count from
+    `origin` (2B,) PSNRs where given (a rival that goes on from the first run's pixel-best: from E(x) and E(x_t), the
+    way its start came), else from the run's first iterate.
 
     >>> t = torch.tensor([[30.0, 30.0], [37.0, 55.0]] + [[37.0, 56.0]] * 30)  # 31 iterations, 1 real + its twin
     >>> S = lambda last: type("S", (), {"iterations": last})()
@@ -133,11 +135,12 @@ def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int]) -> list[b
     ([False], [True])
     """
     b = len(picks)
+    base = trace_psnr[0] if origin is None else origin.to(trace_psnr)
     out = []
     for i, k in enumerate(picks):
         n = samples[i].iterations
-        real_gain = (trace_psnr[k, i] - trace_psnr[0, i]).item()
-        twin_gain = (trace_psnr[k, b + i] - trace_psnr[0, b + i]).item()
+        real_gain = (trace_psnr[k, i] - base[i]).item()
+        twin_gain = (trace_psnr[k, b + i] - base[b + i]).item()
         best = trace_psnr[:n + 1, i].nan_to_num(-math.inf).cummax(0).values
         settled = n >= SETTLE_STEPS and (best[n] - best[n - SETTLE_STEPS]).item() < SETTLED_GAIN_DB
         out.append(not (settled and twin_gain > 0 and real_gain < FAITHFUL_GAIN * twin_gain))
@@ -188,6 +191,7 @@ class TwinTracker:
         self.near_z = truth.new_zeros(truth.shape)  # the first real iterate within FLOOR_NEAR_DB of the floor
         self.near_iteration = torch.full((self.batch,), -1, dtype=torch.long, device=truth.device)  # -1: none
         self.to_beat: Tensor | None = None  # (B,) dB, a rival's race (race(), outmatched())
+        self.origin_psnr: Tensor | None = None  # (2B,) where gains count from (twin_faithful's origin); None: iterate 0
 
     def race(self, to_beat_db: Tensor, first_faithful: Tensor, steps: int) -> None:
         """Make this a rival run's tracker (core.solver's rival): outmatched() then says which samples' rivals can no
@@ -220,8 +224,9 @@ class TwinTracker:
         rate = (now - self.history[(k + 1) % (w + 1)]) / w  # <= 0: a best never rises
         behind = now + CATCH_UP * rate * (self.steps - k) > self.to_beat + TOO_CLOSE_DB  # NaN (no best yet): False
         picked = self.iteration.clamp_max(k)
-        real_gain = psnr_from_mse(real[picked, self.rows]) - psnr_from_mse(real[0])
-        twin_gain = psnr_from_mse(twin[picked, self.rows]) - psnr_from_mse(twin[0])
+        base = psnr_from_mse(pixel_mse[0]) if self.origin_psnr is None else self.origin_psnr
+        real_gain = psnr_from_mse(real[picked, self.rows]) - base[:b]
+        twin_gain = psnr_from_mse(twin[picked, self.rows]) - base[b:]
         # the best PSNR (the lowest error's) now against SETTLE_STEPS iterations ago
         window_start = self.lowest_history[(k + 1) % (w + 1)]
         settled = psnr_from_mse(self.lowest_mse) - psnr_from_mse(window_start) < SETTLED_GAIN_DB

@@ -140,12 +140,14 @@ def test_without_expanding_directions_the_restart_changes_nothing():
     assert torch.equal(r.latent, plain.latent) and torch.equal(r.trace_psnr, plain.trace_psnr)
 
 
-def _race(twin_db: list[float], real_psnr: list[float], twin_psnr: list[float], to_beat: float, first_faithful: bool):
+def _race(twin_db: list[float], real_psnr: list[float], twin_psnr: list[float], to_beat: float, first_faithful: bool,
+          origin: torch.Tensor | None = None):
     """A race tracker fed a rival's run: the twin's latent error (dB) and both rows' PSNR per iteration; returns
     the first iteration at which outmatched() said stop (None: never)."""
     truth = torch.ones(1, 4, 2, 2)
     tracker = TwinTracker(truth, torch.tensor([math.inf]))
     tracker.race(torch.tensor([to_beat]), torch.tensor([first_faithful]), steps=len(twin_db) - 1)
+    tracker.origin_psnr = origin
     active = torch.ones(2, dtype=torch.bool)
     mse = 10 ** (-torch.tensor([real_psnr, twin_psnr], dtype=torch.float64).T / 10)  # (steps + 1, 2): the trace
     for k, db in enumerate(twin_db):
@@ -188,3 +190,30 @@ def test_against_an_unfaithful_first_run_only_a_rival_that_would_be_judged_unfai
     trace = torch.tensor([settled[:k + 1], twin_gaining[:k + 1]]).T
     picks = [k]  # the creeping twin's best is its newest iterate
     assert twin_faithful(trace, [type("S", (), {"iterations": k})(), None], picks) == [False]
+
+
+def test_a_rival_from_the_first_runs_pixel_best_is_judged_along_the_path_its_start_came_by():
+    """kl-f8 texture at 64 px (session 17): the first run's pixel-best gained 8.1 dB over E(x) (32.94 -> 41.06)
+    where its twin's gained 25.3 (33.56 -> 58.81); a rival from there whose twin's pick is its start gained 0 of 0,
+    which twin_faithful alone cannot judge. Counted from E(x) and E(x_t) it is the first run's 0.32: not stood for."""
+    real = [41.06] * 30  # the rival's real decode at its pick (its start); settled by the window's end
+    twin = [58.81] + [58.0] * 29  # its twin only got worse after its start: the pick is iterate 0
+    trace = torch.tensor([real, twin]).T
+    stats = [type("S", (), {"iterations": 29})(), None]
+    assert twin_faithful(trace, stats, [0]) == [True]
+    assert twin_faithful(trace, stats, [0], origin=torch.tensor([32.94, 33.56])) == [False]
+    # kl-f8 flat_objects at 128 px: 33.79 -> 43.70 against the twin's 36.19 -> 54.17, 0.55: stood for
+    flat = torch.tensor([[43.70] * 30, [54.17] + [50.0] * 29]).T
+    assert twin_faithful(flat, stats, [0], origin=torch.tensor([33.79, 36.19])) == [True]
+
+
+def test_the_race_counts_gains_from_the_origin_it_is_given():
+    """The race's verdict on a rival's faithfulness is twin_faithful's, from the same origin: a rival that gained 0.5
+    dB over its start is unfaithful against a twin gaining 6, but not counted from an origin 20 dB below the real
+    run's start and 6 dB below its twin's (20.5 dB against 12)."""
+    creeping = [-19.0 - 0.05 * k for k in range(101)]
+    settled = [20.0 + min(k, 5) * 0.1 for k in range(101)]
+    twin_gaining = [30.0 + 0.3 * k for k in range(101)]
+    assert _race(creeping, settled, twin_gaining, to_beat=-36.0, first_faithful=False) == SETTLE_STEPS
+    origin = torch.tensor([0.0, 24.0])
+    assert _race(creeping, settled, twin_gaining, to_beat=-36.0, first_faithful=False, origin=origin) is None
