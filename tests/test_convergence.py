@@ -196,6 +196,22 @@ def test_the_rival_fixes_the_kl_f8_case_where_every_fixed_point_method_is_worse_
     assert s.psnr_best > free.samples[0].psnr_best + 10 and default.trace_psnr[s.best_iteration, 0] == s.psnr_best
 
 
+def test_where_the_twin_turned_unstable_early_the_rival_from_the_pixel_best_returns_the_closer_latent(kl_small, pack):
+    """kl-f8 flat_objects at 128 px (docs/convergence.md, "The rival from the pixel-best"): Anderson turns unstable on
+    the twin after 4 iterations, so the twin picks iteration 4 (-13.9 dB) while the real run kept closing in on the
+    truth until its pixel-best (-17.9 dB, as close as the best plain fixed-point method gets); the first rival reaches
+    the noise floor in pixels but stays near E(x) in the latent (-12.9 dB). The rival run again from the pixel-best,
+    its twin from the twin's, wins on the twins' errors, its twin judged along the whole path from E(x) (0.55 of its
+    twin's gain there: stood for)."""
+    adapter, core = pack
+    codec, x, z_gt, z_enc = _protocol(adapter, kl_small, "flat_objects", size=128)
+    default = core.invert(codec, x)
+    again = default.extra["rival"]["from_pixel_best"]
+    assert again["samples"] == [0] and again["chosen"] == [0] and default.extra["twin"][0]["faithful"] is True
+    assert _nmse_db(default.latent, z_gt) < _nmse_db(z_enc, z_gt) - 4
+    assert "rival run again from the first run's pixel-best iterate on image(s) 1" in default.summary()
+
+
 def test_the_rival_respects_the_memory_cap(taef2, pack):
     adapter, core = pack
     codec, x, _, _ = _protocol(adapter, taef2, "flat_noise")
