@@ -287,3 +287,18 @@ def test_rival_start_bench_runs_the_default_at_each_start(tmp_path):
     assert [r["early"] for r in rows] == [0, 1] and all(r["rival_ran"] and r["why"] for r in rows)
     assert all(math.isfinite(r["nmse_db"]) and r["twin_rival_db"] is not None for r in rows)
     assert "| taef2 | 32 | texture | 1 |" in next(tmp_path.glob("*-rival-start.md")).read_text()
+
+
+def test_rival_photos_bench_runs_the_three_defaults_side_by_side(tmp_path):
+    """`python -m bench.rival` on one photo as a node gets it (TAEF2 astronaut, 32 px): without the rival, with the
+    rival from its early start only, and the default (which also runs it from the first run's pixel-best)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.rival", "--models", "taef2", "--photos", "astronaut",
+                           "--sizes", "32", "--threads", "1", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-rival-photos.json")]
+    (row,) = result["rows"]
+    assert row["rival_ran"] and isinstance(row["again_ran"], bool)
+    assert all(row[k] >= row["psnr_encoder"] for k in ("psnr_free", "psnr_one_rival", "psnr_default"))
+    assert all(row[k] > 0 for k in ("seconds_free", "seconds_one_rival", "seconds_default"))
+    assert "| taef2 | 32 | astronaut |" in next(tmp_path.glob("*-rival-photos.md")).read_text()
