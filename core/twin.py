@@ -195,8 +195,9 @@ class TwinTracker:
 
     def race(self, to_beat_db: Tensor, first_faithful: Tensor, steps: int) -> None:
         """Make this a rival run's tracker (core.solver's rival): outmatched() then says which samples' rivals can no
-        longer win against the first run, whose twins reached `to_beat_db` (B,) dB at their picks and stood for their
-        runs where `first_faithful` (B,) bool (rival_wins); `steps` the rival's iterations."""
+        longer win against the pick standing (the first run's, or an earlier rival's), whose twins reached `to_beat_db`
+        (B,) dB at their picks and stood for their runs where `first_faithful` (B,) bool (rival_wins); `steps` the
+        rival's iterations."""
         b, device = self.batch, self.truth.device
         self.to_beat, self.steps = to_beat_db.to(device, torch.float32), steps
         self.first_faithful = first_faithful.to(device)
