@@ -136,14 +136,16 @@ class InversionResult:
         if rival and rival["skipped"]:
             lines.append(f"{rival['method']} rival not run: {rival['skipped']}")
         elif rival:
-            chosen = ", ".join(str(i + 1) for i in rival["chosen"]) or "none"
+            again = rival.get("from_pixel_best") or {}
+            # "chosen" holds every sample that returns a rival's pick; the early rival's is returned where the second
+            # run from the pixel-best did not replace it
+            chosen = ", ".join(str(i + 1) for i in rival["chosen"] if i not in again.get("chosen", [])) or "none"
             k = rival.get("early_steps", 0)
             steps = "the first fixed-point step" if k == 1 else f"the first {k} fixed-point steps"
             start = "E(x)" if k == 0 else f"the pixel-best of E(x) and {steps}"
             lines.append(f"{rival['method']} rival run from {start} on {len(rival['samples'])} image(s) whose decode "
                          f"stayed below the noise floor; its pick returned for image(s): {chosen}")
             lines += _outmatched(rival["method"], rival.get("outmatched"))
-            again = rival.get("from_pixel_best") or {}
             if again.get("samples"):
                 chosen = ", ".join(str(i + 1) for i in again["chosen"]) or "none"
                 lines.append(f"{rival['method']} rival run again from the first run's pixel-best iterate on image(s) "

@@ -657,3 +657,23 @@ def test_the_differentiable_decoder_is_built_once_per_codec():
     invert(codec, x, method="hybrid", steps=12, memory_limit_mb=1000.0)
     invert(codec, x, method="gradient", steps=3)
     assert built == [1]
+
+
+def test_the_summary_says_which_rival_run_the_returned_pick_came_from():
+    """extra["rival"]["chosen"] holds every sample returning a rival's pick; where the second run (from the first run's
+    pixel-best) replaced the early rival's pick, the early rival's line must not claim it."""
+    from core.result import InversionResult
+    report = {"method": "diis", "candidates": [0, 1], "samples": [0, 1], "chosen": [0, 1], "skipped": None,
+              "outmatched": [], "early_steps": 1, "twin_nmse_db": [-20.0, -21.0],
+              "from_pixel_best": {"samples": [0, 1], "chosen": [1], "twin_nmse_db": [-19.0, -25.0],
+                                  "outmatched": [[0, 20]]}}
+    r = InversionResult(latent=torch.zeros(2, 3, 4, 4), samples=[], trace_psnr=torch.zeros(1, 2),
+                        trace_residual_db=torch.zeros(1, 2), seconds=1.0, method="anderson", dtype="float32",
+                        extra={"rival": report})
+    early, again, stopped = r.notes()[:3]
+    assert early.endswith("first fixed-point step on 2 image(s) whose decode stayed below the noise floor; its pick "
+                          "returned for image(s): 1")
+    assert again.endswith("rival run again from the first run's pixel-best iterate on image(s) 1, 2; its pick returned "
+                          "for image(s): 2")
+    assert "stopped early for image(s): 1 (its iteration 20)" in stopped
+    assert r.rival_outcome(0) == r.rival_outcome(1) == "chosen"
