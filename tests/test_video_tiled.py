@@ -300,9 +300,11 @@ def test_taef2_tiled_inversion_within_0_3_db_of_whole_on_a_512px_photo(pack, tae
     image = load_photo(image_paths()[0], 512)
     steps = 4
     # adam, the paper's: with the default (anderson) the whole run gains faster than the tiled one
-    # (measured 33.60 vs 31.62 dB at 4 steps), so the 0.3 dB comparison is made at equal progress.
-    whole, _ = run_node(image, taef2, steps=steps, method="adam")
-    tiled, summary = run_tiled(image, taef2, tile_size=256, overlap=64, steps=steps, method="adam")
+    # (measured 33.60 vs 31.62 dB at 4 steps), so the 0.3 dB comparison is made at equal progress; the rival off in
+    # both, since its twins decide per image and per tile (session 17's second rival won on the whole image only: 33.30
+    # against the tiles' 32.41 dB).
+    whole, _ = run_node(image, taef2, steps=steps, method="adam", rival="off")
+    tiled, summary = run_tiled(image, taef2, tile_size=256, overlap=64, steps=steps, method="adam", rival="off")
     with torch.inference_mode():
         tiled_decode = tiling.tiled_codec(adapter.vae_codec(taef2), (64, 64), 8, 32, 8).decode
         dt = tiled_decode(tiled["samples"]).movedim(1, -1)
