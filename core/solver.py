@@ -645,7 +645,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                     start, start_s = early_start = _early_start(codec, image, i, opts, weight, left)
                 else:
                     start, start_s = _pixel_best_start(first, codec, image, i, opts, weight, left)
-                    if _same_start(start, early_start[0], first.latent.device):
+                    if _same_start(start, early_start[0]):
                         continue  # the pixel-best is the early start: that rival ran already
                     # its twin is judged along the whole path its start came by: on kl-f8 texture at 64 px the real
                     # run's pixel-best gained 8.1 dB over E(x) where its twin's gained 25.3 (the first run's twin did
@@ -699,11 +699,9 @@ def _pixel_best_start(first: InversionResult, codec: Codec, image: Tensor, i: in
     return alone.pixel_best_rows, alone.seconds
 
 
-def _same_start(a: Tensor | None, b: Tensor | None, device) -> bool:
-    """Whether two rival starts (rows (2, ...); None: E(x)) are the same iterates."""
-    if a is None or b is None:
-        return a is b
-    return torch.equal(a.to(device), b.to(device))
+def _same_start(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two rival starts (rows (2, ...) on the codec's device; None: E(x)) are the same iterates."""
+    return a is b if a is None or b is None else torch.equal(a, b)
 
 
 def _early_start(codec: Codec, image: Tensor, i: int, opts: InversionOptions, weight,
