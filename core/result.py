@@ -151,6 +151,11 @@ class InversionResult:
                 lines.append(f"{rival['method']} rival run again from the first run's pixel-best iterate on image(s) "
                              f"{', '.join(str(i + 1) for i in again['samples'])}; its pick returned for image(s): {chosen}")
                 lines += _outmatched(rival["method"], again.get("outmatched"))
+            if again.get("off_pace"):  # core.twin.off_pace: even at the first rival's pace it could not have won
+                skipped = ", ".join(str(i + 1) for i in again["off_pace"])
+                lines.append(f"{rival['method']} rival not run again from the first run's pixel-best iterate on "
+                             f"image(s) {skipped}: at the first rival's pace its twin could not have got closer than "
+                             f"the returned pick's")
         later = [str(i + 1) for i, t in enumerate(self.extra.get("twin") or []) if t["why"] == "pixel best first"]
         if later:  # core.solver._select: auto never returns an iterate after the pixel-best
             lines.append(f"pixel-best iterate returned where the twin picked a later one (the decode only got worse "

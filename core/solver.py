@@ -20,11 +20,12 @@ from .codec import Codec
 from .diagnostics import cocoercivity
 from .evaluation import Evaluation, Target, direction, evaluator_for
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS, StepSetup
-from .metrics import psnr_from_mse
+from .metrics import nmse_db, psnr_from_mse
 from .result import InversionResult, SampleStats
 from .hybrid import backward_activation_mb, free_memory_mb
 from .unstable import REFRESH_STEPS, project_off, side_evaluations, unstable_directions
-from .twin import FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, decode_floor_psnr, rival_wins, twin_faithful, twin_of
+from .twin import (FLOOR_MARGIN_DB, SELECTIONS, TwinTracker, decode_floor_psnr, off_pace, rival_wins, twin_faithful,
+                   twin_of)
 
 Tensor = torch.Tensor
 __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS",
@@ -459,6 +460,7 @@ def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor,
     samples, latent = result.samples[:b], result.latent[:b].clone()
     trace_psnr, trace_res = result.trace_psnr[:, :b], result.trace_residual_db[:, :b]
     floors, twin_k, twin_db = tracker.floor_psnr.tolist(), tracker.iteration.tolist(), tracker.twin_nmse_db()
+    start_db = tracker.twin_nmse_start_db()
     near_k = tracker.near_iteration.tolist()
     why = ["floor"] * b
     for i, s in enumerate(samples):
@@ -487,8 +489,9 @@ def _select(result: InversionResult, tracker: TwinTracker, start_latent: Tensor,
     faithful = twin_faithful(result.trace_psnr, result.samples, twin_k, tracker.origin_psnr)
     twin_psnr0 = result.trace_psnr[0, b:].tolist()  # E(x_t)'s: where a later rival's twin gains count from
     result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2), "why": w,
-                             "faithful": ok, "twin_psnr_initial": p0}
-                            for k, d, f, w, ok, p0 in zip(twin_k, twin_db, floors, why, faithful, twin_psnr0)]
+                             "faithful": ok, "twin_psnr_initial": p0, "latent_nmse_start_db": round(d0, 2)}
+                            for k, d, f, w, ok, p0, d0 in zip(twin_k, twin_db, floors, why, faithful, twin_psnr0,
+                                                              start_db)]
     return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
                    pixel_best_rows=result.latent)
 
@@ -606,8 +609,9 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
     if not opts.rival or not rows or _left_of(opts, first.seconds) <= 0:
         return first
     report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None,
-              "outmatched": [], "early_steps": opts.rival_early_steps,
-              "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": []}}
+              "outmatched": [], "twin_gain_db": [], "early_steps": opts.rival_early_steps,
+              "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [], "twin_gain_db": [],
+                                  "off_pace": []}}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
     else:  # the twin doubles the batch the backward runs on
@@ -634,7 +638,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                          residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY))
     result = first
     for i in rows:
-        early_start = None
+        early_start = early_gain = None
         for origin in ("early", "pixel best") if opts.rival_from_pixel_best else ("early",):
             left = _left_of(opts, result.seconds)
             if left <= 0:
@@ -647,6 +651,13 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                     start, start_s = _pixel_best_start(first, codec, image, i, opts, weight, left)
                     if _same_start(start, early_start[0]):
                         continue  # the pixel-best is the early start: that rival ran already
+                    # held to the early rival's pace only where the twins' errors decide: against a pick whose twin
+                    # did not stand for it a faithful rival wins whatever its error (on kl-f8 photos, where the pace
+                    # would have raced 20 iterations on to 95 for nothing)
+                    pace = early_gain / opts.steps if result.extra["twin"][i]["faithful"] else None
+                    if _off_pace_from(start, codec, image, i, result.extra["twin"][i], pace, opts.steps):
+                        report["from_pixel_best"]["off_pace"].append(i)
+                        continue
                     # its twin is judged along the whole path its start came by: on kl-f8 texture at 64 px the real
                     # run's pixel-best gained 8.1 dB over E(x) where its twin's gained 25.3 (the first run's twin did
                     # not stand for it), which a gain counted from the start (0 against 0 at a pick there) hides
@@ -654,8 +665,10 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                                                first.extra["twin"][i]["twin_psnr_initial"]])
                 if left - start_s <= 0:
                     break
+                record = report if origin == "early" else report["from_pixel_best"]
                 result = _race_rival(result, codec, image, i, rival_opts, left - start_s, callback, weight, start,
-                                     start_s, report if origin == "early" else report["from_pixel_best"], gains_from)
+                                     start_s, record, gains_from, None if origin == "early" else pace)
+                early_gain = record["twin_gain_db"][-1]  # (the early rival's:) what a diis run gained on this twin
     if report["from_pixel_best"]["chosen"]:  # "chosen": the returned latent is a rival's pick, from either start
         report["chosen"] = sorted(set(report["chosen"]) | set(report["from_pixel_best"]["chosen"]))
     result.extra["rival"] = report
@@ -664,20 +677,23 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
 
 def _race_rival(result: InversionResult, codec: Codec, image: Tensor, i: int, rival_opts: InversionOptions,
                 left: float, callback, weight, start: Tensor | None, start_s: float, record: dict,
-                gains_from: Tensor | None = None) -> InversionResult:
+                gains_from: Tensor | None = None, pace: float | None = None) -> InversionResult:
     """`result` with sample i's rival run from `start` (None: E(x)), whose pick replaces the one standing where
-    core.twin.rival_wins prefers it; `record` (the rival report or its from_pixel_best part) notes the run;
-    `gains_from`: (real, twin) PSNRs its twin's faithfulness counts gains from (None: its start).
+    core.twin.rival_wins prefers it; `record` (the rival report or its from_pixel_best part) notes the run, and its
+    twin's gain (dB, from its start to its pick); `gains_from`: (real, twin) PSNRs its twin's faithfulness counts gains
+    from (None: its start); `pace`: dB per iteration the race also holds it to (core.twin.off_pace), or None.
     A race: the rival stops once it can no longer win (its twin cannot get closer than the standing pick's, and no
     faithfulness verdict saves it): on real photos with kl-f8 its twin ended 15-20 dB behind after 100 steps."""
     standing = result.extra["twin"][i]
-    race = torch.tensor([standing["latent_nmse_db"]]), torch.tensor([standing["faithful"]])
+    race = (torch.tensor([standing["latent_nmse_db"]]), torch.tensor([standing["faithful"]]),
+            None if pace is None else torch.tensor([pace]))
     second = _rerun(result, codec, image, [i], rival_opts, left, callback, weight, race=race, start=start,
                     origin_psnr=gains_from)
     twin = second.extra["twin"][0]
     wins = rival_wins(standing, twin)
     record["samples"].append(i)
     record["twin_nmse_db"].append(twin["latent_nmse_db"])
+    record["twin_gain_db"].append(round(max(twin["latent_nmse_start_db"] - twin["latent_nmse_db"], 0.0), 2))
     if wins:
         record["chosen"].append(i)
     if second.samples[0].stop_reason == "outmatched":
@@ -697,6 +713,19 @@ def _pixel_best_start(first: InversionResult, codec: Codec, image: Tensor, i: in
         alone = _run(codec, image[i:i + 1], replace(opts, rival="", unstable_steps=0,
                                                      time_budget=0.0 if math.isinf(left) else left), None, None, w)
     return alone.pixel_best_rows, alone.seconds
+
+
+def _off_pace_from(start: Tensor, codec: Codec, image: Tensor, i: int, standing: dict, pace: float | None,
+                   steps: int) -> bool:
+    """Whether a rival from `start` (sample i's rows (2, ...)) cannot win against the `standing` pick's twin record
+    even gaining `pace` dB per iteration for all its steps (core.twin.off_pace; None: it may run). Measured (race off,
+    docs/convergence.md "The rival's pace"): every rival this skips lost; both that won ran."""
+    if pace is None:
+        return False
+    with torch.inference_mode():
+        truth = _start_of(codec, image, torch.tensor([i]))  # the twin's answer, E(x)
+        start_db = nmse_db(start[1:2], truth).cpu()
+    return bool(off_pace(start_db, torch.tensor([pace]), steps, torch.tensor([standing["latent_nmse_db"]])))
 
 
 def _same_start(a: Tensor | None, b: Tensor | None) -> bool:
@@ -734,15 +763,15 @@ def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([pad(a), pad(b)])
 
 
-def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None,
-         weight=None, deflate: tuple[Tensor, list] | None = None, race: tuple[Tensor, Tensor] | None = None,
+def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None, weight=None,
+         deflate: tuple[Tensor, list] | None = None, race: tuple[Tensor, Tensor, Tensor | None] | None = None,
          start: Tensor | None = None, origin_psnr: Tensor | None = None) -> InversionResult:
     """`deflate`: (directions, lowest Ritz real parts) of the real rows at E(x), from the restart's probe: project
     every fixed-point step off the round trip's expanding directions (core.unstable), where a twin is run; the
-    twin rows' own are found here. `race`: a rival's, (the first run's twin errors in dB, whether each stood for its
-    run) per sample (TwinTracker.race). `start`: the first iterate of every row, twins included (a rival's), instead
-    of the target latent. `origin_psnr`: (2B,) PSNRs the twins' faithfulness counts gains from (a rival from the
-    first run's pixel-best: E(x)'s and E(x_t)'s), instead of the first iterate's."""
+    twin rows' own are found here. `race`: a rival's, (the standing picks' twin errors in dB, whether each stood for
+    its run, the twin pace it is held to or None) per sample (TwinTracker.race). `start`: the first iterate of every
+    row, twins included (a rival's), instead of the target latent. `origin_psnr`: (2B,) PSNRs the twins' faithfulness
+    counts gains from (a rival from the first run's pixel-best: E(x)'s and E(x_t)'s), instead of the first iterate's."""
     started = time.perf_counter()
     method = METHOD_REGISTRY[opts.method]
     batch = image.shape[0]
@@ -752,7 +781,7 @@ def _run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_l
     else:
         image, weight, target_latent, twin = _twin_batch(codec, image, weight, target_latent, opts, method.family)
     if twin is not None and race is not None:
-        twin.race(*race, opts.steps)
+        twin.race(race[0], race[1], opts.steps, race[2])
     if twin is not None and origin_psnr is not None:
         twin.origin_psnr = origin_psnr.to(device=image.device, dtype=torch.float32)
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)

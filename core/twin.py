@@ -68,6 +68,20 @@ CATCH_UP = 3.0
 TOO_CLOSE_DB = 0.5
 
 
+def off_pace(now_db: Tensor, pace_db: Tensor, steps_left: int, to_beat_db: Tensor) -> Tensor:
+    """(B,) True where a rival's twin, its latent error at `now_db`, gaining `pace_db` dB per iteration for its
+    `steps_left` iterations, would still stay more than TOO_CLOSE_DB above `to_beat_db` (the standing pick's twin).
+    The pace is the early rival's on the same twin (its twin's whole gain, spread over the steps a run may take): what
+    a diis run did on this problem, which a rival from the first run's pixel-best may do again -- its twin can sit
+    flat for 20 iterations and then gain 2.5 dB (kl-f8 flat_noise at 128 px), which no rate over the last
+    SETTLE_STEPS foresees.
+
+    >>> off_pace(torch.tensor([-23.83, -6.67]), torch.tensor([0.0195, 0.0621]), 100, torch.tensor([-25.47, -14.01]))
+    tensor([False,  True])
+    """
+    return now_db - pace_db * steps_left > to_beat_db + TOO_CLOSE_DB
+
+
 def is_8bit(x: Tensor) -> Tensor:
     """(B,) True where every value of the sample lies on the 8-bit grid (as loaded from a PNG)."""
     flat = x.reshape(x.shape[0], -1).float() * 255
@@ -191,15 +205,18 @@ class TwinTracker:
         self.near_z = truth.new_zeros(truth.shape)  # the first real iterate within FLOOR_NEAR_DB of the floor
         self.near_iteration = torch.full((self.batch,), -1, dtype=torch.long, device=truth.device)  # -1: none
         self.to_beat: Tensor | None = None  # (B,) dB, a rival's race (race(), outmatched())
+        self.pace: Tensor | None = None  # (B,) dB per iteration, the early rival's (off_pace); None: rate alone
+        self.start_err: Tensor | None = None  # (B,) the twins' latent error at the first iterate
         self.origin_psnr: Tensor | None = None  # (2B,) where gains count from (twin_faithful's origin); None: iterate 0
 
-    def race(self, to_beat_db: Tensor, first_faithful: Tensor, steps: int) -> None:
+    def race(self, to_beat_db: Tensor, first_faithful: Tensor, steps: int, pace_db: Tensor | None = None) -> None:
         """Make this a rival run's tracker (core.solver's rival): outmatched() then says which samples' rivals can no
         longer win against the pick standing (the first run's, or an earlier rival's), whose twins reached `to_beat_db`
         (B,) dB at their picks and stood for their runs where `first_faithful` (B,) bool (rival_wins); `steps` the
-        rival's iterations."""
+        rival's iterations; `pace_db` (B,) dB per iteration the twin may still gain at (off_pace), or None."""
         b, device = self.batch, self.truth.device
         self.to_beat, self.steps = to_beat_db.to(device, torch.float32), steps
+        self.pace = None if pace_db is None else pace_db.to(device, torch.float32)
         self.first_faithful = first_faithful.to(device)
         self.history = torch.full((SETTLE_STEPS + 1, b), math.inf, device=device)  # the twins' best errors, dB
         self.lowest_mse = torch.full((b,), math.inf, device=device)  # the real rows' best pixel error so far ...
@@ -209,8 +226,9 @@ class TwinTracker:
     def outmatched(self, k: int, pixel_mse: Tensor) -> Tensor | None:
         """(B,) after observe(k), in a race: True where the rival can no longer win, by rival_wins' own terms: its
         twin's best error, falling from now to the last step at CATCH_UP times its rate over the last SETTLE_STEPS
-        iterations, would stay more than TOO_CLOSE_DB above the first run's, and either the first run's twin stood for
-        it or the rival's, judged as twin_faithful would judge it if the run ended here, does not. `pixel_mse` (k + 1, 2B): every row's
+        iterations, would stay more than TOO_CLOSE_DB above the first run's (and, given a pace, off_pace too), and
+        either the first run's twin stood for it or the rival's, judged as twin_faithful would judge it if the run
+        ended here, does not. `pixel_mse` (k + 1, 2B): every row's
         pixel error so far (the run's trace; NaN once stopped). None outside a race. On the device."""
         if self.to_beat is None:
             return None
@@ -224,6 +242,8 @@ class TwinTracker:
             return torch.zeros_like(self.first_faithful)
         rate = (now - self.history[(k + 1) % (w + 1)]) / w  # <= 0: a best never rises
         behind = now + CATCH_UP * rate * (self.steps - k) > self.to_beat + TOO_CLOSE_DB  # NaN (no best yet): False
+        if self.pace is not None:  # ... and off the early rival's pace as well
+            behind &= off_pace(now, self.pace, self.steps - k, self.to_beat)
         picked = self.iteration.clamp_max(k)
         base = psnr_from_mse(pixel_mse[0]) if self.origin_psnr is None else self.origin_psnr
         real_gain = psnr_from_mse(real[picked, self.rows]) - base[:b]
@@ -240,6 +260,8 @@ class TwinTracker:
         b = self.batch
         diff = torch.sub(z[b:], self.truth, out=self.diff).square_()  # in place: nothing latent-sized per step
         err = diff.flatten(1).sum(1) / self.truth_sq
+        if k == 0:
+            self.start_err = err.clone()
         better = (err < self.best_err) & active[:b] & torch.isfinite(pixel_mse[:b])
         torch.where(better, err, self.best_err, out=self.best_err)
         torch.where(better.view(self.view), z[:b], self.z, out=self.z)
@@ -255,3 +277,7 @@ class TwinTracker:
 
     def twin_nmse_db(self) -> list[float]:
         return (10 * torch.log10(self.best_err.clamp_min(1e-30))).tolist()
+
+    def twin_nmse_start_db(self) -> list[float]:
+        """Per twin, the latent error (dB) of its first iterate (its start)."""
+        return (10 * torch.log10(self.start_err.clamp_min(1e-30))).tolist()

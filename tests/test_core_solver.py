@@ -677,3 +677,27 @@ def test_the_summary_says_which_rival_run_the_returned_pick_came_from():
                           "for image(s): 2")
     assert "stopped early for image(s): 1 (its iteration 20)" in stopped
     assert r.rival_outcome(0) == r.rival_outcome(1) == "chosen"
+
+
+def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_win():
+    """core.solver._off_pace_from: a rival from the first run's pixel-best runs only where its twin, gaining the
+    early rival's pace for all its steps, could get within TOO_CLOSE_DB of the standing pick's twin (the solver gives
+    no pace where that twin did not stand for its run: a faithful rival would win whatever its error). The summary
+    says so."""
+    from core.result import InversionResult
+    codec = Codec(encode=lambda x: x, decode=lambda z: z)
+    x = torch.rand(1, 3, 4, 4)
+    start = torch.stack([x[0], x[0] * (1 + 0.1)])  # the twin row 20 dB from its answer E(x) = x
+    standing = {"latent_nmse_db": -30.0, "faithful": True}
+    assert solver._off_pace_from(start, codec, x, 0, standing, pace=0.05, steps=100)  # -25 dB at best
+    assert not solver._off_pace_from(start, codec, x, 0, standing, pace=0.1, steps=100)  # -30: could win
+    assert not solver._off_pace_from(start, codec, x, 0, standing, pace=None, steps=100)  # no pace: no early rival, or an unfaithful pick
+    report = {"method": "diis", "candidates": [0], "samples": [0], "chosen": [0], "skipped": None, "outmatched": [],
+              "early_steps": 1, "twin_nmse_db": [-20.0], "twin_gain_db": [5.0],
+              "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [],
+                                  "twin_gain_db": [], "off_pace": [0]}}
+    r = InversionResult(latent=torch.zeros(1, 3, 4, 4), samples=[], trace_psnr=torch.zeros(1, 1),
+                        trace_residual_db=torch.zeros(1, 1), seconds=1.0, method="anderson", dtype="float32",
+                        extra={"rival": report})
+    assert any(line.startswith("diis rival not run again from the first run's pixel-best iterate on image(s) 1: at the "
+                               "first rival's pace") for line in r.notes()), r.notes()

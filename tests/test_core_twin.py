@@ -141,12 +141,13 @@ def test_without_expanding_directions_the_restart_changes_nothing():
 
 
 def _race(twin_db: list[float], real_psnr: list[float], twin_psnr: list[float], to_beat: float, first_faithful: bool,
-          origin: torch.Tensor | None = None):
+          origin: torch.Tensor | None = None, pace: float | None = None):
     """A race tracker fed a rival's run: the twin's latent error (dB) and both rows' PSNR per iteration; returns
     the first iteration at which outmatched() said stop (None: never)."""
     truth = torch.ones(1, 4, 2, 2)
     tracker = TwinTracker(truth, torch.tensor([math.inf]))
-    tracker.race(torch.tensor([to_beat]), torch.tensor([first_faithful]), steps=len(twin_db) - 1)
+    tracker.race(torch.tensor([to_beat]), torch.tensor([first_faithful]), steps=len(twin_db) - 1,
+                 pace_db=None if pace is None else torch.tensor([pace]))
     tracker.origin_psnr = origin
     active = torch.ones(2, dtype=torch.bool)
     mse = 10 ** (-torch.tensor([real_psnr, twin_psnr], dtype=torch.float64).T / 10)  # (steps + 1, 2): the trace
@@ -217,3 +218,17 @@ def test_the_race_counts_gains_from_the_origin_it_is_given():
     assert _race(creeping, settled, twin_gaining, to_beat=-36.0, first_faithful=False) == SETTLE_STEPS
     origin = torch.tensor([0.0, 24.0])
     assert _race(creeping, settled, twin_gaining, to_beat=-36.0, first_faithful=False, origin=origin) is None
+
+
+def test_a_rival_on_the_early_rivals_pace_runs_on_through_a_flat_start():
+    """kl-f8 flat_noise at 128 px (session 18): the rival from the first run's pixel-best sat near -23.85 dB for its
+    first 20 iterations, 1.6 dB behind the standing pick's -25.47, then fell to -26.38 and won; the rate over those 20
+    projected no catching up, so the race stopped it. The early rival gained 1.95 dB over its 100 iterations on the same
+    twin: at that pace the flat start could still catch up, so with the pace it runs on -- until it falls off it."""
+    gaining = [20.0 + 0.2 * k for k in range(101)]
+    late = [-23.83 - 0.0025 * k for k in range(21)] + [-23.88 - 0.0315 * k for k in range(1, 81)]  # -26.4 at 100
+    assert _race(late, gaining, gaining, to_beat=-25.47, first_faithful=True) == SETTLE_STEPS
+    assert _race(late, gaining, gaining, to_beat=-25.47, first_faithful=True, pace=0.0195) is None
+    flat = [-23.83 - 0.0025 * k for k in range(101)]  # never falls: stopped once the pace cannot close the gap
+    k = _race(flat, gaining, gaining, to_beat=-25.47, first_faithful=True, pace=0.0195)
+    assert k is not None and 40 < k < 60
