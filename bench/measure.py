@@ -118,14 +118,16 @@ def image_rows(ctx, models, sizes, images, make_row) -> list[dict]:
 
 @contextlib.contextmanager
 def race_off(core):
-    """The default's rival without its race (core.twin.CATCH_UP = inf: its twin could catch up at any rate), so it
-    runs all its steps: the race is a stop rule, off where a run must be the whole one."""
+    """The default's rivals without their race, so they run all their steps: core.twin.CATCH_UP = inf (a twin could
+    catch up at any rate) and TOO_CLOSE_DB = inf (no pace rules a second rival out before it starts, or stops it:
+    core.twin.off_pace). The race is a stop rule, off where a run must be the whole one."""
     twin = importlib.import_module(core.__name__ + ".twin")
-    catch_up, twin.CATCH_UP = twin.CATCH_UP, math.inf
+    saved = twin.CATCH_UP, twin.TOO_CLOSE_DB
+    twin.CATCH_UP = twin.TOO_CLOSE_DB = math.inf
     try:
         yield
     finally:
-        twin.CATCH_UP = catch_up
+        twin.CATCH_UP, twin.TOO_CLOSE_DB = saved
 
 
 def photo_bchw(name: str, size: int) -> torch.Tensor:

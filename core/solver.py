@@ -638,7 +638,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                          residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY))
     result = first
     for i in rows:
-        early_start = early_gain = None
+        early_start = early_gain = pace = None
         for origin in ("early", "pixel best") if opts.rival_from_pixel_best else ("early",):
             left = _left_of(opts, result.seconds)
             if left <= 0:
@@ -649,14 +649,16 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                     start, start_s = early_start = _early_start(codec, image, i, opts, weight, left)
                 else:
                     start, start_s = _pixel_best_start(first, codec, image, i, opts, weight, left)
-                    if _same_start(start, early_start[0]):
-                        continue  # the pixel-best is the early start: that rival ran already
+                    if _same_start(start, early_start[0]):  # the pixel-best is the early start: that rival ran
+                        result = replace(result, seconds=result.seconds + start_s)
+                        continue
                     # held to the early rival's pace only where the twins' errors decide: against a pick whose twin
                     # did not stand for it a faithful rival wins whatever its error (on kl-f8 photos, where the pace
                     # would have raced 20 iterations on to 95 for nothing)
                     pace = early_gain / opts.steps if result.extra["twin"][i]["faithful"] else None
                     if _off_pace_from(start, codec, image, i, result.extra["twin"][i], pace, opts.steps):
                         report["from_pixel_best"]["off_pace"].append(i)
+                        result = replace(result, seconds=result.seconds + start_s)
                         continue
                     # its twin is judged along the whole path its start came by: on kl-f8 texture at 64 px the real
                     # run's pixel-best gained 8.1 dB over E(x) where its twin's gained 25.3 (the first run's twin did
@@ -667,7 +669,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                     break
                 record = report if origin == "early" else report["from_pixel_best"]
                 result = _race_rival(result, codec, image, i, rival_opts, left - start_s, callback, weight, start,
-                                     start_s, record, gains_from, None if origin == "early" else pace)
+                                     start_s, record, gains_from, pace)
                 early_gain = record["twin_gain_db"][-1]  # (the early rival's:) what a diis run gained on this twin
     if report["from_pixel_best"]["chosen"]:  # "chosen": the returned latent is a rival's pick, from either start
         report["chosen"] = sorted(set(report["chosen"]) | set(report["from_pixel_best"]["chosen"]))
