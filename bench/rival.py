@@ -33,6 +33,7 @@ def row(core, codec, model: str, photo: str, size: int) -> dict:
                 psnr_encoder=round(free.samples[0].psnr_initial, 2), psnr_free=round(free.samples[0].psnr_best, 2),
                 psnr_one_rival=round(one.samples[0].psnr_best, 2), psnr_default=round(default.samples[0].psnr_best, 2),
                 again_ran=0 in again.get("samples", []), again_chosen=0 in again.get("chosen", []),
+                again_unjudged=0 in again.get("unjudged", []), again_off_pace=0 in again.get("off_pace", []),
                 free_why=free.extra["twin"][0]["why"], rival_ran=0 in rival.get("samples", []),
                 rival_chosen=0 in rival.get("chosen", []), skipped=rival.get("skipped"),
                 twin_free_db=free.extra["twin"][0]["latent_nmse_db"],
@@ -54,7 +55,9 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         chosen = "skipped: " + r["skipped"] if r["skipped"] else ("yes" if r["rival_chosen"] else
                                                                   "no" if r["rival_ran"] else f"not run ({r['free_why']})")
-        again = ("yes" if r["again_chosen"] else "no") if r["again_ran"] else "not run"
+        again = (("yes" if r["again_chosen"] else "no") if r["again_ran"] else
+                 "not run: pick not stood for" if r.get("again_unjudged") else
+                 "not run: off pace" if r.get("again_off_pace") else "not run")
         lines.append(f"| {r['model']} | {r['size']} | {r['photo']} | {r['psnr_encoder']} | {r['psnr_free']} | "
                      f"{r['psnr_one_rival']} | {r['psnr_default']} | {chosen} | {again} | {r['twin_free_db']} / "
                      f"{r['twin_rival_db']} | {r['seconds_free']} / {r['seconds_one_rival']} / {r['seconds_default']} |")

@@ -151,6 +151,11 @@ class InversionResult:
                 lines.append(f"{rival['method']} rival run again from the first run's pixel-best iterate on image(s) "
                              f"{', '.join(str(i + 1) for i in again['samples'])}; its pick returned for image(s): {chosen}")
                 lines += _outmatched(rival["method"], again.get("outmatched"))
+            if again.get("unjudged"):  # core.solver._with_rival: where the standing pick's twin did not stand for it
+                unjudged = ", ".join(str(i + 1) for i in again["unjudged"])
+                lines.append(f"{rival['method']} rival not run again from the first run's pixel-best iterate on "
+                             f"image(s) {unjudged}: the returned pick's twin did not stand for it (the image is not "
+                             f"explained as its twin is), where that run has never won")
             if again.get("off_pace"):  # core.twin.off_pace: even at the first rival's pace it could not have won
                 skipped = ", ".join(str(i + 1) for i in again["off_pace"])
                 lines.append(f"{rival['method']} rival not run again from the first run's pixel-best iterate on "

@@ -600,7 +600,12 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                 weight) -> InversionResult:
     """The samples the twin decided for, each run again by the gradient method `opts.rival` with its twin (core.twin),
     from E(x) or (rival_early_steps > 0) _early_start's iterate, then (rival_from_pixel_best) from the first run's
-    pixel-best iterate where that is another start, returning whichever pick core.twin.rival_wins prefers. Skipped
+    pixel-best iterate where that is another start, returning whichever pick core.twin.rival_wins prefers. The second
+    run only where the pick standing after the first rival was stood for by its twin (twin_faithful), so that the
+    twins' latent errors decide: where neither the fixed point nor the early rival explained x as their twins explained
+    theirs (every real photo measured: x is not in the decoder's range), the second run never won, on 8 of 8 photos of
+    both VAEs at 64 px, raced for 20-95 iterations (+26-62 % of the time; docs/convergence.md "The rival's pace");
+    and not where even the early rival's pace could not win (_off_pace_from). Skipped
     where the codec has no differentiable decoder or the rival's activations would exceed memory_limit_mb. One sample
     at a time: diis mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions
     (TAEF2, 64 px: latents up to 0.3 apart between a batch of three and single runs), so a batched rival's result would
@@ -611,7 +616,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
     report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None,
               "outmatched": [], "twin_gain_db": [], "early_steps": opts.rival_early_steps,
               "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [], "twin_gain_db": [],
-                                  "off_pace": []}}
+                                  "off_pace": [], "unjudged": []}}
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
     else:  # the twin doubles the batch the backward runs on
@@ -648,14 +653,14 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
                 if origin == "early":
                     start, start_s = early_start = _early_start(codec, image, i, opts, weight, left)
                 else:
+                    if not result.extra["twin"][i]["faithful"]:  # the twins cannot decide there (below)
+                        report["from_pixel_best"]["unjudged"].append(i)
+                        continue
                     start, start_s = _pixel_best_start(first, codec, image, i, opts, weight, left)
                     if _same_start(start, early_start[0]):  # the pixel-best is the early start: that rival ran
                         result = replace(result, seconds=result.seconds + start_s)
                         continue
-                    # held to the early rival's pace only where the twins' errors decide: against a pick whose twin
-                    # did not stand for it a faithful rival wins whatever its error (on kl-f8 photos, where the pace
-                    # would have raced 20 iterations on to 95 for nothing)
-                    pace = early_gain / opts.steps if result.extra["twin"][i]["faithful"] else None
+                    pace = early_gain / opts.steps
                     if _off_pace_from(start, codec, image, i, result.extra["twin"][i], pace, opts.steps):
                         report["from_pixel_best"]["off_pace"].append(i)
                         result = replace(result, seconds=result.seconds + start_s)

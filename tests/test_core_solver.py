@@ -679,7 +679,7 @@ def test_the_summary_says_which_rival_run_the_returned_pick_came_from():
     assert r.rival_outcome(0) == r.rival_outcome(1) == "chosen"
 
 
-def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_win():
+def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_win_nor_against_an_unfaithful_pick():
     """core.solver._off_pace_from: a rival from the first run's pixel-best runs only where its twin, gaining the
     early rival's pace for all its steps, could get within TOO_CLOSE_DB of the standing pick's twin (the solver gives
     no pace where that twin did not stand for its run: a faithful rival would win whatever its error). The summary
@@ -695,9 +695,11 @@ def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_
     report = {"method": "diis", "candidates": [0], "samples": [0], "chosen": [0], "skipped": None, "outmatched": [],
               "early_steps": 1, "twin_nmse_db": [-20.0], "twin_gain_db": [5.0],
               "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [],
-                                  "twin_gain_db": [], "off_pace": [0]}}
+                                  "twin_gain_db": [], "off_pace": [0], "unjudged": [1]}}
     r = InversionResult(latent=torch.zeros(1, 3, 4, 4), samples=[], trace_psnr=torch.zeros(1, 1),
                         trace_residual_db=torch.zeros(1, 1), seconds=1.0, method="anderson", dtype="float32",
                         extra={"rival": report})
     assert any(line.startswith("diis rival not run again from the first run's pixel-best iterate on image(s) 1: at the "
                                "first rival's pace") for line in r.notes()), r.notes()
+    assert any(line.startswith("diis rival not run again from the first run's pixel-best iterate on image(s) 2: the "
+                               "returned pick's twin did not stand for it") for line in r.notes()), r.notes()
