@@ -604,7 +604,7 @@ def _with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Inver
     run only where the pick standing after the first rival was stood for by its twin (twin_faithful), so that the
     twins' latent errors decide: where neither the fixed point nor the early rival explained x as their twins explained
     theirs (every real photo measured: x is not in the decoder's range), the second run never won, on 8 of 8 photos of
-    both VAEs at 64 px, raced for 20-95 iterations (+26-62 % of the time; docs/convergence.md "The rival's pace");
+    both VAEs at 64 px, raced for 20-90 iterations (+26-62 % of the time; docs/convergence.md "The rival's pace");
     and not where even the early rival's pace could not win (_off_pace_from). Skipped
     where the codec has no differentiable decoder or the rival's activations would exceed memory_limit_mb. One sample
     at a time: diis mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions
