@@ -154,8 +154,8 @@ class InversionResult:
             if again.get("unjudged"):  # core.solver._with_rival: where the standing pick's twin did not stand for it
                 unjudged = ", ".join(str(i + 1) for i in again["unjudged"])
                 lines.append(f"{rival['method']} rival not run again from the first run's pixel-best iterate on "
-                             f"image(s) {unjudged}: the returned pick's twin did not stand for it (the image is not "
-                             f"explained as its twin is; on the real photos measured that run never won)")
+                             f"image(s) {unjudged}: the returned pick's twin did not stand for it (x is not explained "
+                             f"as its twin is; on the real photos measured that run never won)")
             if again.get("off_pace"):  # core.twin.off_pace: even at the first rival's pace it could not have won
                 skipped = ", ".join(str(i + 1) for i in again["off_pace"])
                 lines.append(f"{rival['method']} rival not run again from the first run's pixel-best iterate on "
