@@ -703,3 +703,5 @@ def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_
                                "first rival's pace") for line in r.notes()), r.notes()
     assert any(line.startswith("diis rival not run again from the first run's pixel-best iterate on image(s) 2: the "
                                "returned pick's twin did not stand for it") for line in r.notes()), r.notes()
+    # the summary has one line per sample that starts "image N:" (a node test counts them); notes say "image(s)"
+    assert not any("image " in line for line in r.notes()), r.notes()
