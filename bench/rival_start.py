@@ -1,6 +1,6 @@
 """Where the default's rival starts (issue 12, session 15): core.solver's `rival_early_steps` side by side.
 
-The rival (`diis`, core.solver._with_rival) runs each image the twin decided for again, with its own twin. From E(x)
+The rival (`diis`, core.rival.with_rival) runs each image the twin decided for again, with its own twin. From E(x)
 it starts where the fixed point started; from the pixel-best of E(x) and the first K fixed-point iterates it starts
 a few dB closer in pixels, before the fixed point's drift sets in (the hybrid restarts that way: core.hybrid.EARLY_STEPS).
 Per VAE x size x image, in the paper protocol (z_gt = E(photo), x = D(z_gt) in 8 bits), the default for each K in

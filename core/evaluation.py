@@ -12,6 +12,9 @@ from .methods import Method
 from .metrics import PixelError, per_sample_norm, per_sample_weighted_mse, ratio_db
 
 Tensor = torch.Tensor
+# Hosts that only show the gradient methods' residual (the nodes' plot, the CLI's report) encode every 4th
+# iterate: 0.73-0.88 of the time on TAEF2, the same latent (bench/results/2026-12-03-cpu-residual-every.md)
+REPORTED_RESIDUAL_EVERY = 4
 
 
 @dataclass

@@ -112,7 +112,7 @@ class InversionResult:
     options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what the method reports about its path (core.hybrid)
     # a twin batch's pixel-best iterate of every row (real samples, then their twins) before the twin's pick; None
-    # without a twin. The default's second rival starts there (core.solver._with_rival). Not in to_dict.
+    # without a twin. The default's second rival starts there (core.rival.with_rival). Not in to_dict.
     pixel_best_rows: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def summary(self) -> str:
@@ -151,7 +151,7 @@ class InversionResult:
                 lines.append(f"{rival['method']} rival run again from the first run's pixel-best iterate on image(s) "
                              f"{', '.join(str(i + 1) for i in again['samples'])}; its pick returned for image(s): {chosen}")
                 lines += _outmatched(rival["method"], again.get("outmatched"))
-            if again.get("unjudged"):  # core.solver._with_rival: where the standing pick's twin did not stand for it
+            if again.get("unjudged"):  # core.rival.with_rival: where the standing pick's twin did not stand for it
                 unjudged = ", ".join(str(i + 1) for i in again["unjudged"])
                 lines.append(f"{rival['method']} rival not run again from the first run's pixel-best iterate on "
                              f"image(s) {unjudged}: the returned pick's twin did not stand for it (x is not explained "
@@ -162,7 +162,7 @@ class InversionResult:
                              f"image(s) {skipped}: at the first rival's pace its twin could not have got closer than "
                              f"the returned pick's")
         later = [str(i + 1) for i, t in enumerate(self.extra.get("twin") or []) if t["why"] == "pixel best first"]
-        if later:  # core.solver._select: auto never returns an iterate after the pixel-best
+        if later:  # core.pick.select_picks: auto never returns an iterate after the pixel-best
             lines.append(f"pixel-best iterate returned where the twin picked a later one (the decode only got worse "
                          f"after it), for image(s): {', '.join(later)}")
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap

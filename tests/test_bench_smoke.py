@@ -300,7 +300,7 @@ def test_rival_photos_bench_runs_the_three_defaults_side_by_side(tmp_path):
     (row,) = result["rows"]
     assert row["rival_ran"] and isinstance(row["again_ran"], bool)
     # a real photo is not in the decoder's range: the pick standing after the first rival was not stood for by its
-    # twin, so the second run (from the first run's pixel-best) is not made (core.solver._with_rival)
+    # twin, so the second run (from the first run's pixel-best) is not made (core.rival.with_rival)
     assert row["again_unjudged"] and not row["again_ran"], row
     assert all(row[k] >= row["psnr_encoder"] for k in ("psnr_free", "psnr_one_rival", "psnr_default"))
     assert all(row[k] > 0 for k in ("seconds_free", "seconds_one_rival", "seconds_default"))

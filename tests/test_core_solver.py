@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core import Codec, InversionOptions, invert
-from core import metrics, solver
+from core import metrics, rival, run_state
 from core.schedule import paper_lr
 
 
@@ -349,7 +349,7 @@ def test_residual_every_encodes_only_every_nth_iterate_and_leaves_the_latent_alo
 def test_auto_stops_flatness_skips_iterates_whose_residual_was_not_encoded():
     nan = math.nan
     window = torch.tensor([[-20.0, nan], [nan, nan], [-20.5, nan], [nan, nan]])
-    spread = solver._spread_db(window)
+    spread = run_state.spread_db(window)
     assert spread[0].item() == pytest.approx(0.5)
     assert spread[1].item() == -math.inf  # no residual in the window: the pixel rule alone decides
 
@@ -383,7 +383,7 @@ def test_callback_sees_every_iteration_and_can_cancel():
 def test_host_reads_the_stats_only_every_sync_every_iterations(monkeypatch):
     """The loop never waits for the device between sync points: the callback for iterations
     k-3..k runs only once evaluation k is done, 4 at a time (decodes counted), and every k is still seen once."""
-    monkeypatch.setattr(solver, "SYNC_SECONDS", math.inf)  # only the iteration count triggers
+    monkeypatch.setattr(run_state, "SYNC_SECONDS", math.inf)  # only the iteration count triggers
     codec, _ = linear_codec()
     decodes = []
     counting = Codec(codec.encode, lambda z: decodes.append(1) or codec.decode(z))
@@ -680,7 +680,7 @@ def test_the_summary_says_which_rival_run_the_returned_pick_came_from():
 
 
 def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_win_nor_against_an_unfaithful_pick():
-    """core.solver._off_pace_from: a rival from the first run's pixel-best runs only where its twin, gaining the
+    """core.rival._off_pace_from: a rival from the first run's pixel-best runs only where its twin, gaining the
     early rival's pace for all its steps, could get within TOO_CLOSE_DB of the standing pick's twin (the solver gives
     no pace where that twin did not stand for its run: a faithful rival would win whatever its error). The summary
     says so."""
@@ -689,9 +689,9 @@ def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_
     x = torch.rand(1, 3, 4, 4)
     start = torch.stack([x[0], x[0] * (1 + 0.1)])  # the twin row 20 dB from its answer E(x) = x
     standing = {"latent_nmse_db": -30.0, "faithful": True}
-    assert solver._off_pace_from(start, codec, x, 0, standing, pace=0.05, steps=100)  # -25 dB at best
-    assert not solver._off_pace_from(start, codec, x, 0, standing, pace=0.1, steps=100)  # -30: could win
-    assert not solver._off_pace_from(start, codec, x, 0, standing, pace=None, steps=100)  # no pace: no early rival, or an unfaithful pick
+    assert rival._off_pace_from(start, codec, x, 0, standing, pace=0.05, steps=100)  # -25 dB at best
+    assert not rival._off_pace_from(start, codec, x, 0, standing, pace=0.1, steps=100)  # -30: could win
+    assert not rival._off_pace_from(start, codec, x, 0, standing, pace=None, steps=100)  # no pace: no early rival, or an unfaithful pick
     report = {"method": "diis", "candidates": [0], "samples": [0], "chosen": [0], "skipped": None, "outmatched": [],
               "early_steps": 1, "twin_nmse_db": [-20.0], "twin_gain_db": [5.0],
               "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [],
