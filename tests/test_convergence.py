@@ -260,6 +260,27 @@ def test_the_rival_stops_once_it_cannot_win_and_returns_what_the_whole_race_woul
     assert torch.equal(raced.latent, whole.latent) and raced.samples == whole.samples
 
 
+def test_the_pace_skips_only_a_second_rival_that_would_have_lost(kl_small, pack, monkeypatch):
+    """kl-f8 flat_objects at 64 px (docs/convergence.md, "The rival's pace"): the first run's pixel-best is not the early
+    rival's start, but a diis run from it, gaining on its twin at the early rival's pace for all its steps, could not get
+    within TOO_CLOSE_DB of the standing pick's twin, so it is not run (core.twin.off_pace). With the race and the pace off
+    (bench.measure.race_off) it runs every step, loses, and the default returns the same latent."""
+    adapter, core = pack
+    twin = importlib.import_module(core.__name__ + ".twin")
+    codec, x, _, _ = _protocol(adapter, kl_small, "flat_objects", size=64)
+    paced = core.invert(codec, x)
+    again = paced.extra["rival"]["from_pixel_best"]
+    assert again["off_pace"] == [0] and again["samples"] == [] and paced.extra["twin"][0]["faithful"] is True
+    assert "at the first rival's pace its twin could not have got closer" in paced.summary()
+    monkeypatch.setattr(twin, "CATCH_UP", float("inf"))
+    monkeypatch.setattr(twin, "TOO_CLOSE_DB", float("inf"))
+    whole = core.invert(codec, x)
+    again = whole.extra["rival"]["from_pixel_best"]
+    assert again["off_pace"] == [] and again["samples"] == [0] and again["chosen"] == []
+    assert whole.extra["rival"]["chosen"] == paced.extra["rival"]["chosen"]
+    assert torch.equal(paced.latent, whole.latent)
+
+
 def test_the_default_never_returns_an_iterate_past_the_pixel_best(kl_small, pack):
     """kl-f8 stars at 64 px (docs/convergence.md, "Never past the pixel-best"): the twin picks iteration 31, but the
     decode was best at 22 and only got worse after it; the pixel-best is 1.5 dB closer to the true latent (-21.20
