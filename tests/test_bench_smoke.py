@@ -305,3 +305,19 @@ def test_rival_photos_bench_runs_the_three_defaults_side_by_side(tmp_path):
     assert all(row[k] >= row["psnr_encoder"] for k in ("psnr_free", "psnr_one_rival", "psnr_default"))
     assert all(row[k] > 0 for k in ("seconds_free", "seconds_one_rival", "seconds_default"))
     assert "| taef2 | 32 | astronaut |" in next(tmp_path.glob("*-rival-photos.md")).read_text()
+
+
+def test_floor_methods_bench_scores_every_method_and_the_default(tmp_path):
+    """`python -m bench.floor_methods` on one kl-f8 case at 32 px: each fixed-point method's pixel-best and selected
+    latent, their mean and the default, scored against the true latent, never worse than E(x) for the default."""
+    proc = subprocess.run([sys.executable, "-m", "bench.floor_methods", "--models", "kl_f8_small", "--cases", "coffee",
+                           "--sizes", "32", "--threads", "1", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-floor-methods.json")]
+    (row,) = result["rows"]
+    scores = [row[p + m] for p in ("plain_", "selected_") for m in ("paper", "forward", "km", "anderson")]
+    assert all(math.isfinite(v) for v in scores + [row["mean_fixed_point"], row["default"]])
+    assert row["default"] <= row["encoder"] and row["best_plain"] in ("paper", "forward", "km", "anderson")
+    assert row["why_default"] in ("floor", "noise level", "twin", "decoded worse", "pixel best first")
+    assert "| kl_f8_small | 32 | coffee |" in next(tmp_path.glob("*-floor-methods.md")).read_text()
