@@ -1,7 +1,7 @@
 """Tree-Ring detection and key classification on the trained tiny model (issue 15; the paper's Table 2).
 
     .venv/bin/python -m bench.watermark            # the committed table (about an hour on 2 CPU cores)
-    .venv/bin/python -m bench.watermark --quick    # smoke run: 8 images per set, 2 keys, few steps
+    .venv/bin/python -m bench.watermark --quick    # smoke run: 4 images per set, 2 keys, few steps
 
 Generations go through ComfyUI's own nodes, as in workflows/treering_embed.json: Tree-Ring Watermarked
 Noise (or stock Random Noise) -> SamplerCustomAdvanced (CFGGuider cfg 1, the model's fixed empty
@@ -72,7 +72,7 @@ class Setup:
     seed: int = 0
 
 
-QUICK = Setup(n=8, keys=2, sampler_steps=3, encode_steps=2, iterations=2)
+QUICK = Setup(n=4, keys=2, sampler_steps=3, encode_steps=2, iterations=2)
 
 
 class Pack:
@@ -298,7 +298,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.watermark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (8 images per set, 2 keys, few steps)")
+    p.add_argument("--quick", action="store_true", help="smoke run (4 images per set, 2 keys, few steps)")
     p.add_argument("--n", type=int, help="images per set")
     p.add_argument("--keys", type=int, help="K, the number of rand keys")
     p.add_argument("--radius", type=int, help="key radius (frequency bins)")
