@@ -6,7 +6,6 @@ along the motion of each method, relative to random latent directions, in the pa
 import importlib
 import json
 import math
-import sys
 import time
 
 import torch

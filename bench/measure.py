@@ -246,7 +246,7 @@ def floor_seconds(codec, x_in, z_in, repeats: int) -> float:
 def run_row(job: dict, ctx) -> dict:
     core, metrics = ctx.core, ctx.core.metrics
     torch.manual_seed(0)
-    name, config = job["method"], job["config"]
+    config = job["config"]
     row = {k: job[k] for k in ("method", "model", "size", "dtype", "image")}
     row.update(steps=job["steps"] if config is not None else 0,
                accuracy_meaningful=job["model"] not in ACCURACY_MEANINGLESS)

@@ -14,7 +14,6 @@ A fifth argument skips the last block. Minutes per image at 64 px (256 latent en
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import replace
 

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from tests.support.images import load_photo
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from tests.support.cli_data import kl_small_dir, make_images
-from tests.support.library import REPO, exact_encode, readme_commands, one_torch_thread_fixture
+from tests.support.library import exact_encode, readme_commands, one_torch_thread_fixture
 
 ee = exact_encode()
 one_torch_thread = one_torch_thread_fixture()
