@@ -11,7 +11,6 @@ import pytest
 import torch
 
 
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
     return [10 * math.log10(1 / m) if m > 0 else math.inf for m in mse.tolist()]
