@@ -34,6 +34,16 @@ def quick(tmp_path_factory):
     return json.loads(files[0].read_text()), files[0].with_suffix(".md").read_text()
 
 
+def bench_json(module: str, args: list[str], out: Path, pattern: str, timeout: int = 900) -> dict:
+    """`python -m bench.<module> <args> --out <out>` from the repository root, which must succeed: its one result JSON
+    (the file in `out` matching `pattern`)."""
+    proc = subprocess.run([sys.executable, "-m", f"bench.{module}", *args, "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (path,) = out.glob(pattern)
+    return json.loads(path.read_text())
+
+
 def finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -250,11 +260,8 @@ def test_autostop_counts_iterations_saved_against_the_full_runs_own():
 def test_rival_race_bench_stops_a_losing_rival_and_returns_the_same_latent(tmp_path):
     """`python -m bench.rival_race` on one small cell where the rival loses (TAEF2 stars, 32 px: stopped at its 20th
     iteration in bench/results/2026-12-05-cpu-rival-race-paper-32px.md); it exits non-zero if the latents differ."""
-    proc = subprocess.run([sys.executable, "-m", "bench.rival_race", "--models", "taef2", "--images", "stars",
-                           "--sizes", "32", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-rival-race-paper-32px.json")]
+    result = bench_json("rival_race", ["--models", "taef2", "--images", "stars", "--sizes", "32"], tmp_path,
+                        "*-rival-race-paper-32px.json")
     (row,) = result["rows"]
     assert row["same_latent"] and row["rival_ran"] and not row["rival_chosen"] and 20 <= row["stopped_at"] < 100
     assert "Same latent on 1 of 1" in next(tmp_path.glob("*-rival-race-paper-32px.md")).read_text()
@@ -263,11 +270,8 @@ def test_rival_race_bench_stops_a_losing_rival_and_returns_the_same_latent(tmp_p
 def test_pick_probe_reports_the_twins_pick_and_the_pixel_best(tmp_path):
     """`python -m bench.pick_probe` on one small TAEF2 cell where the twin decides and its pick comes first (TAEF2
     stars, 32 px: the drift lowers the pixel error after the pick); the default returned the pick."""
-    proc = subprocess.run([sys.executable, "-m", "bench.pick_probe", "--models", "taef2", "--images", "stars",
-                           "--sizes", "32", "--steps", "30", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-pick-probe-32px.json")]
+    result = bench_json("pick_probe", ["--models", "taef2", "--images", "stars", "--sizes", "32", "--steps", "30"],
+                        tmp_path, "*-pick-probe-32px.json")
     (row,) = result["rows"]
     assert row["why"] == "twin" and row["twin_pick"] < row["pixel_best"]
     assert row["nmse_returned_db"] == row["nmse_twin_pick_db"] < row["nmse_encoder_db"]
@@ -278,11 +282,8 @@ def test_pick_probe_reports_the_twins_pick_and_the_pixel_best(tmp_path):
 def test_rival_start_bench_runs_the_default_at_each_start(tmp_path):
     """`python -m bench.rival_start` on one small cell where the rival runs (TAEF2 texture, 32 px), K = 0 and 1:
     one row per K with the returned latent's error, the rival's verdict and its twin's error."""
-    proc = subprocess.run([sys.executable, "-m", "bench.rival_start", "--models", "taef2", "--images", "texture",
-                           "--sizes", "32", "--early", "0", "1", "--threads", "1", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-rival-start.json")]
+    result = bench_json("rival_start", ["--models", "taef2", "--images", "texture", "--sizes", "32", "--early", "0",
+                                        "1", "--threads", "1"], tmp_path, "*-rival-start.json")
     rows = result["rows"]
     assert [r["early"] for r in rows] == [0, 1] and all(r["rival_ran"] and r["why"] for r in rows)
     assert all(math.isfinite(r["nmse_db"]) and r["twin_rival_db"] is not None for r in rows)
@@ -292,11 +293,8 @@ def test_rival_start_bench_runs_the_default_at_each_start(tmp_path):
 def test_rival_photos_bench_runs_the_three_defaults_side_by_side(tmp_path):
     """`python -m bench.rival` on one photo as a node gets it (TAEF2 astronaut, 32 px): without the rival, with the
     rival from its early start only, and the default (which also runs it from the first run's pixel-best)."""
-    proc = subprocess.run([sys.executable, "-m", "bench.rival", "--models", "taef2", "--photos", "astronaut",
-                           "--sizes", "32", "--threads", "1", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-rival-photos.json")]
+    result = bench_json("rival", ["--models", "taef2", "--photos", "astronaut", "--sizes", "32", "--threads", "1"],
+                        tmp_path, "*-rival-photos.json")
     (row,) = result["rows"]
     assert row["rival_ran"] and isinstance(row["again_ran"], bool)
     # a real photo is not in the decoder's range: the pick standing after the first rival was not stood for by its
@@ -310,11 +308,8 @@ def test_rival_photos_bench_runs_the_three_defaults_side_by_side(tmp_path):
 def test_floor_methods_bench_scores_every_method_and_the_default(tmp_path):
     """`python -m bench.floor_methods` on one kl-f8 case at 32 px: each fixed-point method's pixel-best and selected
     latent, their mean and the default, scored against the true latent, never worse than E(x) for the default."""
-    proc = subprocess.run([sys.executable, "-m", "bench.floor_methods", "--models", "kl_f8_small", "--cases", "coffee",
-                           "--sizes", "32", "--threads", "1", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-floor-methods.json")]
+    result = bench_json("floor_methods", ["--models", "kl_f8_small", "--cases", "coffee", "--sizes", "32",
+                                          "--threads", "1"], tmp_path, "*-floor-methods.json")
     (row,) = result["rows"]
     scores = [row[p + m] for p in ("plain_", "selected_") for m in ("paper", "forward", "km", "anderson")]
     assert all(math.isfinite(v) for v in scores + [row["mean_fixed_point"], row["default"]])
