@@ -40,6 +40,7 @@ def _with_returned_residual(result: InversionResult, codec: Codec, target: Targe
 
 def _result(state: RunState, log: IterateLog, final_k: int, opts: InversionOptions, dtype: torch.dtype,
             seconds: float) -> InversionResult:
+    """The finished loop's result: each sample's stats read from the trace, and its best iterate."""
     stopped_at, best_its, reasons = (t.tolist() for t in (state.stopped_at, state.best_iteration, state.reason))
     iterations = [min(s, final_k) for s in stopped_at]
     coco = log.cocoercivity(state.best_z, iterations)
@@ -59,7 +60,6 @@ def _result(state: RunState, log: IterateLog, final_k: int, opts: InversionOptio
                            options=asdict(opts))
 
 
-
 def roundtrip(codec: Codec):
     """z -> E(D(z)) in fp32: what core.unstable's Arnoldi differentiates."""
     return lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float()
@@ -76,7 +76,10 @@ def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
 def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None, weight=None,
         deflate: tuple[Tensor, list] | None = None, race: tuple[Tensor, Tensor, Tensor | None] | None = None,
         start: Tensor | None = None, origin_psnr: Tensor | None = None) -> InversionResult:
-    """`deflate`: (directions, lowest Ritz real parts) of the real rows at E(x), from the restart's probe: project
+    """One run of opts.method on the batch `image` (with each sample's twin where the selection uses one, core.pick),
+    from E(x) (or `target_latent`) to each sample's returned iterate.
+
+    `deflate`: (directions, lowest Ritz real parts) of the real rows at E(x), from the restart's probe: project
     every fixed-point step off the round trip's expanding directions (core.unstable), where a twin is run; the
     twin rows' own are found here. `race`: a rival's, (the standing picks' twin errors in dB, whether each stood for
     its run, the twin pace it is held to or None) per sample (TwinTracker.race). `start`: the first iterate of every
