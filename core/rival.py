@@ -93,7 +93,7 @@ def _check_affordable(report: dict, codec: Codec, z0: Tensor, opts: InversionOpt
 
 
 def _early_rival(result: InversionResult, codec: Codec, image: Tensor, i: int, opts: InversionOptions,
-                 rival_opts: InversionOptions, callback, weight, report: dict):
+                 rival_opts: InversionOptions, callback, weight, report: dict) -> tuple[tuple | None, InversionResult]:
     """(its start, or None where it did not run for want of time; `result` with sample i's rival from _early_start's
     iterate raced in). The start is a one-element tuple so that E(x) (a None start) still reads as run."""
     left = left_of(opts, result.seconds)
