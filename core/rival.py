@@ -62,10 +62,10 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
                          residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY))
     result = first
     for i in rows:
-        ran, result = _early_rival(result, codec, image, i, opts, rival_opts, callback, weight, report)
+        ran, early_start, result = _early_rival(result, codec, image, i, opts, rival_opts, callback, weight, report)
         if ran and opts.rival_from_pixel_best:
             result = _rival_from_pixel_best(result, first, codec, image, i, opts, rival_opts, callback, weight,
-                                            report, ran)
+                                            report, early_start)
     if report["from_pixel_best"]["chosen"]:  # "chosen": the returned latent is a rival's pick, from either start
         report["chosen"] = sorted(set(report["chosen"]) | set(report["from_pixel_best"]["chosen"]))
     result.extra["rival"] = report
@@ -93,26 +93,27 @@ def _check_affordable(report: dict, codec: Codec, z0: Tensor, opts: InversionOpt
 
 
 def _early_rival(result: InversionResult, codec: Codec, image: Tensor, i: int, opts: InversionOptions,
-                 rival_opts: InversionOptions, callback, weight, report: dict) -> tuple[tuple | None, InversionResult]:
-    """(its start, or None where it did not run for want of time; `result` with sample i's rival from _early_start's
-    iterate raced in). The start is a one-element tuple so that E(x) (a None start) still reads as run."""
+                 rival_opts: InversionOptions, callback, weight,
+                 report: dict) -> tuple[bool, Tensor | None, InversionResult]:
+    """(whether it ran: not without time left, its start (None: E(x)), `result` with sample i's rival from
+    _early_start's iterate raced in)."""
     left = left_of(opts, result.seconds)
     if left <= 0:
-        return None, result
+        return False, None, result
     with side_evaluations():  # not the fixed-point run's iterates (a host tracing every decode skips them)
         start, start_s = _early_start(codec, image, i, opts, weight, left)
         if left - start_s <= 0:
-            return None, result
-        return (start,), _race_rival(result, codec, image, i, rival_opts, left - start_s, callback, weight, start,
-                                     start_s, report)
+            return False, start, result
+        return True, start, _race_rival(result, codec, image, i, rival_opts, left - start_s, callback, weight, start,
+                                        start_s, report)
 
 
 def _rival_from_pixel_best(result: InversionResult, first: InversionResult, codec: Codec, image: Tensor, i: int,
                            opts: InversionOptions, rival_opts: InversionOptions, callback, weight, report: dict,
-                           early: tuple) -> InversionResult:
+                           early_start: Tensor | None) -> InversionResult:
     """`result` with sample i's second rival, from the first run's pixel-best (its twin from its own), raced in at the
     early rival's pace; not run where the standing pick's twin did not stand for it (the twins cannot decide), where
-    that start is the early rival's own (`early`: (its start,)), or where the pace could not win (_off_pace_from)."""
+    that start is the early rival's own (`early_start`; None: E(x)), or off pace (_off_pace_from)."""
     again, left = report["from_pixel_best"], left_of(opts, result.seconds)
     if left <= 0:
         return result
@@ -121,7 +122,7 @@ def _rival_from_pixel_best(result: InversionResult, first: InversionResult, code
         return result
     with side_evaluations():
         start, start_s = _pixel_best_start(first, codec, image, i, opts, weight, left)
-        if _same_start(start, early[0]):  # the pixel-best is the early start: that rival ran
+        if _same_start(start, early_start):  # the pixel-best is the early start: that rival ran
             return replace(result, seconds=result.seconds + start_s)
         pace = report["twin_gain_db"][-1] / opts.steps  # what the early diis run gained on this twin, per step
         if _off_pace_from(start, codec, image, i, result.extra["twin"][i], pace, opts.steps):
