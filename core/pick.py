@@ -32,12 +32,15 @@ def twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Inversi
     with torch.inference_mode():
         latent = codec.encode(x.to(codec.dtype)).float().contiguous()
     x_t, truth = twin_of(codec, x, latent)
-    floor = decode_floor_psnr(codec, x, truth, x_t) if opts.select == "auto" else torch.full((x.shape[0],), math.inf)
+    if opts.select == "auto":
+        floor, twin_floor = decode_floor_psnr(codec, x, truth, x_t), decode_floor_psnr(codec, x_t, truth, x_t)
+    else:
+        floor = twin_floor = torch.full((x.shape[0],), math.inf)
     with torch.inference_mode():
         latents = torch.cat([latent, codec.encode(x_t.to(codec.dtype)).float()])
     if weight is not None and weight.shape[0] == x.shape[0] > 1:
         weight = torch.cat([weight, weight])
-    return torch.cat([x, x_t]), weight, latents, TwinTracker(truth, floor.to(codec.device))
+    return torch.cat([x, x_t]), weight, latents, TwinTracker(truth, floor.to(codec.device), twin_floor.to(codec.device))
 
 
 def select_picks(result: InversionResult, tracker: TwinTracker, start_latent: Tensor, auto: bool) -> InversionResult:
@@ -77,13 +80,15 @@ def select_picks(result: InversionResult, tracker: TwinTracker, start_latent: Te
         if isinstance(value, list) and len(value) == 2 * b:
             result.extra[key] = value[:b]
     faithful = twin_faithful(result.trace_psnr, result.samples, twin_k, tracker.origin_psnr)
+    twin_near_k = near_k[b:]
     twin_psnr0 = result.trace_psnr[0, b:].tolist()  # E(x_t)'s: where a later rival's twin gains count from
     result.extra["twin"] = [{"iteration": k, "latent_nmse_db": round(d, 2), "floor_psnr": round(f, 2), "why": w,
-                             "faithful": ok, "twin_psnr_initial": p0, "latent_nmse_start_db": round(d0, 2)}
-                            for k, d, f, w, ok, p0, d0 in zip(twin_k, twin_db, floors, why, faithful, twin_psnr0,
-                                                              start_db)]
+                             "faithful": ok, "twin_psnr_initial": p0, "latent_nmse_start_db": round(d0, 2),
+                             "twin_noise_level_iteration": tk}
+                            for k, d, f, w, ok, p0, d0, tk in zip(twin_k, twin_db, floors, why, faithful, twin_psnr0,
+                                                                  start_db, twin_near_k)]
     return replace(result, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
-                   pixel_best_rows=result.latent)
+                   pixel_best_rows=result.latent, noise_level_rows=tracker.near_z)
 
 
 

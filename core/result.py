@@ -44,7 +44,7 @@ class SampleStats:
     residual_db_best: float
     best_iteration: int
     iterations: int  # updates applied before this sample stopped
-    stop_reason: str  # max_steps | diverged | tolerance | patience | stalled | time_budget (see stop_text)
+    stop_reason: str  # max_steps | diverged | ... | twin_settled: core.run_state.STOP_REASONS (see stop_text)
     # With options.record_every: the paper's assumption along the trajectory
     # (core.diagnostics.cocoercivity: beta_min, beta_median, share_positive, points).
     cocoercivity: Optional[dict] = None
@@ -52,7 +52,8 @@ class SampleStats:
     # picked a later iterate, extra["twin"][i]["why"] "pixel best first"), "twin" the twin problem's
     # lowest latent error, "encoder" E(x) because the twin's pick decoded worse than it, "noise level"
     # the first iterate whose decode came within core.twin.FLOOR_NEAR_DB of the noise floor (the input's 8-bit one, or
-    # the lower 16-bit codec's own, core.twin.precision_floor_psnr).
+    # the lower 16-bit codec's own, core.twin.precision_floor_psnr), "past noise level" the twin's pick of the damped
+    # forward steps that went on from there (core.polish).
     selection: str = "pixel"
 
     @property
@@ -75,6 +76,7 @@ def stop_text(reason: str, options: dict) -> str:
         "stalled": "stalled (no new best in {stall_steps} iterations, residual within {stall_flat_db} dB)",
         "time_budget": "time_budget ({time_budget} s spent)",
         "outmatched": "outmatched (a rival whose twin could no longer get closer than the first run's)",
+        "twin_settled": "twin settled (its latent error had not fallen for {stall_steps} iterations)",
     }
     try:
         return words[reason].format(**o)
@@ -87,6 +89,8 @@ SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats
     "twin": "returned the twin problem's pick (its latent error was lowest) at iteration",
     "encoder": "returned E(x): the twin's pick decoded worse, iteration",
     "noise level": "returned the first iterate at the noise level (8-bit rounding, or a 16-bit codec's own), iteration",
+    "past noise level": "went on from the first iterate at the noise level by damped forward steps to the twin "
+                        "problem's pick, iteration",
 }
 
 
@@ -114,6 +118,9 @@ class InversionResult:
     # a twin batch's pixel-best iterate of every row (real samples, then their twins) before the twin's pick; None
     # without a twin. The default's second rival starts there (core.rival.with_rival). Not in to_dict.
     pixel_best_rows: Optional[torch.Tensor] = field(default=None, repr=False)
+    # ... and every row's first iterate at its noise level (extra["twin"][i]["twin_noise_level_iteration"] -1: the twin
+    # got to none), where core.polish goes on from. Not in to_dict.
+    noise_level_rows: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def summary(self) -> str:
         """One line per image, for people."""

@@ -75,7 +75,7 @@ def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
 
 def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None, weight=None,
         deflate: tuple[Tensor, list] | None = None, race: tuple[Tensor, Tensor, Tensor | None] | None = None,
-        start: Tensor | None = None, origin_psnr: Tensor | None = None) -> InversionResult:
+        start: Tensor | None = None, origin_psnr: Tensor | None = None, settle: int = 0) -> InversionResult:
     """One run of opts.method on the batch `image` (with each sample's twin where the selection uses one, core.pick),
     from E(x) (or `target_latent`) to each sample's returned iterate.
 
@@ -84,7 +84,8 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
     twin rows' own are found here. `race`: a rival's, (the standing picks' twin errors in dB, whether each stood for
     its run, the twin pace it is held to or None) per sample (TwinTracker.race). `start`: the first iterate of every
     row, twins included (a rival's), instead of the target latent. `origin_psnr`: (2B,) PSNRs the twins' faithfulness
-    counts gains from (a rival from the first run's pixel-best: E(x)'s and E(x_t)'s), instead of the first iterate's."""
+    counts gains from (a rival from the first run's pixel-best: E(x)'s and E(x_t)'s), instead of the first iterate's.
+    `settle` > 0: a real row stops once its twin's latent error has not fallen for that many iterations (core.polish)."""
     started = time.perf_counter()
     method = METHOD_REGISTRY[opts.method]
     batch = image.shape[0]
@@ -95,6 +96,8 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
         image, weight, target_latent, twin = twin_batch(codec, image, weight, target_latent, opts, method.family)
     if twin is not None and race is not None:
         twin.race(race[0], race[1], opts.steps, race[2])
+    if twin is not None:
+        twin.settle = settle
     if twin is not None and origin_psnr is not None:
         twin.origin_psnr = origin_psnr.to(device=image.device, dtype=torch.float32)
     target = Target.of(codec, image, weight, target_latent, method.needs_autograd)
@@ -118,11 +121,12 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
         ev = evaluate(k, z, with_grad=k < opts.steps)
         log.keep(k, z, ev)
         state.record_trace(k, ev)
-        hold = outmatched = None
+        hold = outmatched = settled = None
         if twin is not None:
             twin.observe(k, z, state.active, ev.pixel_mse)
             hold, outmatched = twin.improved_within(k, opts.stall_steps), twin.outmatched(k, state.trace[0, :k + 1])
-        state.record(k, z, ev, hold, outmatched)
+            settled = twin.settled(k)
+        state.record(k, z, ev, hold, outmatched, settled)
         if sync(k, state):
             break
         step_direction = direction(method.family, ev)

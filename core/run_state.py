@@ -27,7 +27,7 @@ def _to_host(t: Tensor) -> Tensor:
 
 
 # codes on the device; "outmatched": a rival run stopped because it can no longer win (core.twin.TwinTracker.outmatched)
-STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience", "stalled", "time_budget", "outmatched")
+STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience", "stalled", "time_budget", "outmatched", "twin_settled")
 SYNC_SECONDS = 0.25  # read the stats back at least this often, so progress and cancelling stay live
 
 
@@ -59,10 +59,11 @@ class RunState:
         self.trace[1, k].copy_(ev.residual_db).masked_fill_(~self.active, math.nan)
 
     def record(self, k: int, z: Tensor, ev: Evaluation, hold: Tensor | None = None,
-               outmatched: Tensor | None = None) -> None:
+               outmatched: Tensor | None = None, settled: Tensor | None = None) -> None:
         """`hold` (real rows of a twin batch): samples that may not stall yet, because their twin's
         latent error is still falling (the iterate it would pick is not reached). `outmatched` (real rows of a
-        rival's twin batch): samples whose rival can no longer win; they stop unless another rule stops them."""
+        rival's twin batch): samples whose rival can no longer win; they stop unless another rule stops them.
+        `settled` (real rows, core.polish's run): samples whose twin's error has not fallen for a while."""
         opts, active, err, res = self.opts, self.active, ev.pixel_mse, ev.residual_db
         tracks_residual = self.tracks_residual and ev.residual is not None  # a hybrid may stop encoding
         improved = (err < self.best_err) & active
@@ -73,6 +74,8 @@ class RunState:
         code = torch.zeros_like(self.reason)
         if outmatched is not None:
             code[:outmatched.shape[0]].masked_fill_(outmatched, STOP_REASONS.index("outmatched"))
+        if settled is not None:
+            code[:settled.shape[0]].masked_fill_(settled, STOP_REASONS.index("twin_settled"))
         if 0 < opts.stall_steps <= k:
             stalled = self.since_best >= opts.stall_steps
             if tracks_residual:  # ... and the residual flat over those iterations

@@ -18,6 +18,7 @@ import torch
 from .codec import Codec
 from .evaluation import REPORTED_RESIDUAL_EVERY
 from .methods import DEFAULT_LR, METHOD_REGISTRY, METHODS, PIXEL_ONLY_METHODS
+from .polish import polish_at_floor
 from .rerun import restart_off_expanding
 from .result import InversionResult
 from .rival import RIVAL_NAMES, RIVALS, with_rival
@@ -110,6 +111,11 @@ class InversionOptions:
     # the truth; a gradient run from the pixel-best keeps that iterate's latent and fits the pixels. Where the fixed
     # point drifts (TAEF2), its twin drifts too and loses. docs/convergence.md, "The rival from the pixel-best".
     rival_from_pixel_best: bool = True
+    # Where the decode reached the noise floor and the first iterate at the noise level is returned: go on from it by
+    # this many damped forward (km) steps, its twin from its own, and return the twin's pick (core.polish; 0: off).
+    # Past the noise level the pixels cannot rank the latents; the twin can (docs/convergence.md, "Past the noise
+    # level").
+    floor_steps: int = 100
 
     def validate(self) -> "InversionOptions":
         if self.method not in METHOD_REGISTRY:
@@ -132,6 +138,8 @@ class InversionOptions:
             raise ValueError(f"momentum must be in [0, 1); got {self.momentum!r}")
         if not 1 <= self.memory <= 20:
             raise ValueError(f"memory must be in [1, 20]; got {self.memory!r}")
+        if int(self.floor_steps) != self.floor_steps or self.floor_steps < 0:
+            raise ValueError(f"floor_steps must be an integer >= 0 (0 turns it off); got {self.floor_steps!r}")
         if self.record_every < 0:
             raise ValueError(f"record_every must be >= 0 (0 turns it off); got {self.record_every!r}")
         if int(self.residual_every) != self.residual_every or self.residual_every < 1:
@@ -222,6 +230,7 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
     with torch.inference_mode():
         first = run(codec, image, opts, callback, target_latent, weight)
         first = restart_off_expanding(first, codec, image, opts, callback, weight)
+        first = polish_at_floor(first, codec, image, opts, callback, weight)
     return with_rival(first, codec, image, opts, callback, weight)  # a gradient method: outside inference mode
 
 

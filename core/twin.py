@@ -193,7 +193,7 @@ class TwinTracker:
     """During the run of a doubled batch (rows :B real, B: their twins): per real sample, the
     iterate at the twin's lowest latent error so far, while the real sample was still active."""
 
-    def __init__(self, truth: Tensor, floor_psnr: Tensor):
+    def __init__(self, truth: Tensor, floor_psnr: Tensor, twin_floor_psnr: Tensor | None = None):
         self.batch = truth.shape[0]
         self.view = (self.batch,) + (1,) * (truth.ndim - 1)
         self.truth, self.floor_psnr = truth, floor_psnr
@@ -202,12 +202,21 @@ class TwinTracker:
         self.z = truth.new_zeros(truth.shape)
         self.diff = torch.empty_like(truth)
         self.iteration = torch.zeros(self.batch, dtype=torch.long, device=truth.device)
-        self.near_z = truth.new_zeros(truth.shape)  # the first real iterate within FLOOR_NEAR_DB of the floor
-        self.near_iteration = torch.full((self.batch,), -1, dtype=torch.long, device=truth.device)  # -1: none
+        # every row's (real, then twin) first iterate within FLOOR_NEAR_DB of its floor (the twins': of their own 8-bit
+        # image's; core.polish goes on from both); near_iteration -1: none yet
+        self.row_floor_psnr = torch.cat([floor_psnr, floor_psnr if twin_floor_psnr is None else twin_floor_psnr])
+        self.near_z = truth.new_zeros((2 * self.batch,) + tuple(truth.shape[1:]))
+        self.near_iteration = torch.full((2 * self.batch,), -1, dtype=torch.long, device=truth.device)
         self.to_beat: Tensor | None = None  # (B,) dB, a rival's race (race(), outmatched())
         self.pace: Tensor | None = None  # (B,) dB per iteration, the early rival's (off_pace); None: rate alone
         self.start_err: Tensor | None = None  # (B,) the twins' latent error at the first iterate
         self.origin_psnr: Tensor | None = None  # (2B,) where gains count from (twin_faithful's origin); None: iterate 0
+        self.settle = 0  # > 0 (core.polish's run): settled() after this many iterations without a new low
+
+    def settled(self, k: int) -> Tensor | None:
+        """(B,) True where the twin's latent error has not reached a new low for `settle` iterations: the pick will not
+        change unless it turns down again. None unless settle is set."""
+        return None if self.settle == 0 else (k - self.iteration) >= self.settle
 
     def race(self, to_beat_db: Tensor, first_faithful: Tensor, steps: int, pace_db: Tensor | None = None) -> None:
         """Make this a rival run's tracker (core.solver's rival): outmatched() then says which samples' rivals can no
@@ -266,8 +275,8 @@ class TwinTracker:
         torch.where(better, err, self.best_err, out=self.best_err)
         torch.where(better.view(self.view), z[:b], self.z, out=self.z)
         self.iteration.masked_fill_(better, k)
-        near = (self.near_iteration < 0) & active[:b] & (psnr_from_mse(pixel_mse[:b]) >= self.floor_psnr - FLOOR_NEAR_DB)
-        torch.where(near.view(self.view), z[:b], self.near_z, out=self.near_z)
+        near = (self.near_iteration < 0) & active & (psnr_from_mse(pixel_mse) >= self.row_floor_psnr - FLOOR_NEAR_DB)
+        torch.where(near.view((2 * b,) + self.view[1:]), z, self.near_z, out=self.near_z)
         self.near_iteration.masked_fill_(near, k)
 
     def improved_within(self, k: int, window: int) -> Tensor:
