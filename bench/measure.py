@@ -44,6 +44,8 @@ FREE_CONFIGS = {
     "ours-rival-ex": dict(rival_early_steps=0),
     # the default without its second rival run from the first run's pixel-best (session 17)
     "ours-one-rival": dict(rival_from_pixel_best=False),
+    # the default stopping at the first iterate at the noise level, as before session 20 (core.polish's floor_steps)
+    "ours-no-polish": dict(floor_steps=0),
     "forward": dict(method="forward", select="pixel"),
     "km": dict(method="km", select="pixel"),
     "anderson": dict(method="anderson", select="pixel"),  # the default before the twin (issue 12)

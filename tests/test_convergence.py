@@ -305,7 +305,9 @@ def test_where_the_decode_reaches_the_noise_floor_the_first_iterate_at_the_noise
     adapter, core = pack
     twin = importlib.import_module(core.__name__ + ".twin")
     codec, x, z_gt, z_enc = _protocol(adapter, kl_small, "texture")
-    auto, pixel = core.invert(codec, x, steps=STEPS), core.invert(codec, x, steps=STEPS, select="pixel")
+    # floor_steps 0: the rule itself, without core.polish going on from its iterate (test_past_the_noise_level_...)
+    auto = core.invert(codec, x, steps=STEPS, floor_steps=0)
+    pixel = core.invert(codec, x, steps=STEPS, select="pixel")
     s, floor = auto.samples[0], float(twin.noise_floor_psnr(x)[0])
     trace = auto.trace_psnr[:, 0].nan_to_num(-1)
     first = int((trace >= floor - twin.FLOOR_NEAR_DB).nonzero()[0])
@@ -346,3 +348,24 @@ def test_hybrid_on_kl_f8_finishes_gradient_free_at_the_noise_floor(kl_small, pac
     free = core.invert(codec, x, method="anderson", steps=STEPS, select="pixel")
     assert r.samples[0].psnr_best == pytest.approx(free.samples[0].psnr_best, abs=0.05)
 
+
+
+def test_past_the_noise_level_the_twin_picks_how_far_the_damped_forward_steps_go(kl_small, pack):
+    """kl-f8 rocket (a shared photo) at 64 px: the decode reaches the 8-bit noise floor and the first iterate at the
+    noise level is -41.44 dB from the true latent; km steps from it (core.polish), its twin's from its own, come closer
+    and then drift off, and the twin's pick is 1.2 dB closer (-42.60 dB; docs/convergence.md, "Past the noise
+    level"), its decode no worse. With floor_steps 0 the noise-level iterate stands."""
+    from bench.measure import paper_pair, photo_bchw
+
+    adapter, core = pack
+    codec = adapter.vae_codec(kl_small, "fp32", (1, 3, 64, 64))
+    x, z_gt = (t.clone() for t in paper_pair(codec, photo_bchw("rocket", 64)))
+    polished, stopped = core.invert(codec, x), core.invert(codec, x, floor_steps=0)
+    assert stopped.samples[0].selection == "noise level"
+    assert polished.samples[0].selection == "past noise level"
+    assert polished.extra["twin"][0]["why"] == "past noise level" and polished.extra["polish"]["moved"] == [0]
+    assert polished.samples[0].stop_reason == "twin_settled"  # not all 100 steps: the twin's error turned up
+    assert polished.samples[0].best_iteration > stopped.samples[0].best_iteration
+    assert polished.samples[0].psnr_best >= stopped.samples[0].psnr_best
+    assert _nmse_db(polished.latent, z_gt) < _nmse_db(stopped.latent, z_gt) - 0.5
+    assert "damped forward steps" in polished.summary()

@@ -154,6 +154,13 @@ def test_the_rival_runs_again_from_the_first_runs_pixel_best_iterate():
         invert(codec, x, rival_from_pixel_best=1)
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5])
+def test_floor_steps_must_be_a_whole_number_of_steps(bad):
+    (codec, _), (x, _) = linear_codec(), target()
+    with pytest.raises(ValueError, match="floor_steps must be an integer >= 0"):
+        invert(codec, x, floor_steps=bad)
+
+
 def test_a_decoder_autograd_cannot_run_skips_the_default_rival_and_says_why():
     """The rival is part of the default; where its gradient decoder cannot be built (a host whose model cannot be
     copied for autograd), the run returns the fixed point's pick and the summary names the error."""

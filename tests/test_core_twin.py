@@ -137,7 +137,8 @@ def test_without_expanding_directions_the_restart_changes_nothing():
     r = invert(codec, x, method="forward", steps=30, unstable_steps=20)
     plain = invert(codec, x, method="forward", steps=30)
     assert not any(u["restarted"] for u in r.extra.get("unstable", [{"restarted": False}]))
-    assert torch.equal(r.latent, plain.latent) and torch.equal(r.trace_psnr, plain.trace_psnr)
+    assert torch.equal(r.latent, plain.latent)  # traces too, NaN where a sample had stopped (core.polish's merge)
+    torch.testing.assert_close(r.trace_psnr, plain.trace_psnr, rtol=0, atol=0, equal_nan=True)
 
 
 def _race(twin_db: list[float], real_psnr: list[float], twin_psnr: list[float], to_beat: float, first_faithful: bool,
