@@ -5,9 +5,8 @@ up to 1.5 dB in latent NMSE when only its rounding changes (the mirrored image b
 method then measures item 2's "within 0.5 dB of the best of {paper, forward, km, anderson}" against whichever method
 drew the luckiest rounding. Here every method and the default run once per *draw*: on x itself, then on x plus seeded
 uniform noise of amplitude 1e-6 (1/4000 of an 8-bit step; kept in [0, 1]: the same problem, z_gt unchanged, a
-rounding-sized nudge).
-Batching beside another image, as bench.floor_methods did, gives only two outcomes (alone / batched, whatever the
-neighbour), so the nudge is the draw. Per method: the mean, lowest and highest latent NMSE of the draws (dB, against
+rounding-sized nudge). Batching beside another image, as bench.floor_methods did, gives only two outcomes (alone /
+batched, whatever the neighbour), so the nudge is the draw. Per method: the mean, lowest and highest latent NMSE of the draws (dB, against
 z_gt); the best plain method is the one with the lowest mean, and the default's gap is its mean minus that one's.
 
     .venv/bin/python -m bench.floor_draws --models kl_f8_small --sizes 64 --cases clipped rocket --out bench/results
@@ -47,7 +46,9 @@ def summary(values: list[float]) -> dict:
 
 def row(core, codec, model: str, case: str, size: int, n_draws: int) -> dict:
     x, z_gt = paper_pair(codec, photo_bchw(case, size))
-    out = dict(model=model, case=case, size=size)
+    with torch.inference_mode():
+        z_enc = codec.encode(x).float()
+    out = dict(model=model, case=case, size=size, encoder=round(core.nmse_db(z_enc, z_gt)[0].item(), 2))
     for m in PLAIN:
         out[m] = summary(draws(core, codec, x, z_gt, FREE_CONFIGS[m], n_draws))
     out["default"] = summary(draws(core, codec, x, z_gt, {}, n_draws))
@@ -71,12 +72,12 @@ def markdown(result: dict) -> str:
              f"(lowest..highest) over the draws (x, then x plus seeded uniform noise of amplitude {NUDGE}). Plain rows return their pixel-best iterate. gap: the "
              "default's mean minus the best plain method's mean; per draw: the default minus the best plain method "
              "of that draw.", "",
-             "| VAE | size | case | paper | forward | km | anderson | default | best plain (by mean) | gap (mean) | "
-             "gap per draw |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| VAE | size | case | encoder | paper | forward | km | anderson | default | best plain (by mean) | "
+             "gap (mean) | gap per draw |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         cells = " | ".join(cell(r[k]) for k in (*PLAIN, "default"))
-        lines.append(f"| {r['model']} | {r['size']} | {r['case']} | {cells} | {r['best_plain']} | {r['gap_mean']} | "
+        lines.append(f"| {r['model']} | {r['size']} | {r['case']} | {r.get('encoder', '—')} | {cells} | {r['best_plain']} | {r['gap_mean']} | "
                      f"{' / '.join(str(g) for g in r['gap_per_draw'])} |")
     return "\n".join(lines) + "\n"
 

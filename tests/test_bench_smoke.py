@@ -314,5 +314,19 @@ def test_floor_methods_bench_scores_every_method_and_the_default(tmp_path):
     scores = [row[p + m] for p in ("plain_", "selected_") for m in ("paper", "forward", "km", "anderson")]
     assert all(math.isfinite(v) for v in scores + [row["mean_fixed_point"], row["default"]])
     assert row["default"] <= row["encoder"] and row["best_plain"] in ("paper", "forward", "km", "anderson")
-    assert row["why_default"] in ("floor", "noise level", "twin", "decoded worse", "pixel best first")
+    assert row["why_default"] in ("floor", "noise level", "past noise level", "twin", "decoded worse",
+                                  "pixel best first")
     assert "| kl_f8_small | 32 | coffee |" in next(tmp_path.glob("*-floor-methods.md")).read_text()
+
+
+def test_floor_draws_bench_runs_every_method_once_per_draw(tmp_path):
+    """`python -m bench.floor_draws` on one kl-f8 case at 32 px, two draws (x, then x nudged): every plain method and
+    the default scored per draw, the gap taken between means, the default never worse than E(x) in any draw."""
+    result = bench_json("floor_draws", ["--models", "kl_f8_small", "--cases", "coffee", "--sizes", "32", "--draws", "2",
+                                        "--threads", "1"], tmp_path, "*-floor-draws.json")
+    (row,) = result["rows"]
+    for m in ("paper", "forward", "km", "anderson", "default"):
+        assert len(row[m]["draws"]) == 2 and row[m]["low"] <= row[m]["mean"] <= row[m]["high"]
+    assert row["gap_mean"] == round(row["default"]["mean"] - row[row["best_plain"]]["mean"], 2)
+    assert max(row["default"]["draws"]) < row["encoder"]
+    assert "| kl_f8_small | 32 | coffee |" in next(tmp_path.glob("*-floor-draws.md")).read_text()
