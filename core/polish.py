@@ -52,9 +52,8 @@ def polish_at_floor(first: InversionResult, codec: Codec, image: Tensor, opts: I
                    settle=opts.stall_steps)
     use = [j for j, t in enumerate(second.extra["twin"]) if t["why"] == "twin" and t["iteration"] > 0]
     result = merged(first, second, rows, use, {"why": POLISHED})
-    for j in use:
-        result.samples[rows[j]] = replace(result.samples[rows[j]], selection=POLISHED)
-    for j in use:  # the first run's floor, not the polish run's (select twin: none)
-        result.extra["twin"][rows[j]]["floor_psnr"] = first.extra["twin"][rows[j]]["floor_psnr"]
+    for i in (rows[j] for j in use):  # and the first run's floor, not the polish run's (select twin: none)
+        result.samples[i] = replace(result.samples[i], selection=POLISHED)
+        result.extra["twin"][i]["floor_psnr"] = first.extra["twin"][i]["floor_psnr"]
     result.extra["polish"] = {"method": POLISH_METHOD, "samples": rows, "moved": [rows[j] for j in use]}
     return result

@@ -87,7 +87,8 @@ def stop_inputs() -> list:
                                "answer, run alongside, finds closest in the latent (the pixel-best one can "
                                "drift away from the true latent), never one after the pixel-best; where it "
                                "does, the first iterate at that noise level (later ones fit the rounding "
-                               "noise), else the pixel-best. pixel: always the "
+                               "noise), gone on from by damped forward steps as far as the twin finds "
+                               "closer, else the pixel-best. pixel: always the "
                                "pixel-best (sharpest decode). twin: always the twin's pick. The twin doubles "
                                "the batch; gradient methods use pixel under auto, fp16/bf16 the codec's own "
                                "noise floor where it is below the 8-bit one."),
