@@ -31,7 +31,8 @@ POLISH_METHOD = "km"  # damped and inertial: at the floor it moves a little per 
 def at_noise_level(result: InversionResult) -> list[int]:
     """The samples returned at their first iterate at the noise level whose twin also got to its own."""
     twins = result.extra.get("twin") or []
-    return [i for i, t in enumerate(twins) if t["why"] == "noise level" and t.get("twin_noise_level_iteration", -1) >= 0]
+    return [i for i, t in enumerate(twins)
+            if t["why"] == "noise level" and t.get("twin_noise_level_iteration", -1) >= 0]
 
 
 def polish_at_floor(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,

@@ -325,7 +325,7 @@ def test_floor_draws_bench_runs_every_method_once_per_draw(tmp_path):
     result = bench_json("floor_draws", ["--models", "kl_f8_small", "--cases", "coffee", "--sizes", "32", "--draws", "2",
                                         "--threads", "1"], tmp_path, "*-floor-draws.json")
     (row,) = result["rows"]
-    for m in ("paper", "forward", "km", "anderson", "default"):
+    for m in ("paper", "forward", "km", "anderson", "default", "no_polish"):
         assert len(row[m]["draws"]) == 2 and row[m]["low"] <= row[m]["mean"] <= row[m]["high"]
     assert row["gap_mean"] == round(row["default"]["mean"] - row[row["best_plain"]]["mean"], 2)
     assert max(row["default"]["draws"]) < row["encoder"]
