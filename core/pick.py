@@ -10,7 +10,7 @@ import torch
 
 from .codec import Codec
 from .result import InversionResult
-from .twin import FLOOR_MARGIN_DB, TwinTracker, decode_floor_psnr, twin_faithful, twin_of
+from .twin import FLOOR_MARGIN_DB, TwinTracker, twin_faithful, twin_floors_psnr, twin_of
 
 if TYPE_CHECKING:
     from .solver import InversionOptions
@@ -33,7 +33,7 @@ def twin_batch(codec: Codec, image: Tensor, weight, target_latent, opts: Inversi
         latent = codec.encode(x.to(codec.dtype)).float().contiguous()
     x_t, truth = twin_of(codec, x, latent)
     if opts.select == "auto":
-        floor, twin_floor = decode_floor_psnr(codec, x, truth, x_t), decode_floor_psnr(codec, x_t, truth, x_t)
+        floor, twin_floor = twin_floors_psnr(codec, x, truth, x_t)
     else:
         floor = twin_floor = torch.full((x.shape[0],), math.inf)
     with torch.inference_mode():

@@ -133,6 +133,16 @@ def decode_floor_psnr(codec: Codec, x: Tensor, latent: Tensor, x_t: Tensor | Non
     return torch.minimum(floor, precision_floor_psnr(codec, latent, x_t))
 
 
+def twin_floors_psnr(codec: Codec, x: Tensor, latent: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    """decode_floor_psnr of x and of its twin image x_t (each (B,)), a 16-bit codec's own floor computed once for both
+    (it is the twin's: E(x) moved within its rounding and decoded, against x_t)."""
+    floor, twin_floor = noise_floor_psnr(x), noise_floor_psnr(x_t)
+    if codec.dtype == torch.float32:
+        return floor, twin_floor
+    own = precision_floor_psnr(codec, latent, x_t)
+    return torch.minimum(floor, own), torch.minimum(twin_floor, own)
+
+
 def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int], origin: Tensor | None = None) -> list[bool]:
     """Per real sample of a twin batch (trace columns :B real, B: twins; `samples` the batch's stats before
     selection): whether its twin stood for it. Not, where the real run had settled (its best PSNR gained less than
