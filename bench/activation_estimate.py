@@ -27,7 +27,8 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             channels = codec.encode(torch.rand(1, 3, 64, 64)).shape[1]
         for px in map(int, sizes.split(",")):
-            mb = hybrid.backward_activation_mb(codec.differentiable_decode(), torch.zeros(1, channels, px // 8, px // 8))
+            mb = hybrid.backward_activation_mb(codec.differentiable_decode(),
+                                               torch.zeros(1, channels, px // 8, px // 8))
             print(f"| {model} | {px} | {mb:.0f} | {2 * mb:.0f} |", flush=True)
     return 0
 

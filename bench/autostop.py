@@ -111,7 +111,8 @@ def main(argv=None) -> int:
                   f"{case['seconds_full']:.1f} s -> {case['seconds_auto']:.1f} s", file=sys.stderr, flush=True)
     rules = grid(cases)
     t_full, t_auto = sum(c["seconds_full"] for c in cases), sum(c["seconds_auto"] for c in cases)
-    summary = dict(method=defaults.method, select=defaults.select, stall_steps=defaults.stall_steps, stall_flat_db=defaults.stall_flat_db,
+    summary = dict(method=defaults.method, select=defaults.select, stall_steps=defaults.stall_steps,
+                   stall_flat_db=defaults.stall_flat_db,
                    same_latent=sum(c["same_latent"] for c in cases), cases=len(cases),
                    no_worse_psnr=sum(c["psnr_auto"] >= c["psnr_full"] for c in cases),
                    seconds_full=round(t_full, 2), seconds_auto=round(t_auto, 2),
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
                 command=" ".join(shlex.quote(a) for a in ["python", "-m", "bench.autostop", *sys.argv[1:]]))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{meta['date']}-cpu-autostop"
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, summary=summary, rules=rules, cases=cases), indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, summary=summary, rules=rules, cases=cases),
+                                                    indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, summary, rules, cases))
     print(markdown(meta, summary, rules, cases))
     return 0
@@ -135,23 +137,29 @@ def iterations_saved_pct(cases) -> float:
 
 
 def markdown(meta, s, rules, cases) -> str:
-    lines = [f"# Auto-stop on the paper's protocol — {meta['date']}, CPU ({meta['cpu']}), {meta['threads']} threads", "",
+    lines = [f"# Auto-stop on the paper's protocol — {meta['date']}, CPU ({meta['cpu']}), "
+             f"{meta['threads']} threads", "",
              f"`{meta['command']}`: {', '.join(meta['models'])} x {', '.join(meta['images'])}, {meta['size']} px, "
-             f"{meta['steps']} steps, fp32, the default: method `{s['method']}`, select `{s.get('select', 'pixel')}`.", "",
-             f"**Default rule** (stall_steps {s['stall_steps']}, stall_flat_db {s['stall_flat_db']}): the same latent as "
-             f"the full run in {s['same_latent']}/{s['cases']} cases (PSNR no worse in {s['no_worse_psnr']}/{s['cases']}); "
+             f"{meta['steps']} steps, fp32, the default: method `{s['method']}`, "
+             f"select `{s.get('select', 'pixel')}`.", "",
+             f"**Default rule** (stall_steps {s['stall_steps']}, stall_flat_db {s['stall_flat_db']}): the same latent "
+             f"as the full run in {s['same_latent']}/{s['cases']} cases "
+             f"(PSNR no worse in {s['no_worse_psnr']}/{s['cases']}); "
              f"{s['iterations_saved_pct']} % of the iterations and {s['time_saved_pct']} % of the wall time saved "
              f"({s['seconds_full']} s -> {s['seconds_auto']} s, all cases, timings on a shared CPU).", "",
-             "| model | photo | full run's returned iteration (selection) | pixel best / twin's pick | auto-stop at | reason | same latent | PSNR full / auto (dB) | NMSE full / auto (dB) | s full / auto |",
+             "| model | photo | full run's returned iteration (selection) | pixel best / twin's pick | auto-stop at | "
+             "reason | same latent | PSNR full / auto (dB) | NMSE full / auto (dB) | s full / auto |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         lines.append(f"| {c['model']} | {c['image']} | {c['best_iteration']} ({c['selection']}) | "
-                     f"{c['pixel_best_iteration']} / {c['twin_iteration']} | {c['auto_iterations']} | {c['auto_stop_reason']} | "
+                     f"{c['pixel_best_iteration']} / {c['twin_iteration']} | {c['auto_iterations']} | "
+                     f"{c['auto_stop_reason']} | "
                      f"{c['same_latent']} | {c['psnr_full']:.2f} / {c['psnr_auto']:.2f} | {c['nmse_full_db']:.2f} / "
                      f"{c['nmse_auto_db']:.2f} | {c['seconds_full']:.1f} / {c['seconds_auto']:.1f} |")
     lines += ["", "## Candidate rules replayed on the full runs' traces", "",
               "No new best for W iterations and the residual within F dB over them (F = none: no residual condition); "
-              "without the twin hold. Same latent: the replayed stop is at or after the pixel best and the twin's pick.", "",
+              "without the twin hold. Same latent: the replayed stop is at or after the pixel best and the twin's "
+              "pick.", "",
               "| W | F (dB) | same latent | iterations saved |", "|---|---|---|---|"]
     for r in rules:
         lines.append(f"| {r['window']} | {r['flat_db'] if r['flat_db'] is not None else 'none'} | "

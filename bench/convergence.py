@@ -33,7 +33,7 @@ def cell(rows: list[dict]) -> dict:
     best_free = min(free, key=lambda m: free[m]["nmse_db"]) if free else None
     ours = by.get("ours")
     out = {"encoder_nmse_db": enc, "methods": {m: {"nmse_db": r["nmse_db"], "psnr_db": r["psnr_db"],
-                                                      "seconds": r.get("seconds")} for m, r in by.items()}}
+                                                   "seconds": r.get("seconds")} for m, r in by.items()}}
     if ours and best_free:
         gap = ours["nmse_db"] - min(free[best_free]["nmse_db"], ours["nmse_db"])
         out["default"] = {"best_free": best_free, "gap_db": round(gap, 2),
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     stem += "" if args.dtype == "fp32" or stem.endswith(f"-{args.dtype}") else f"-{args.dtype}"
     Path(f"{stem}-convergence.md").write_text(md)
     Path(f"{stem}-convergence.json").write_text(json.dumps(
-        {"cells": [{"model": k[0], "image": k[1], **v} for k, v in cells.items()], "meta": run["meta"]}, indent=1) + "\n")
+        {"cells": [{"model": k[0], "image": k[1], **v} for k, v in cells.items()], "meta": run["meta"]},
+        indent=1) + "\n")
     print(md)
     return 0
 

@@ -10,17 +10,19 @@ import time
 
 import torch
 torch.set_num_threads(2)
-from tests.support import host
+from tests.support import host  # noqa: E402
 H = host.boot()
 pack = H.pack.__name__
 adapter = importlib.import_module(pack + ".nodes.adapter")
 core = importlib.import_module(pack + ".core")
-from bench import measure as _measure, cases
-from dataclasses import replace
+from bench import measure as _measure, cases  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
 
 def codec_for(model, size):
     vae = _measure.load_vae(model)
     return adapter.vae_codec(vae, "fp32", (1, 3, size, size))
+
 
 def image(name, size):
     if name in cases.CASES:
@@ -30,30 +32,38 @@ def image(name, size):
         return f(_measure.photo_bchw(src, size))
     return _measure.photo_bchw(name, size)
 
+
 def pair(codec, name, size):
     with torch.inference_mode():
         z_gt = codec.encode(image(name, size)).float()
         x = (codec.decode(z_gt).float().clamp(0, 1) * 255).round() / 255
     return x.clone(), z_gt.clone()
 
+
 def nmse(z, zg):
     return 10 * math.log10(max(((z - zg) ** 2).sum().item(), 1e-30) / (zg ** 2).sum().item())
+
 
 def traced_run(codec, x, z_gt, **opts):
     zs = []
     if opts.get("method") == "gradient":
         dg = codec.differentiable_decode()
+
         def tr(z):
-            zs.append(z.detach().clone()); return dg(z)
+            zs.append(z.detach().clone())
+            return dg(z)
         c = replace(codec, grad_decode=lambda: tr)
     else:
         def tr(z):
-            zs.append(z.detach().clone()); return codec.decode(z)
+            zs.append(z.detach().clone())
+            return codec.decode(z)
         c = replace(codec, decode=tr)
     t = time.perf_counter()
     r = core.invert(c, x, core.InversionOptions(**opts))
     sec = time.perf_counter() - t
     return r, zs, sec
+
+
 torch.manual_seed(0)
 size = 32
 res = {}
@@ -63,7 +73,9 @@ for m in ("taef2", "kl_f8_small"):
     for n in ("flat_objects", "stars"):
         x, zg = pair(codec, n, size)
         with torch.inference_mode():
-            e0 = codec.encode(x).float(); xg = codec.decode(zg)
+            e0 = codec.encode(x).float()
+            xg = codec.decode(zg)
+
         def gain(d, base=zg, eps=None):
             with torch.inference_mode():
                 if eps is not None:

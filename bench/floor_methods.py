@@ -30,7 +30,9 @@ SELECTED = {m: {k: v for k, v in FREE_CONFIGS[m].items() if k != "select"} for m
 
 def row(core, codec, model: str, case: str, size: int) -> dict:
     x, z_gt = paper_pair(codec, photo_bchw(case, size))
-    nmse_db = lambda z, ref: round(core.nmse_db(z[:1], ref)[0].item(), 2)
+
+    def nmse_db(z, ref):
+        return round(core.nmse_db(z[:1], ref)[0].item(), 2)
     with torch.inference_mode():
         z_enc = codec.encode(x).float()
     out = dict(model=model, case=case, size=size, encoder=nmse_db(z_enc, z_gt))

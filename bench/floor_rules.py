@@ -1,11 +1,12 @@
-"""Issue 12, item 2 at the noise floor: once a decode reaches the input's 8-bit noise floor the pixel error
+r"""Issue 12, item 2 at the noise floor: once a decode reaches the input's 8-bit noise floor the pixel error
 cannot rank the iterates, and the pixel-best one is a near-random pick among them. Which visible rule
 would pick a latent closer to the truth? Offline, on the anderson traces of `bench.twin_probe`: the
 pixel-best iterate (the default there), the lowest fixed-point residual among the floor iterates, the
 last iterate, and the discrepancy principle (the first iterate whose PSNR is within d dB of the floor),
 each against the run's true minimum and the best plain method's pixel-best latent.
 
-    .venv/bin/python -m bench.twin_probe 64 100 kl_f8_small flat_noise,clipped,astronaut,chelsea,coffee,rocket anderson,km,forward /tmp/twin64.json
+    .venv/bin/python -m bench.twin_probe 64 100 kl_f8_small \
+        flat_noise,clipped,astronaut,chelsea,coffee,rocket anderson,km,forward /tmp/twin64.json
     .venv/bin/python -m bench.floor_rules /tmp/twin64.json 64
 """
 from __future__ import annotations

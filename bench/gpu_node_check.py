@@ -45,7 +45,9 @@ def node_row(ctx, vae, image, precision: str, method: str, steps: int) -> dict:
         latent = node.execute(pixels, vae, steps, method, precision=precision).result[0]
         seconds = time.perf_counter() - t
         stock = nodes.VAEEncode().encode(vae, pixels)[0]
-        decode = lambda lat: nodes.VAEDecode().decode(vae, lat)[0]
+
+        def decode(lat):
+            return nodes.VAEDecode().decode(vae, lat)[0]
         return {"exact_psnr_db": psnr(decode(latent), pixels), "stock_psnr_db": psnr(decode(stock), pixels),
                 "seconds": round(seconds, 3), "latent_dtype": str(latent["samples"].dtype)}
 

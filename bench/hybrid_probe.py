@@ -18,8 +18,9 @@ floor) core's `diis` from E(x); `gn@INNER[:channel]`: Gauss-Newton with INNER CG
 `VARIANT:dct`: any variant on the latent's 2-D DCT coefficients (an orthogonal change of coordinates);
 `and@K|diis`: K Anderson steps, then core's diis from
 their pixel-best iterate; `hybrid-early@K`: core's hybrid restarting from the pixel-best of its first K fixed-point
-iterates (0: from E(x), before session 14); `diis-jacobi[@LR]`: core's diis preconditioned by J's column norms at E(x) (4 random backward passes) instead of
-RMSprop's per-entry g^2 (whose mean still sets the level); `diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
+iterates (0: from E(x), before session 14); `diis-jacobi[@LR]`: core's diis preconditioned by J's column norms
+at E(x) (4 random backward passes) instead of RMSprop's per-entry g^2 (whose mean still sets the level);
+`diis[@B2:LR]`: core's `diis` (RMSprop decay B2). Prints one line per variant (seconds and
 evaluations to the baseline's PSNR) and writes /tmp/hybrid-probe-<model>.json.
 """
 from __future__ import annotations
@@ -257,7 +258,9 @@ def diis_jacobi_run(core, codec, x, lr: float | None, probes: int = 4) -> tuple[
     with torch.inference_mode(False), torch.enable_grad():
         zg = z0.clone().requires_grad_(True)
         img = codec.differentiable_decode()(zg)
-        jt = lambda u: torch.autograd.grad(img, zg, grad_outputs=u, retain_graph=True)[0]
+
+        def jt(u):
+            return torch.autograd.grad(img, zg, grad_outputs=u, retain_graph=True)[0]
         shape = squared_column_norms(jt, img.shape, generator, probes).reshape(1, -1)
     shape = shape / shape.mean()
     spent = time.perf_counter() - t0

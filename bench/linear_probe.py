@@ -109,7 +109,9 @@ def probe(ctx, vae, codec, image: str, size: int) -> dict:
     sv_encoder = torch.linalg.svdvals(jd @ symmetric_sqrt(je @ je.T))
     eig = torch.linalg.eigvals(je @ jd)
     adam_lin = adam_on_linear_model(jd, r0, 0.03 * z0.square().mean().sqrt().item())
-    first = lambda curve: next((k for k, p in enumerate(curve) if p >= adam_lin), None)
+
+    def first(curve):
+        return next((k for k, p in enumerate(curve) if p >= adam_lin), None)
     _, real_adam, _ = timed_run(ctx.core, codec, x, method="gradient", lr=0.03, schedule=False,
                                 track_residual=False, stall_steps=0, steps=100)
     return {

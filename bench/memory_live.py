@@ -82,7 +82,8 @@ def ratios(rows: list[dict]) -> dict:
     for size in sorted({r["size"] for r in rows}):
         by = {r["method"]: r for r in rows if r["size"] == size and "error" not in r}
         if "ours" in by and "gradient" in by:
-            out[size] = {f"{m}_over_gradient_{key}": round(by[m][f"{key}_peak_mb"] / by["gradient"][f"{key}_peak_mb"], 4)
+            out[size] = {f"{m}_over_gradient_{key}":
+                         round(by[m][f"{key}_peak_mb"] / by["gradient"][f"{key}_peak_mb"], 4)
                          for m in ("ours", "ours-free", "encoder") if m in by for key in ("live", "rss")
                          if by["gradient"][f"{key}_peak_mb"] > 0}
     return out
@@ -90,12 +91,14 @@ def ratios(rows: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["meta"]
-    lines = [f"# Live-tensor and RSS peak memory, {m['model']} — {m['date']}, {m['device']}, {m['threads']} threads", "",
+    lines = [f"# Live-tensor and RSS peak memory, {m['model']} — {m['date']}, {m['device']}, "
+             f"{m['threads']} threads", "",
              f"`{m['command']}`: photo `{m['image']}` in the paper's protocol, {m['dtype']}, {m['steps']} steps; "
              f"`ours` = core's default (`{m['default_method']}`, with its auto-stop and gradient rival), `ours-free` = "
              f"the default without the rival (gradient-free), `gradient` = {GRAD_REF}. "
              "Live = peak bytes of live tensors over the row's start (profiler allocator events); "
-             "RSS = VmHWM over VmRSS before (CPU)." + (" Random weights: cost only." if m["model"] == "random_sd" else ""), "",
+             "RSS = VmHWM over VmRSS before (CPU)."
+             + (" Random weights: cost only." if m["model"] == "random_sd" else ""), "",
              "| size | method | iterations | live peak (MiB) | RSS peak (MiB) | s |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
@@ -144,7 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the output file names")
     a = p.parse_args(argv)
     s = Settings(a.model, tuple(a.sizes), a.steps, a.image, a.dtype, a.threads, a.out)
-    command = " ".join(shlex.quote(v) for v in ["python", "-m", "bench.memory_live", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(shlex.quote(v)
+                       for v in ["python", "-m", "bench.memory_live", *(sys.argv[1:] if argv is None else argv)])
     result = run(s, command)
     s.out.mkdir(parents=True, exist_ok=True)
     stem = s.out / f"{result['meta']['date']}-{result['meta']['device_slug']}-memory-live{'-' + a.tag if a.tag else ''}"

@@ -102,7 +102,8 @@ def markdown(result: dict) -> str:
            f"{result['meta']['device']}, {result['meta']['threads']} threads, {result['meta']['steps']} steps per row, "
            f"peak = {rows[0].get('memory_method', '?')}.", "",
            "## Frames (random Wan 2.1 VAE, dim %d, 64 x 64 px)" % result["meta"]["wan_dim"], "",
-           "| frames | gradient-free chunked (MiB) | gradient-free whole (MiB) | gradient-based (MiB) |", "|---|---|---|---|"]
+           "| frames | gradient-free chunked (MiB) | gradient-free whole (MiB) | gradient-based (MiB) |",
+           "|---|---|---|---|"]
 
     def cell(kind, m, n):
         r = next((r for r in rows if (r["kind"], r["method"], r["n"]) == (kind, m, n)), None)
@@ -111,9 +112,11 @@ def markdown(result: dict) -> str:
         return r.get("error", f"{r['peak_mb']:.0f} ({r['seconds']:.1f} s)")
 
     for n in sorted({r["n"] for r in rows if r["kind"] == "frames"}):
-        out.append(f"| {n} | {cell('frames', 'gf_chunked', n)} | {cell('frames', 'gf_whole', n)} | {cell('frames', 'gradient', n)} |")
+        out.append(f"| {n} | {cell('frames', 'gf_chunked', n)} | {cell('frames', 'gf_whole', n)} | "
+                   f"{cell('frames', 'gradient', n)} |")
     out += ["", f"Memory cap = {s['cap_definition']} = {s['cap_mb']} MiB. Most frames measured under the cap: "
-            f"gradient-based {s['frames_under_cap']['gradient']}, gradient-free whole {s['frames_under_cap']['gf_whole']}, "
+            f"gradient-based {s['frames_under_cap']['gradient']}, "
+            f"gradient-free whole {s['frames_under_cap']['gf_whole']}, "
             f"gradient-free chunked {s['frames_under_cap']['gf_chunked']} -> ratio chunked/gradient "
             f"{s['ratio_to_gradient']['gf_chunked']}, whole/gradient {s['ratio_to_gradient']['gf_whole']} "
             f"(goal >= 4: {'met' if s['goal_4x_met'] else 'NOT met'}).", "",
@@ -148,7 +151,8 @@ def run(settings: Settings, device_name: str, device_slug: str) -> int:
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     result = dict(meta=dict(device=device_name, threads=settings.threads, steps=settings.steps,
                             wan_dim=settings.wan_dim, frames=list(settings.frames),
-                            pixel_sizes=list(settings.pixel_sizes), command=" ".join(["python", "-m", "bench.memory_scaling", *sys.argv[1:]]),
+                            pixel_sizes=list(settings.pixel_sizes),
+                            command=" ".join(["python", "-m", "bench.memory_scaling", *sys.argv[1:]]),
                             seconds=round(time.perf_counter() - t0, 1)),
                   summary=summarize(rows, settings.cap_frames), rows=rows)
     out = Path(settings.out)
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, nargs="+", default=list(d.frames), help="clip lengths (1 + 4k)")
-    p.add_argument("--pixel-sizes", type=int, nargs="+", default=list(d.pixel_sizes), help="square sizes in px for TAEF2")
+    p.add_argument("--pixel-sizes", type=int, nargs="+", default=list(d.pixel_sizes),
+                   help="square sizes in px for TAEF2")
     p.add_argument("--cap-frames", type=int, default=d.cap_frames,
                    help="the memory cap is the gradient baseline's peak at this many frames")
     p.add_argument("--steps", type=int, default=d.steps, help="iterations per row")

@@ -83,8 +83,10 @@ def main(argv=None) -> int:
                          max_abs_latent_diff=diff,
                          node_over_core=med["node"] / med["core"],
                          node_check_over_core=med["node+check"] / med["core"]))
-        print(f"{name} ({method}): core {med['core']:.3f} s, node {med['node']:.3f} s ({rows[-1]['node_over_core']:.3f}x), "
-              f"node+check {med['node+check']:.3f} s ({rows[-1]['node_check_over_core']:.3f}x), same latent {same} (max |diff| {diff:.2e})")
+        print(f"{name} ({method}): core {med['core']:.3f} s, node {med['node']:.3f} s "
+              f"({rows[-1]['node_over_core']:.3f}x), "
+              f"node+check {med['node+check']:.3f} s ({rows[-1]['node_check_over_core']:.3f}x), "
+              f"same latent {same} (max |diff| {diff:.2e})")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,12 +95,14 @@ def main(argv=None) -> int:
                 threads=args.threads, command=" ".join(["python", "-m", "bench.node_overhead", *sys.argv[1:]]))
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Node overhead over core.invert — {datetime.date.today()}, CPU, {args.threads} threads", "",
-             f"Median of {args.repeats} interleaved runs, astronaut {args.size} px, the default method, {args.steps} steps. "
+             f"Median of {args.repeats} interleaved runs, astronaut {args.size} px, the default method, "
+             f"{args.steps} steps. "
              "`node`: VAEExactEncode.execute with check_assumption off; `node+check`: on (keeps the iterates "
              "and computes the cocoercivity check).", ""]
     lines += markdown_table(
         ["model", "core s", "node s", "node / core", "node+check s", "node+check / core", "same latent (max abs diff)"],
-        [[r["model"], f"{r['seconds_median']['core']:.3f}", f"{r['seconds_median']['node']:.3f}", f"{r['node_over_core']:.3f}",
+        [[r["model"], f"{r['seconds_median']['core']:.3f}", f"{r['seconds_median']['node']:.3f}",
+          f"{r['node_over_core']:.3f}",
           f"{r['seconds_median']['node+check']:.3f}", f"{r['node_check_over_core']:.3f}",
           f"{r['same_latent']} ({r['max_abs_latent_diff']:.1e})"] for r in rows])
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

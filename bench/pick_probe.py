@@ -33,7 +33,9 @@ def relative_gain(codec, base: torch.Tensor, move: torch.Tensor, generator) -> f
         return math.nan
     with torch.inference_mode():
         at = codec.decode(base).float()
-        gain = lambda d: ((codec.decode(base + d).float() - at).norm() / d.norm()).item()
+
+        def gain(d):
+            return ((codec.decode(base + d).float() - at).norm() / d.norm()).item()
         randoms = [torch.randn(move.shape, generator=generator) for _ in range(RANDOM_DIRECTIONS)]
         return gain(move) / (sum(gain(v / v.norm() * move.norm()) for v in randoms) / RANDOM_DIRECTIONS)
 
@@ -53,12 +55,17 @@ def row(core, codec, model: str, image: str, size: int, steps: int) -> dict:
     k_twin, k_pixel = twin["iteration"], int(r.trace_psnr[:, 0].nan_to_num(-math.inf).argmax())
     real, mirror = [z[:1] for z in iterates], [z[1:] for z in iterates]
     g = torch.Generator().manual_seed(0)
-    db = lambda z: round(nmse(z, z_gt), 2)
-    gain = lambda a, b: round(relative_gain(codec, a, b - a, g), 3)
+
+    def db(z):
+        return round(nmse(z, z_gt), 2)
+
+    def gain(a, b):
+        return round(relative_gain(codec, a, b - a, g), 3)
     return dict(model=model, image=image, size=size, why=twin["why"], twin_pick=k_twin, pixel_best=k_pixel,
                 nmse_encoder_db=db(real[0]), nmse_twin_pick_db=db(real[k_twin]), nmse_pixel_best_db=db(real[k_pixel]),
                 nmse_returned_db=db(r.latent),
-                gain_encoder_to_pick=gain(real[0], real[k_twin]), gain_pick_to_pixel_best=gain(real[k_twin], real[k_pixel]),
+                gain_encoder_to_pick=gain(real[0], real[k_twin]),
+                gain_pick_to_pixel_best=gain(real[k_twin], real[k_pixel]),
                 twin_gain_pick_to_pixel_best=gain(mirror[k_twin], mirror[k_pixel]))
 
 
@@ -72,7 +79,8 @@ def markdown(result: dict) -> str:
              "| VAE | size | image | why | twin's pick / pixel-best | latent NMSE (dB): E(x) / pick / pixel-best / "
              "returned | gain E(x)→pick | gain pick→pixel-best (twin's own) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['size']} | {r['image']} | {r['why']} | {r['twin_pick']} / {r['pixel_best']} | "
+        lines.append(f"| {r['model']} | {r['size']} | {r['image']} | {r['why']} | "
+                     f"{r['twin_pick']} / {r['pixel_best']} | "
                      f"{r['nmse_encoder_db']} / {r['nmse_twin_pick_db']} / {r['nmse_pixel_best_db']} / "
                      f"{r['nmse_returned_db']} | {r['gain_encoder_to_pick']} | {r['gain_pick_to_pixel_best']} "
                      f"({r['twin_gain_pick_to_pixel_best']}) |")

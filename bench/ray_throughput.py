@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ray.init(num_cpus=args.actors, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     startup = time.perf_counter() - t0
-    distributed = timed_run(lambda on_row: run_on_ray(settings, todo, work / "ray", 1, on_row, actors=args.actors), todo)
+    distributed = timed_run(lambda on_row: run_on_ray(settings, todo, work / "ray", 1, on_row, actors=args.actors),
+                            todo)
     ray.shutdown()
     distributed["cluster_start_s"] = round(startup, 2)
     ratio = {k: round(distributed[k] / single[k], 3) for k in ("images_per_s_total", "images_per_s_steady")}
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     md += ["", f"Ray / single: {ratio['images_per_s_total']}x total, {ratio['images_per_s_steady']}x steady; "
            f"Ray / single 1-thread: {ratio_1['images_per_s_total']}x total, {ratio_1['images_per_s_steady']}x steady. "
            f"Load average (1 min) at the end: {result['meta']['load_average_1min']} on {os.cpu_count()} CPUs. "
-           f"Ray cluster start {distributed['cluster_start_s']} s (not in total). Command: `{result['meta']['command']}`"]
+           f"Ray cluster start {distributed['cluster_start_s']} s (not in total). "
+           f"Command: `{result['meta']['command']}`"]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -70,7 +70,9 @@ def _group(rows):
 def summarize_size(rows, model, size, grad_ref=GRAD_REF, ours=OURS) -> dict:
     idx = _group(rows)
     images = sorted({r["image"] for r in rows if r["model"] == model and r["size"] == size})
-    get = lambda m, d, i: idx.get((m, model, size, d, i))
+
+    def get(m, d, i):
+        return idx.get((m, model, size, d, i))
     meaningful = model not in ACCURACY_MEANINGLESS
     out: dict = {"size": size, "images": images, "grad_ref": grad_ref, "ours": ours,
                  "accuracy_meaningful": meaningful}
@@ -194,7 +196,7 @@ def targets(s: dict) -> dict:
         met, note = None, s.get("bf16_mem_ratio_reason")
     elif d is None:  # memory is measurable, accuracy is not (random weights or missing rows)
         met, note = (None if r <= 0.55 else False), ("memory part " + ("met" if r <= 0.55 else "not met")
-                                                       + "; NMSE part: " + str(s.get("bf16_nmse_delta_db_reason")))
+                                                     + "; NMSE part: " + str(s.get("bf16_nmse_delta_db_reason")))
     else:
         met, note = (r <= 0.55 and abs(d) <= 0.5), None
     t["bf16"] = {"target": TARGETS["bf16"], "threshold": "mem <= 0.55 and |delta NMSE| <= 0.5 dB",
@@ -271,14 +273,16 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Summary per model", "",
               "| model | size | encoder NMSE | ours NMSE | grad-ref NMSE | ours s | grad-ref s | speedup | "
-              "ours MB | grad MB | mem ratio | VAE pass MB | loop MB | s/iter | floor s | overhead | bf16 mem ratio | bf16 ΔNMSE | best grad config |",
+              "ours MB | grad MB | mem ratio | VAE pass MB | loop MB | s/iter | floor s | overhead | bf16 mem ratio | "
+              "bf16 ΔNMSE | best grad config |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         for size, b in s["by_size"].items():
             lines.append(
                 f"| {m} | {size} | {_fmt(b['encoder_nmse_db'])} | {_fmt(b['ours_nmse_db'])} | "
                 f"{_fmt(b['grad_ref_nmse_db'])} | {_fmt(b['ours_seconds'])} | {_fmt(b['grad_ref_seconds'])} | "
-                f"{_fmt(b['speedup_to_grad100'], 2)} | {_fmt(b['ours_peak_mb'], 1)} | {_fmt(b['grad_ref_peak_mb'], 1)} | "
+                f"{_fmt(b['speedup_to_grad100'], 2)} | {_fmt(b['ours_peak_mb'], 1)} | "
+                f"{_fmt(b['grad_ref_peak_mb'], 1)} | "
                 f"{_fmt(b['mem_ratio_vs_grad'], 3)} | {_fmt(b.get('floor_peak_mb'), 1)} | "
                 f"{_fmt(b.get('loop_extra_mb'), 1)} | {_fmt(b['s_per_iter'], 4)} | {_fmt(b['floor_s'], 4)} | "
                 f"{_fmt(b['overhead_vs_floor'], 3)} | {_fmt(b['bf16_mem_ratio'], 3)} | "

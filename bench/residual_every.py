@@ -46,7 +46,8 @@ def report(rows: list[dict], meta: dict) -> str:
              "Median seconds of full runs (no auto-stop); ratio = setting / every 1. Same latent: all three "
              "settings returned the identical tensor.", ""]
     cells = [[r["model"], r["image"], r["method"], *(f"{r['seconds'][k]:.2f}" for k in ("every 1", "every 4", "none")),
-              f"{r['seconds']['every 4'] / r['seconds']['every 1']:.2f}", f"{r['seconds']['none'] / r['seconds']['every 1']:.2f}",
+              f"{r['seconds']['every 4'] / r['seconds']['every 1']:.2f}",
+              f"{r['seconds']['none'] / r['seconds']['every 1']:.2f}",
               "yes" if r["same_latent"] else "NO"] for r in rows]
     lines += markdown_table(["VAE", "image", "method", "every 1 (s)", "every 4 (s)", "none (s)", "every 4 / every 1",
                              "none / every 1", "same latent"], cells)

@@ -47,20 +47,23 @@ def markdown(result: dict) -> str:
     lines = [f"# The default's gradient rival on real photos — {m['date']}, {m['device']}, {m['threads']} threads", "",
              f"`{m['command']}`: the shared photos as a node gets them (not the paper protocol: no true latent), fp32, "
              "core's default with `rival=\"\"` (gradient-free), with the rival from its early start only "
-             "(`rival_from_pixel_best=False`) and the default, one process, side by side. Twin dB: each run's twin latent "
-             "NMSE at its pick (what `core.twin.rival_wins` compares); again: the rival from the first run's pixel-best.",
-             "", "| VAE | size | photo | PSNR E(x) | PSNR without rival | PSNR one rival | PSNR default | rival chosen | "
-             "again chosen | twin dB without / rival | s without / one rival / default |",
+             "(`rival_from_pixel_best=False`) and the default, one process, side by side. Twin dB: each run's "
+             "twin latent NMSE at its pick (what `core.twin.rival_wins` compares); again: the rival from the first "
+             "run's pixel-best.",
+             "", "| VAE | size | photo | PSNR E(x) | PSNR without rival | PSNR one rival | PSNR default | "
+             "rival chosen | again chosen | twin dB without / rival | s without / one rival / default |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         chosen = "skipped: " + r["skipped"] if r["skipped"] else ("yes" if r["rival_chosen"] else
-                                                                  "no" if r["rival_ran"] else f"not run ({r['free_why']})")
+                                                                  "no" if r["rival_ran"] else
+                                                                  f"not run ({r['free_why']})")
         again = (("yes" if r["again_chosen"] else "no") if r["again_ran"] else
                  "not run: pick not stood for" if r.get("again_unjudged") else
                  "not run: off pace" if r.get("again_off_pace") else "not run")
         lines.append(f"| {r['model']} | {r['size']} | {r['photo']} | {r['psnr_encoder']} | {r['psnr_free']} | "
                      f"{r['psnr_one_rival']} | {r['psnr_default']} | {chosen} | {again} | {r['twin_free_db']} / "
-                     f"{r['twin_rival_db']} | {r['seconds_free']} / {r['seconds_one_rival']} / {r['seconds_default']} |")
+                     f"{r['twin_rival_db']} | {r['seconds_free']} / {r['seconds_one_rival']} / "
+                     f"{r['seconds_default']} |")
     return "\n".join(lines) + "\n"
 
 

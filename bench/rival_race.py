@@ -41,7 +41,8 @@ def row(core, codec, model: str, image: str, size: int, paper: bool) -> dict:
 
 def markdown(result: dict) -> str:
     m, rows = result["meta"], result["rows"]
-    lines = [f"# The default's rival with and without its race — {m['date']}, {m['device']}, {m['threads']} threads", "",
+    lines = [f"# The default's rival with and without its race — {m['date']}, {m['device']}, "
+             f"{m['threads']} threads", "",
              f"`{m['command']}`: fp32, the default (`core.invert`, auto-stop on) as it is and with the race off "
              "(`core.twin.CATCH_UP` = inf), one process, side by side. \"Stopped at\": the rival's iteration where the "
              "race ended it (\"—\": it ran on, or did not run: the decode reached the noise floor).", "",
@@ -54,7 +55,8 @@ def markdown(result: dict) -> str:
                      f"{r['seconds_raced']} / {r['seconds_whole']} |")
     raced, whole = sum(r["seconds_raced"] for r in rows), sum(r["seconds_whole"] for r in rows)
     lines += ["", f"Same latent on {sum(r['same_latent'] for r in rows)} of {len(rows)}; the race stopped the rival on "
-              f"{sum(r['stopped_at'] is not None for r in rows)} of the {sum(r['rival_ran'] for r in rows)} where it ran; "
+              f"{sum(r['stopped_at'] is not None for r in rows)} of the {sum(r['rival_ran'] for r in rows)} "
+              f"where it ran; "
               f"seconds in all: {raced:.1f} raced, {whole:.1f} whole ({raced / whole:.2f}x)."]
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,8 @@
 
 The rival (`diis`, core.rival.with_rival) runs each image the twin decided for again, with its own twin. From E(x)
 it starts where the fixed point started; from the pixel-best of E(x) and the first K fixed-point iterates it starts
-a few dB closer in pixels, before the fixed point's drift sets in (the hybrid restarts that way: core.hybrid.EARLY_STEPS).
+a few dB closer in pixels, before the fixed point's drift sets in (the hybrid restarts that way:
+core.hybrid.EARLY_STEPS).
 Per VAE x size x image, in the paper protocol (z_gt = E(photo), x = D(z_gt) in 8 bits), the default for each K in
 `--early`, one process: latent NMSE against z_gt, PSNR, whether the rival's pick was returned, its twin's latent
 error at its pick, seconds.
@@ -27,8 +28,10 @@ def rows_for(core, codec, model: str, image: str, size: int, early: list[int]) -
     for k in early:
         r = core.invert(codec, x, rival_early_steps=k)
         rival, s = r.extra.get("rival") or {}, r.samples[0]
-        out.append(dict(model=model, size=size, image=image, early=k, nmse_db=round(core.nmse_db(r.latent, z_gt)[0].item(), 2),
-                        psnr=round(s.psnr_best, 2), why=r.extra["twin"][0]["why"], rival_ran=0 in rival.get("samples", []),
+        out.append(dict(model=model, size=size, image=image, early=k,
+                        nmse_db=round(core.nmse_db(r.latent, z_gt)[0].item(), 2),
+                        psnr=round(s.psnr_best, 2), why=r.extra["twin"][0]["why"],
+                        rival_ran=0 in rival.get("samples", []),
                         rival_chosen=0 in rival.get("chosen", []),
                         twin_rival_db=(rival.get("twin_nmse_db") or [None])[0], seconds=round(r.seconds, 2)))
     return out
@@ -38,10 +41,11 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"# Where the default's rival starts — {m['date']}, {m['device']}, {m['threads']} threads", "",
              f"`{m['command']}`: the paper protocol, fp32, core's default with `rival_early_steps` = K (0: from E(x)), "
-             "one process, side by side. NMSE: the returned latent against z_gt (dB, lower is better); rival: whether its "
-             "pick was returned (— where it did not run: the decode reached the noise floor or the race stopped it "
+             "one process, side by side. NMSE: the returned latent against z_gt (dB, lower is better); rival: whether "
+             "its pick was returned (— where it did not run: the decode reached the noise floor or the race stopped it "
              "unrun); twin dB: the rival's twin's latent NMSE at its pick.", "",
-             "| VAE | size | image | K | NMSE dB | PSNR dB | rival | rival twin dB | s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| VAE | size | image | K | NMSE dB | PSNR dB | rival | rival twin dB | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         rival = ("yes" if r["rival_chosen"] else "no") if r["rival_ran"] else "—"
         lines.append(f"| {r['model']} | {r['size']} | {r['image']} | {r['early']} | {r['nmse_db']} | {r['psnr']} | "

@@ -145,10 +145,12 @@ def build_jobs(args, ctx, scratch: Path) -> tuple[list, list]:
         if unknown:
             raise SystemExit(f"unknown --methods {sorted(unknown)}; rows are: {', '.join(configs)}")
         configs = {k: v for k, v in configs.items() if k in args.methods}
-    unknown = set(args.lp_methods or ()) - set(measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method))
+    unknown = set(args.lp_methods or ()) - set(measure.method_configs(ctx.core.METHODS,
+                                                                      ctx.core.InversionOptions().method))
     if unknown:
         raise SystemExit(f"unknown --lp-methods {sorted(unknown)}; rows are: {', '.join(configs)}")
-    free = [m for m, c in configs.items() if not measure.is_gradient(c, ctx.core.PIXEL_ONLY_METHODS)]  # encoder included
+    free = [m for m, c in configs.items()
+            if not measure.is_gradient(c, ctx.core.PIXEL_ONLY_METHODS)]  # encoder included
     lp = set(free if args.lp_methods is None else args.lp_methods)
     images = args.images or [p.stem for p in image_paths()]
     preps, rows = [], []
@@ -176,7 +178,8 @@ def _progress(i, n, row, t0):
     if row.get("error"):
         msg = "ERROR " + row["error"].strip().splitlines()[-1]
     else:
-        num = lambda k: float("nan") if row.get(k) is None else row[k]
+        def num(k):
+            return float("nan") if row.get(k) is None else row[k]
         msg = (f"NMSE {num('nmse_db'):7.2f} dB, PSNR {num('psnr_db'):6.2f} dB, "
                f"{num('seconds'):8.3f} s, peak {num('peak_mb'):8.1f} MB")
         if row.get("overhead_vs_floor"):
@@ -228,7 +231,8 @@ def main(argv=None) -> int:
         rows.append(res)
         _write(partial, {"rows": rows, "meta": {"partial": True, "steps": args.steps, "sizes": args.sizes,
                                                 "device_name": device_name, "command": " ".join(
-                                                    shlex.quote(a) for a in ["python", "-m", "bench.run", *sys.argv[1:]])}})
+                                                    shlex.quote(a)
+                                                    for a in ["python", "-m", "bench.run", *sys.argv[1:]])}})
         _progress(i, len(jobs), res, t0)
     for f in scratch.iterdir():
         f.unlink()
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
         "grad_ref": measure.GRAD_REF, "ours": measure.OURS,
         "configs": measure.method_configs(ctx.core.METHODS, ctx.core.InversionOptions().method),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "bench.run",
-                                                      *(sys.argv[1:] if argv is None else argv)]),
+                                                     *(sys.argv[1:] if argv is None else argv)]),
         "git": git_state(), "comfyui": comfyui_version(),
         "loadavg_start": [round(v, 2) for v in load0], "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "cpu_pressure_start": pressure0, "cpu_pressure_end": cpu_pressure(),

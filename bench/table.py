@@ -8,5 +8,6 @@ def markdown_table(header: list, rows: list) -> list[str]:
     >>> markdown_table(["a", "b"], [[1, "x"]])
     ['| a | b |', '|---|---|', '| 1 | x |']
     """
-    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+    def line(cells):
+        return "| " + " | ".join(str(c) for c in cells) + " |"
     return [line(header), "|" + "---|" * len(header), *map(line, rows)]

@@ -80,8 +80,12 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         vae = models.taef2_vae()
         shared, norms = shared_stats_decoder(vae.first_stage_model)
-        as_tiled = lambda z: vae.process_output(vae.first_stage_model.decode(z))  # noqa: E731
-        rf_only = lambda z: vae.process_output(shared.decode(z))  # noqa: E731
+
+        def as_tiled(z):
+            return vae.process_output(vae.first_stage_model.decode(z))
+
+        def rf_only(z):
+            return vae.process_output(shared.decode(z))
         for path in image_paths():
             x = load_photo(path, 256).movedim(-1, 1)
             z = vae.first_stage_model.encode(vae.process_input(x))

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         if max(real["psnr"]) >= fl - twin.FLOOR_MARGIN_DB:
             pick, nmse = "pixel (floor)", real["nmse"][real["psnr"].index(max(real["psnr"]))]
         elif real["psnr"][k] < real["psnr"][0] or (
-                len(real["psnr"]) - 1 - real["psnr"].index(max(real["psnr"])) >= SETTLE and not faithful(g_real, g_twin)):
+                len(real["psnr"]) - 1 - real["psnr"].index(max(real["psnr"])) >= SETTLE
+                and not faithful(g_real, g_twin)):
             pick, nmse = "E(x)", real["nmse"][0]
         else:
             pick, nmse = f"twin @{k}", real["nmse"][k]

@@ -137,11 +137,13 @@ def main(argv=None) -> int:
               f"unstable {0 if V is None else V.shape[1]}: {sorted(ev.real[ev.real < -0.01].tolist())[:6]}", flush=True)
         with torch.inference_mode():
             g0 = (codec.encode(codec.decode(z0)).float() - z0).reshape(-1).double()
-        print("  counts Re<0.02/0.05/0.1/0.2:", [(ev.real < t).sum().item() for t in (0.02, 0.05, 0.1, 0.2)], flush=True)
+        print("  counts Re<0.02/0.05/0.1/0.2:", [(ev.real < t).sum().item() for t in (0.02, 0.05, 0.1, 0.2)],
+              flush=True)
         for m in (5, 10, 20):  # what core.unstable's Arnoldi (from g0) sees of it
             Va, eva = arnoldi_unstable(lambda v: J @ v, g0, m)
             print(f"  arnoldi m={m}: ritz min Re {eva.real.min():.3f}, expanding {0 if Va is None else Va.shape[1]}"
-                  + ("" if V is None or Va is None else f", overlap {torch.linalg.svdvals(V.T @ Va).max():.3f}"), flush=True)
+                  + ("" if V is None or Va is None else f", overlap {torch.linalg.svdvals(V.T @ Va).max():.3f}"),
+                  flush=True)
         for tau in (-0.01, 0.05, 0.1):
             for src in ("full", "arnoldi20"):
                 if src == "full":
@@ -149,11 +151,13 @@ def main(argv=None) -> int:
                 else:
                     Va, _ = arnoldi_unstable(lambda v: J @ v, g0, 20, tau)
                 if Va is None:
-                    print(f"  tau {tau} {src}: none"); continue
+                    print(f"  tau {tau} {src}: none")
+                    continue
                 nm, ps, best = run(ctx.core, codec, x, z_gt, "anderson", steps, Va, Va.T @ J @ Va, "proj")
                 kmin = min(range(len(nm)), key=nm.__getitem__)
-                print(f"  tau {tau} {src} p={Va.shape[1]} pixbest@{best} nmse {nm[best]:.2f} psnr {ps[best]:.2f} | min nmse "
-                      f"{nm[kmin]:.2f}@{kmin} | nmse@10,30,100 {nm[10]:.2f} {nm[30]:.2f} {nm[-1]:.2f}", flush=True)
+                print(f"  tau {tau} {src} p={Va.shape[1]} pixbest@{best} nmse {nm[best]:.2f} psnr {ps[best]:.2f} | "
+                      f"min nmse {nm[kmin]:.2f}@{kmin} | nmse@10,30,100 {nm[10]:.2f} {nm[30]:.2f} {nm[-1]:.2f}",
+                      flush=True)
         T = None if V is None else V.T @ J @ V
         for meth in (() if len(sys.argv) > 5 else ("forward", "anderson")):
             for tag, vv in (("plain", None), ("newton", V), ("proj", V)):

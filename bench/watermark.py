@@ -53,7 +53,8 @@ ENCODER_LABELS = {
     "hybrid": "hybrid",
 }
 ENCODER_OPTIONS = {"default": {}, "adam": {"method": "adam"},
-                   "gradient": {"method": "gradient", "lr": 0.03, "schedule": False, "track_residual": False}, "hybrid": {"method": "hybrid"}}
+                   "gradient": {"method": "gradient", "lr": 0.03, "schedule": False, "track_residual": False},
+                   "hybrid": {"method": "hybrid"}}
 INVERSIONS = ("naive", "exact")
 
 
@@ -340,7 +341,7 @@ def main(argv=None) -> int:
                 print(json.dumps(result["rows"][-1]), flush=True)
             result["meta"] = {"date": date, "device": device_name, "git": git_state(),
                               "command": " ".join(["python -m bench.watermark"] + (argv if argv is not None
-                                                                                     else sys.argv[1:])),
+                                                                                   else sys.argv[1:])),
                               "seconds": time.perf_counter() - start, "complete": False}
             stem.with_suffix(".json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
     result["meta"]["complete"] = True

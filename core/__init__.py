@@ -21,7 +21,8 @@ from .treering import (PATTERNS, SIGMA_ESTIMATORS, Detection, TreeRingKey, Water
                        spectrum, spectrum_image)
 
 __all__ = ["Codec", "invert", "InversionOptions", "InversionResult", "Result", "SampleStats", "METHODS",
-           "PIXEL_ONLY_METHODS", "DEFAULT_LR", "nmse_db", "per_sample_mse", "per_sample_weighted_mse", "psnr_from_mse", "region_error",
+           "PIXEL_ONLY_METHODS", "DEFAULT_LR", "nmse_db", "per_sample_mse", "per_sample_weighted_mse", "psnr_from_mse",
+           "region_error",
            "drift", "DriftResult",
            "TreeRingKey", "WatermarkKeyError", "Detection", "PATTERNS", "SIGMA_ESTIMATORS", "inject", "detect",
            "spectrum", "spectrum_image",

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", help="exact latents for image files and folders")
     enc.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     enc.add_argument("--vae", required=True, help="VAE file (.safetensors: SD/SDXL/SD3/FLUX.1, TAESD) or folder "
-                                                 "(diffusers, TAESD encoder/decoder pair, file + config.json)")
+                                                  "(diffusers, TAESD encoder/decoder pair, file + config.json)")
     enc.add_argument("--out", required=True, help="output folder")
     enc.add_argument("--method", default="anderson", choices=METHODS)
     enc.add_argument("--steps", type=int, default=50)
@@ -120,7 +120,8 @@ class Reporter:
 
 def print_summary(summary: dict) -> None:
     rows = [("encoded", summary["ok"]), ("skipped (resume)", summary["skipped"]), ("failed", len(summary["failed"])),
-            ("mean PSNR, plain encoder", summary["mean_psnr_encoder"]), ("mean PSNR, exact", summary["mean_psnr_exact"]),
+            ("mean PSNR, plain encoder", summary["mean_psnr_encoder"]),
+            ("mean PSNR, exact", summary["mean_psnr_exact"]),
             ("mean gain (dB)", summary["mean_gain_db"]), ("wall time (s)", summary["seconds"]),
             ("images / s", summary["images_per_second"])]
     for label, value in rows:

@@ -37,8 +37,8 @@ from .twin import FLOOR_MARGIN_DB
 Tensor = torch.Tensor
 STALL = 3  # the fixed point has stopped paying when its best PSNR gained at most
 # STALL x MIN_GAIN_DB over the last STALL iterations: below what diis gains per step on average on its way
-# to Adam's 100-step PSNR on TAEF2 (0.23-0.74 dB, median 0.38), at about its cost. Measured (bench.hybrid_probe, 18 cells,
-# bench/results/2026-12-03-cpu-hybrid-switch-probe.md): 0.3 took fewer evaluations than 0 (no new best) on
+# to Adam's 100-step PSNR on TAEF2 (0.23-0.74 dB, median 0.38), at about its cost. Measured (bench.hybrid_probe,
+# 18 cells, bench/results/2026-12-03-cpu-hybrid-switch-probe.md): 0.3 took fewer evaluations than 0 (no new best) on
 # 11 and as many on 7. Kl-f8's Anderson gains >= 0.58 dB per iteration until its decode reaches the floor,
 # so 0.3 keeps those with a margin of 2 (1.0 switched flat_noise early: 65 evaluations instead of 14).
 MIN_GAIN_DB = 0.3

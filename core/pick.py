@@ -91,11 +91,9 @@ def select_picks(result: InversionResult, tracker: TwinTracker, start_latent: Te
                    pixel_best_rows=result.latent, noise_level_rows=tracker.near_z)
 
 
-
 TWIN_DECIDED = ("twin", "decoded worse", "pixel best first")  # select_picks' rules below the noise floor
 
 
 def twin_decided(first: InversionResult) -> list[int]:
     """The samples whose returned iterate the twin chose: their decode stayed below the noise floor."""
     return [i for i, t in enumerate(first.extra.get("twin") or []) if t["why"] in TWIN_DECIDED]
-

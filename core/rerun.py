@@ -63,7 +63,9 @@ def merged(first: InversionResult, second: InversionResult, rows: list[int], use
     latent, samples = first.latent.clone(), list(first.samples)
     offset = {j: first.samples[rows[j]].iterations + 1 for j in use}
     length = max([first.trace_psnr.shape[0]] + [offset[j] + second.samples[j].iterations + 1 for j in use])
-    grow = lambda t: torch.cat([t, torch.full((length - t.shape[0], t.shape[1]), math.nan, dtype=t.dtype)])
+
+    def grow(t):
+        return torch.cat([t, torch.full((length - t.shape[0], t.shape[1]), math.nan, dtype=t.dtype)])
     trace_psnr, trace_res = grow(first.trace_psnr), grow(first.trace_residual_db)
     for j in use:
         i, o, s1, s2 = rows[j], offset[j], first.samples[rows[j]], second.samples[j]
@@ -79,7 +81,6 @@ def merged(first: InversionResult, second: InversionResult, rows: list[int], use
         extra["twin"][i] = {**twin, "iteration": o + twin["iteration"], **tag}
     return replace(first, latent=latent, samples=samples, trace_psnr=trace_psnr, trace_residual_db=trace_res,
                    seconds=first.seconds + extra_seconds + second.seconds, extra=extra)
-
 
 
 def restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
@@ -112,4 +113,3 @@ def restart_off_expanding(first: InversionResult, codec: Codec, image: Tensor, o
         result.extra["unstable"][i] = {"restarted": j in use, "directions": second.extra["expanding"][j],
                                        "lowest_ritz": second.extra["lowest_ritz"][j]}
     return result
-

@@ -156,7 +156,8 @@ class InversionResult:
             if again.get("samples"):
                 chosen = ", ".join(str(i + 1) for i in again["chosen"]) or "none"
                 lines.append(f"{rival['method']} rival run again from the first run's pixel-best iterate on image(s) "
-                             f"{', '.join(str(i + 1) for i in again['samples'])}; its pick returned for image(s): {chosen}")
+                             f"{', '.join(str(i + 1) for i in again['samples'])}; "
+                             f"its pick returned for image(s): {chosen}")
                 lines += _outmatched(rival["method"], again.get("outmatched"))
             if again.get("unjudged"):  # core.rival.with_rival: where the standing pick's twin did not stand for it
                 unjudged = ", ".join(str(i + 1) for i in again["unjudged"])

@@ -43,12 +43,13 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
     where the codec has no differentiable decoder or the rival's activations would exceed memory_limit_mb. One sample
     at a time: diis mixes 20 iterates by a least-squares solve that amplifies the rounding of batched convolutions
     (TAEF2, 64 px: latents up to 0.3 apart between a batch of three and single runs), so a batched rival's result would
-    depend on the batch; this way each image's result is its own, and the activations are one sample's (and its twin's)."""
+    depend on the batch; this way each image's result is its own, and the activations are one sample's (and its
+    twin's)."""
     rows = twin_decided(first)
     if not opts.rival or not rows or left_of(opts, first.seconds) <= 0:
         return first
-    report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [], "skipped": None,
-              "outmatched": [], "twin_gain_db": [], "early_steps": opts.rival_early_steps,
+    report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [],
+              "skipped": None, "outmatched": [], "twin_gain_db": [], "early_steps": opts.rival_early_steps,
               "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [], "twin_gain_db": [],
                                   "off_pace": [], "unjudged": []}}
     _check_affordable(report, codec, first.latent[rows[0]:rows[0] + 1], opts)
@@ -212,4 +213,3 @@ def _early_start(codec: Codec, image: Tensor, i: int, opts: InversionOptions, we
                              record_every=0, time_budget=0.0 if math.isinf(left) else left)
         early = run(codec, pair, early_opts, None, latents, pair_weight)
     return early.latent, early.seconds
-

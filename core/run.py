@@ -68,9 +68,10 @@ def roundtrip(codec: Codec):
 def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
     """Two (B, p, N) direction stacks as one batch, the shorter padded with zero rows."""
     p = max(a.shape[1], b.shape[1])
-    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], p - t.shape[1], t.shape[2])], 1)
-    return torch.cat([pad(a), pad(b)])
 
+    def pad(t):
+        return torch.cat([t, t.new_zeros(t.shape[0], p - t.shape[1], t.shape[2])], 1)
+    return torch.cat([pad(a), pad(b)])
 
 
 def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_latent=None, weight=None,
@@ -85,7 +86,8 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
     its run, the twin pace it is held to or None) per sample (TwinTracker.race). `start`: the first iterate of every
     row, twins included (a rival's), instead of the target latent. `origin_psnr`: (2B,) PSNRs the twins' faithfulness
     counts gains from (a rival from the first run's pixel-best: E(x)'s and E(x_t)'s), instead of the first iterate's.
-    `settle` > 0: a real row stops once its twin's latent error has not fallen for that many iterations (core.polish)."""
+    `settle` > 0: a real row stops once its twin's latent error has not fallen for that many iterations
+    (core.polish)."""
     started = time.perf_counter()
     method = METHOD_REGISTRY[opts.method]
     batch = image.shape[0]

@@ -27,7 +27,8 @@ def _to_host(t: Tensor) -> Tensor:
 
 
 # codes on the device; "outmatched": a rival run stopped because it can no longer win (core.twin.TwinTracker.outmatched)
-STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience", "stalled", "time_budget", "outmatched", "twin_settled")
+STOP_REASONS = ("max_steps", "diverged", "tolerance", "patience", "stalled", "time_budget", "outmatched",
+                "twin_settled")
 SYNC_SECONDS = 0.25  # read the stats back at least this often, so progress and cancelling stay live
 
 
@@ -178,4 +179,3 @@ def spread_db(window: Tensor) -> Tensor:
     was not encoded (NaN, residual_every); -inf where none was (no residual condition then)."""
     seen = window.isfinite()
     return window.masked_fill(~seen, -math.inf).amax(0) - window.masked_fill(~seen, math.inf).amin(0)
-

@@ -123,7 +123,8 @@ class InversionOptions:
         if int(self.steps) != self.steps or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0 (try {METHOD_REGISTRY[self.method].default_lr}); got {self.lr!r}")
+            raise ValueError(f"learning rate must be > 0 (try {METHOD_REGISTRY[self.method].default_lr}); "
+                             f"got {self.lr!r}")
         if not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0 (0 turns it off); got {self.tolerance!r}")
         if self.patience < 0:
@@ -159,7 +160,8 @@ class InversionOptions:
         if int(self.unstable_refresh) != self.unstable_refresh or self.unstable_refresh < 0:
             raise ValueError(f"unstable_refresh must be an integer >= 0 (0: never); got {self.unstable_refresh!r}")
         if self.rival not in RIVALS:
-            raise ValueError(f"rival must be one of {', '.join(map(repr, RIVALS))} ('' turns it off); got {self.rival!r}")
+            raise ValueError(f"rival must be one of {', '.join(map(repr, RIVALS))} ('' turns it off); "
+                             f"got {self.rival!r}")
         if int(self.rival_early_steps) != self.rival_early_steps or self.rival_early_steps < 0:
             raise ValueError(f"rival_early_steps must be an integer >= 0 (0: the rival starts from E(x)); "
                              f"got {self.rival_early_steps!r}")
@@ -201,7 +203,8 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
     `callback(k, steps, info)` runs after each evaluation (k = 0 is the plain encoder) with
     info = {"psnr": [...], "residual_db": [...], "active": [...]}; raising from it aborts the run
     (that is how a host cancels). `target_latent` replaces E(x) as the target and the start, for
-    callers whose codec cannot see all the pixels the target depends on (core.temporal's chunks). Runs under torch.inference_mode except for the gradient method.
+    callers whose codec cannot see all the pixels the target depends on (core.temporal's chunks). Runs under
+    torch.inference_mode except for the gradient method.
 
     `weight` (B or 1, 1, H, W) in [0, 1], optional: the pixel error that picks the best iterate
     (and that PSNR reports) is weighted by it, e.g. 1 - inpaint mask to be exact where the image is
@@ -232,5 +235,3 @@ def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,
         first = restart_off_expanding(first, codec, image, opts, callback, weight)
         first = polish_at_floor(first, codec, image, opts, callback, weight)
     return with_rival(first, codec, image, opts, callback, weight)  # a gradient method: outside inference mode
-
-

@@ -150,6 +150,7 @@ def tiled_codec(codec: Codec, latent_hw: tuple[int, int], cell: int, tile: int, 
     grid = TileGrid(latent_hw[0], latent_hw[1], tile, overlap, cell)
     grad = None
     if codec.grad_decode is not None:
-        grad = lambda: tiled(codec.grad_decode(), grid, encode=False)  # noqa: E731
+        def grad():
+            return tiled(codec.grad_decode(), grid, encode=False)
     return Codec(encode=tiled(codec.encode, grid, encode=True), decode=tiled(codec.decode, grid, encode=False),
                  dtype=codec.dtype, device=codec.device, grad_decode=grad)

@@ -151,11 +151,11 @@ class TreeRingKey:
             raise WatermarkKeyError(f"radius: must be an integer >= 1 (frequency bins); got {self.radius!r}")
         limit = (min(h, w) - 1) // 2
         if self.radius > limit:
-            raise WatermarkKeyError(f"radius: {self.radius} does not fit a {h}x{w} latent (the disc must stay inside the "
-                            f"spectrum, radius < min(H, W)/2); use radius <= {limit} or a larger latent.")
+            raise WatermarkKeyError(f"radius: {self.radius} does not fit a {h}x{w} latent (the disc must stay inside "
+                                    f"the spectrum, radius < min(H, W)/2); use radius <= {limit} or a larger latent.")
         if not _is_int(self.channel) or not -1 <= self.channel < c:
             raise WatermarkKeyError(f"channel: must be -1 (all channels) or 0..{c - 1} for a {c}-channel latent; "
-                            f"got {self.channel!r}")
+                                    f"got {self.channel!r}")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise WatermarkKeyError(f"seed: must be an integer from 0 to {MAX_SEED} (64 bits, as Tree-Ring Key's "
                                     f"key_seed); got {self.seed!r}")
@@ -232,52 +232,54 @@ class TreeRingKey:
     @classmethod
     def from_dict(cls, d) -> "TreeRingKey":
         if not isinstance(d, dict) or d.get("format") != KEY_FORMAT:
-            raise WatermarkKeyError(f"key: not a Tree-Ring key (expected a JSON object with \"format\": \"{KEY_FORMAT}\"); "
-                            "paste the JSON written by the Tree-Ring Key node.")
+            raise WatermarkKeyError(f"key: not a Tree-Ring key (expected a JSON object with "
+                                    f"\"format\": \"{KEY_FORMAT}\"); paste the JSON written by the Tree-Ring Key node.")
         if d.get("version") != KEY_VERSION:
             raise WatermarkKeyError(f"key: version {d.get('version')!r} is not supported (this pack reads version "
-                            f"{KEY_VERSION}); regenerate the key with this pack's Tree-Ring Key node.")
+                                    f"{KEY_VERSION}); regenerate the key with this pack's Tree-Ring Key node.")
         missing = [k for k in ("shape", "pattern", "radius", "channel", "seed") if k not in d]
         if missing:
             raise WatermarkKeyError(f"key: the JSON lacks {', '.join(missing)}; it is truncated or edited -- "
-                            "use the complete JSON from the Tree-Ring Key node.")
+                                    "use the complete JSON from the Tree-Ring Key node.")
         override = None
         if "values" in d:
             vals = d["values"]
             ok = isinstance(vals, dict) and all(isinstance(vals.get(p), list) for p in ("real", "imag"))
             if not ok or len(vals["real"]) != len(vals["imag"]):
-                raise WatermarkKeyError("key: \"values\" must hold equally long \"real\" and \"imag\" lists; the JSON is "
-                                "corrupt -- use the complete JSON from the Tree-Ring Key node.")
+                raise WatermarkKeyError("key: \"values\" must hold equally long \"real\" and \"imag\" lists; the JSON "
+                                        "is corrupt -- use the complete JSON from the Tree-Ring Key node.")
             try:
                 override = (tuple(float(a) for a in vals["real"]), tuple(float(a) for a in vals["imag"]))
             except (TypeError, ValueError):
-                raise WatermarkKeyError("key: \"values\" holds non-numbers; the JSON is corrupt -- use the complete JSON "
-                                "from the Tree-Ring Key node.") from None
+                raise WatermarkKeyError("key: \"values\" holds non-numbers; the JSON is corrupt -- use the complete "
+                                        "JSON from the Tree-Ring Key node.") from None
             if not all(math.isfinite(a) for a in override[0] + override[1]):
                 raise WatermarkKeyError("key: \"values\" holds NaN/Inf; the JSON is corrupt -- regenerate the key.")
         shape = d["shape"]
         key = cls(tuple(shape) if isinstance(shape, list) else shape, d["pattern"], d["radius"], d["channel"],
                   d["seed"], override)
         if override is not None and len(override[0]) != int(key.mask().sum()):
-            raise WatermarkKeyError(f"key: {len(override[0])} values for a mask of {int(key.mask().sum())} bins; the JSON is "
-                            "corrupt -- use the complete JSON from the Tree-Ring Key node.")
+            raise WatermarkKeyError(f"key: {len(override[0])} values for a mask of {int(key.mask().sum())} bins; "
+                                    "the JSON is corrupt -- use the complete JSON from the Tree-Ring Key node.")
         return key
 
     @classmethod
     def from_json(cls, text: str) -> "TreeRingKey":
         if not isinstance(text, str) or not text.strip():
-            raise WatermarkKeyError("key: empty; paste the JSON written by the Tree-Ring Key node (or connect its key output).")
+            raise WatermarkKeyError("key: empty; paste the JSON written by the Tree-Ring Key node "
+                                    "(or connect its key output).")
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise WatermarkKeyError(f"key: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); paste the "
-                            "complete JSON written by the Tree-Ring Key node.") from None
+                                    "complete JSON written by the Tree-Ring Key node.") from None
         return cls.from_dict(d)
 
     # ---- checks -------------------------------------------------------------------------------
     def check_latent(self, latent: torch.Tensor, name: str = "latent") -> None:
         if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
-            raise WatermarkKeyError(f"{name}: expected a latent batch (B, C, H, W); got {getattr(latent, 'shape', type(latent))}")
+            raise WatermarkKeyError(f"{name}: expected a latent batch (B, C, H, W); "
+                                    f"got {getattr(latent, 'shape', type(latent))}")
         if latent.shape[0] == 0:
             raise WatermarkKeyError(f"{name}: the batch is empty; connect a latent with at least one sample.")
         if tuple(latent.shape[1:]) != self.shape:
@@ -369,12 +371,12 @@ def detect(latent: torch.Tensor, key: TreeRingKey, fpr: float = 0.01, sigma: str
             m = int(o.numel())
             if m < 8:
                 raise WatermarkKeyError(f"sigma: only {m} spectrum values lie outside the key's mask on this "
-                                f"{key.shape[1]}x{key.shape[2]} latent, too few to estimate the noise level; "
-                                "use a smaller radius or sigma 'prior'.")
+                                        f"{key.shape[1]}x{key.shape[2]} latent, too few to estimate the noise level; "
+                                        "use a smaller radius or sigma 'prior'.")
             s = float(o.pow(2).mean().sqrt())
         if not s > 0:
             raise WatermarkKeyError(f"{name}: its spectrum is zero where sigma is estimated (a constant latent?); "
-                            "connect the inverted noise, not an empty latent.")
+                                    "connect the inverted noise, not an empty latent.")
         lam = float((t / s).pow(2).sum())
         stat = float(((y - t) / s).pow(2).sum())
         dof = int(t.numel())

@@ -180,7 +180,8 @@ def rival_wins(first_twin: dict, rival_twin: dict) -> bool:
     >>> twin = lambda db, ok=True, why="twin": {"latent_nmse_db": db, "faithful": ok, "why": why}
     >>> rival_wins(twin(-41.5, ok=False), twin(-21.5))  # kl-f8 texture: the fixed point's twin did not stand for it
     True
-    >>> rival_wins(twin(-18.3), twin(-20.4)), rival_wins(twin(-50.7), twin(-23.3)), rival_wins(twin(-18.3), twin(-30, why="decoded worse"))
+    >>> (rival_wins(twin(-18.3), twin(-20.4)), rival_wins(twin(-50.7), twin(-23.3)),
+    ...  rival_wins(twin(-18.3), twin(-30, why="decoded worse")))
     (True, False, False)
     """
     if rival_twin["why"] == "decoded worse":

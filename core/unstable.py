@@ -122,4 +122,3 @@ def project_off(g: Tensor, v: Tensor) -> Tensor:
     c = torch.bmm(v, gf[:, :, None])  # (B, p, 1)
     gf.sub_(torch.bmm(v.transpose(1, 2), c)[:, :, 0])
     return g
-

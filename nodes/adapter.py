@@ -47,7 +47,8 @@ def check_supported(vae) -> None:
     # Newer ComfyUI (docs/compat.md): some VAEs post-process the encoder's output (format_encoded)
     # or stream it in chunks (comfy_has_chunked_io); calling first_stage_model directly, as this
     # adapter does, would skip that. None of these exist in 0.3.75, hence getattr.
-    if getattr(vae, "format_encoded", None) is not None or getattr(vae.first_stage_model, "comfy_has_chunked_io", False):
+    if (getattr(vae, "format_encoded", None) is not None
+            or getattr(vae.first_stage_model, "comfy_has_chunked_io", False)):
         raise UnsupportedVAE(f"vae: {kind} encodes through its own chunked or post-processed path, which "
                              "VAE Exact Encode cannot invert; use the stock 'VAE Encode' for this one.")
 

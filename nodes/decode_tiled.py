@@ -79,7 +79,8 @@ class VAEDecodeExactTiled(io.ComfyNode):
                 "tiles decode differently from the whole image (GroupNorm). Video latents: tiled in space, "
                 "whole in time."),
             inputs=[
-                io.Latent.Input("samples", tooltip="The LATENT from VAE Exact Encode (Tiled) (or any latent of this VAE)."),
+                io.Latent.Input("samples", tooltip="The LATENT from VAE Exact Encode (Tiled) "
+                                                   "(or any latent of this VAE)."),
                 io.Vae.Input("vae", tooltip="The VAE the latent belongs to."),
                 *tile_inputs("Tile side in pixels: the value VAE Exact Encode (Tiled) used.",
                              "Pixels shared by neighbouring tiles: the value VAE Exact Encode (Tiled) used."),

@@ -31,7 +31,8 @@ class VAEExactEncode(io.ComfyNode):
                 "never worse than plain VAE Encode. Same LATENT format as VAE Encode."),
             inputs=[
                 io.Image.Input("pixels", tooltip="The image to encode (alpha is dropped, as VAE Encode does)."),
-                io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: any image VAE, or a video VAE that decodes RGB frames (the batch is one clip, as in VAE Encode)."),
+                io.Vae.Input("vae", tooltip="The VAE whose decoder is inverted: any image VAE, or a video VAE that "
+                                            "decodes RGB frames (the batch is one clip, as in VAE Encode)."),
                 steps_input(),
                 *solver_inputs(),
                 io.Float.Input("tolerance", default=0.0, min=0.0, max=1.0, step=0.0001, optional=True,
@@ -58,8 +59,8 @@ class VAEExactEncode(io.ComfyNode):
                 memory_limit_mb=0, select="auto", rival="diis") -> io.NodeOutput:
         check_supported(vae)
         options = solver_options(cls, method, steps, learning_rate, precision, auto_stop=auto_stop, tolerance=tolerance,
-                                 time_budget=time_budget, memory_limit_mb=memory_cap_mb(vae, memory_limit_mb), select=select,
-                                 rival=rival)
+                                 time_budget=time_budget, memory_limit_mb=memory_cap_mb(vae, memory_limit_mb),
+                                 select=select, rival=rival)
         image = image_to_pixels(pixels, vae)
         if check_assumption:
             # upper bound (video VAEs also compress time): only sizes the assumption check's budget

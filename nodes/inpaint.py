@@ -90,9 +90,10 @@ class VAEExactEncodeForInpaint(io.ComfyNode):
                                        "VAE Encode (for Inpainting) does for inpainting models at denoise 1."),
             ],
             outputs=[
-                io.Latent.Output(display_name="LATENT", tooltip="{samples, noise_mask}, like VAE Encode (for Inpainting)."),
+                io.Latent.Output(display_name="LATENT",
+                                 tooltip="{samples, noise_mask}, like VAE Encode (for Inpainting)."),
                 io.String.Output(display_name="summary", tooltip="PSNR of the decode outside the grown mask, "
-                                                                  "plain encoder vs exact."),
+                                                                 "plain encoder vs exact."),
             ],
         )
 
@@ -179,7 +180,8 @@ class ImageMaskedError(io.ComfyNode):
             m = grow(mask_to_pixels(mask, image), grow_mask_by)
             sel = m if region == "inside mask" else 1.0 - m
         stats = region_error(a, b, sel)
-        lines = [f"error {region}" + (f" (mask grown by {grow_mask_by} px)" if sel is not None and grow_mask_by else "")]
+        lines = [f"error {region}"
+                 + (f" (mask grown by {grow_mask_by} px)" if sel is not None and grow_mask_by else "")]
         for i, s in enumerate(stats):
             if s["psnr"] is None:
                 lines.append(f"image {i + 1}: the region is empty")

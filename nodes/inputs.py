@@ -21,8 +21,8 @@ METHOD_TOOLTIP = ("anderson (default): safeguarded Anderson acceleration of the 
                   "diis: gradient steps mixed by their pixel error (DIIS), the highest PSNR on TAEF2-like VAEs whose "
                   "encoder is not the decoder's inverse; the memory of a backward pass. "
                   "hybrid: anderson until it stops paying; where its decode did not reach the image's noise floor, "
-                  "diis from its best of the first 3 iterates, within memory_limit_mb (fast on jointly trained VAEs, the memory "
-                  "of a backward pass).")
+                  "diis from its best of the first 3 iterates, within memory_limit_mb (fast on jointly trained VAEs, "
+                  "the memory of a backward pass).")
 
 
 def title(node_cls) -> str:
@@ -161,7 +161,8 @@ def latent_samples(latent, name: str = "latent", ndim: int | tuple | None = 4, f
 def image_to_pixels(image: torch.Tensor, vae, input_name: str = "pixels") -> torch.Tensor:
     """IMAGE (B, H, W, C) -> (B, 3, H, W), cropped like stock VAEEncode, or a clear error."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4:
-        raise ValueError(f"{input_name}: expected an IMAGE batch (B, H, W, C); got {getattr(image, 'shape', type(image))}")
+        raise ValueError(f"{input_name}: expected an IMAGE batch (B, H, W, C); "
+                         f"got {getattr(image, 'shape', type(image))}")
     if image.shape[0] == 0:
         raise ValueError(f"{input_name}: the batch is empty; connect a node that outputs at least one image.")
     channels = image.shape[-1]

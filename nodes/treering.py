@@ -46,9 +46,10 @@ class TreeRingKeyNode(io.ComfyNode):
             ],
             outputs=[
                 WatermarkKey.Output(display_name="key", tooltip="The key, for Tree-Ring Watermarked Noise and "
-                                                               "Tree-Ring Detect."),
+                                                                "Tree-Ring Detect."),
                 io.String.Output(display_name="key_json", tooltip="The key as JSON (shape, pattern, radius, channel, "
-                                                                  "seed and the key values): save it to check images later."),
+                                                                  "seed and the key values): save it to check "
+                                                                  "images later."),
             ],
         )
 

@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="photo to encode (default: astronaut.png from the shared images, $EXACT_ENCODE_SHARED)")
     p.add_argument("--size", type=int, default=128, help="side of the centre-cropped square, px")
     p.add_argument("--steps", type=int, default=100, help="VAE Exact Encode iterations")
-    p.add_argument("--method", default="anderson", help="VAE Exact Encode method (the node's default; adam = the paper's)")
+    p.add_argument("--method", default="anderson",
+                   help="VAE Exact Encode method (the node's default; adam = the paper's)")
     p.add_argument("--vae", choices=VAES, default="taef2", help="shared test VAE")
     p.add_argument("--out", type=Path, default=Path("output/demo"), help="where the PNGs are copied")
     p.add_argument("--timeout", type=float, default=None,
@@ -57,16 +58,19 @@ def workflow(image_name: str, size: int, steps: int, method: str, vae: str) -> d
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": image_name}},
         "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area",
-                                                    "width": size, "height": size, "crop": "center"}},
+                                                     "width": size, "height": size, "crop": "center"}},
         "3": {"class_type": "ExactEncodeTestVAELoader", "inputs": {"name": vae}},
         "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["3", 0]}},
         "5": {"class_type": "VAEExactEncode", "inputs": {"pixels": ["2", 0], "vae": ["3", 0],
                                                          "steps": steps, "method": method}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["3", 0]}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["3", 0]}},
-        SAVES["original"]: {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "demo_original"}},
-        SAVES["plain"]: {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "demo_plain_vae_encode"}},
-        SAVES["exact"]: {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "demo_exact_encode"}},
+        SAVES["original"]: {"class_type": "SaveImage",
+                            "inputs": {"images": ["2", 0], "filename_prefix": "demo_original"}},
+        SAVES["plain"]: {"class_type": "SaveImage",
+                         "inputs": {"images": ["6", 0], "filename_prefix": "demo_plain_vae_encode"}},
+        SAVES["exact"]: {"class_type": "SaveImage",
+                         "inputs": {"images": ["7", 0], "filename_prefix": "demo_exact_encode"}},
         "11": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},  # the node's summary
     }
 

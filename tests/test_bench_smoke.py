@@ -154,7 +154,8 @@ def test_gpu_script_quick_mode_passes_here(tmp_path):
     assert {"precision rows", "memory rows", "node check", "issue 12 table taef2"} <= set(names)
     assert all(s["returncode"] == 0 for s in run["stages"]), run["stages"]
     check = json.loads(next(tmp_path.glob("*-node-check.json")).read_text())
-    assert {(r["path"], r["precision"]) for r in check["rows"]} == {(p, q) for p in ("node", "library") for q in ("auto", "fp32")}
+    assert {(r["path"], r["precision"]) for r in check["rows"]} == {(p, q) for p in ("node", "library")
+                                                                    for q in ("auto", "fp32")}
     assert all("error" not in r and r["exact_psnr_db"] >= r["stock_psnr_db"] for r in check["rows"]), check["rows"]
     table = next(tmp_path.glob("*-gpu-table-taef2-convergence.md")).read_text()
     assert "| taef2 | stars |" in table and "hybrid" in table
@@ -201,7 +202,8 @@ def test_residual_every_bench_returns_the_same_latent_at_every_setting(tmp_path)
     (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*-residual-every.json")]
     assert [r["method"] for r in result["rows"]] == ["gradient", "diis"]
     assert all(r["same_latent"] and all(s > 0 for s in r["seconds"].values()) for r in result["rows"])
-    assert "| kl_f8_small | astronaut | diis |" in (tmp_path / f"{result['meta']['date']}-cpu-residual-every.md").read_text()
+    assert "| kl_f8_small | astronaut | diis |" in (
+        tmp_path / f"{result['meta']['date']}-cpu-residual-every.md").read_text()
 
 
 def test_linear_probe_math_on_known_linear_maps():
@@ -210,10 +212,14 @@ def test_linear_probe_math_on_known_linear_maps():
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(48, 12, generator=gen, dtype=torch.float64)
-    decode = lambda z: (z.reshape(z.shape[0], -1).double() @ a.T).float().reshape(z.shape[0], 3, 4, 4)
+
+    def decode(z):
+        return (z.reshape(z.shape[0], -1).double() @ a.T).float().reshape(z.shape[0], 3, 4, 4)
     z0 = torch.randn(1, 3, 2, 2, generator=gen)
     assert torch.allclose(lp.decoder_jacobian(decode, z0), a, atol=2e-3)
-    encode = lambda p: (p.reshape(p.shape[0], -1) @ a.float()).reshape(p.shape[0], 3, 2, 2)
+
+    def encode(p):
+        return (p.reshape(p.shape[0], -1) @ a.float()).reshape(p.shape[0], 3, 2, 2)
     assert torch.allclose(lp.encoder_jacobian(encode, torch.rand(1, 3, 4, 4), 12, chunk=5), a.T, atol=1e-5)
     r0 = torch.randn(48, generator=gen, dtype=torch.float64) * 0.1
     optimum = lp.psnr_of(r0 - a @ torch.linalg.lstsq(a, r0).solution)
@@ -232,7 +238,9 @@ def test_linear_probe_runs_on_a_real_vae():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     header, _, row = [line for line in proc.stdout.splitlines() if line.startswith("|")][-3:]
-    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+
+    def split(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
     cells = dict(zip(split(header), split(row)))
     assert cells["VAE"] == "kl_f8_small" and int(cells["latent entries"]) == 64
     assert float(cells["J_D check"]) < 0.05
@@ -249,10 +257,12 @@ def test_bench_table_doctest():
 
 def test_autostop_counts_iterations_saved_against_the_full_runs_own():
     """With the default's rival a run has more iterations than --steps (the rival's follow the fixed point's): the
-    share saved is against the full run's iterations, not --steps (bench/results/2026-12-05-cpu-autostop-rival-64px.md)."""
+    share saved is against the full run's iterations, not --steps
+    (bench/results/2026-12-05-cpu-autostop-rival-64px.md)."""
     from bench.autostop import iterations_saved_pct
 
-    cases = [dict(full_iterations=200, auto_iterations=139, psnr=[]), dict(full_iterations=100, auto_iterations=100, psnr=[])]
+    cases = [dict(full_iterations=200, auto_iterations=139, psnr=[]),
+             dict(full_iterations=100, auto_iterations=100, psnr=[])]
     assert iterations_saved_pct(cases) == round(100 * 61 / 300, 1)
     assert iterations_saved_pct([dict(psnr=[0.0] * 101, auto_iterations=50)]) == 50.0  # older files: the trace's length
 
@@ -275,7 +285,8 @@ def test_pick_probe_reports_the_twins_pick_and_the_pixel_best(tmp_path):
     (row,) = result["rows"]
     assert row["why"] == "twin" and row["twin_pick"] < row["pixel_best"]
     assert row["nmse_returned_db"] == row["nmse_twin_pick_db"] < row["nmse_encoder_db"]
-    assert all(0 < row[k] < 10 for k in ("gain_encoder_to_pick", "gain_pick_to_pixel_best", "twin_gain_pick_to_pixel_best"))
+    assert all(0 < row[k] < 10
+               for k in ("gain_encoder_to_pick", "gain_pick_to_pixel_best", "twin_gain_pick_to_pixel_best"))
     assert "The twin decided 1 of 1" in next(tmp_path.glob("*-pick-probe-32px.md")).read_text()
 
 

@@ -429,7 +429,8 @@ def test_sparkline_follows_the_node_into_a_subgraph(server, page):
         queue(page)
         points = page.wait_for_function("""([outer, inner]) => {
             const node = window.app.graph.getNodeById(outer)?.subgraph?.getNodeById(inner);
-            const points = Number(node?.widgets?.find(w => w.name === "exact_encode_sparkline")?.element.dataset.points);
+            const points = Number(
+                node?.widgets?.find(w => w.name === "exact_encode_sparkline")?.element.dataset.points);
             return points === %d && points;
         }""" % (steps + 1), arg=ids, timeout=240_000).json_value()
     finally:  # the frontend reopens this open tab for the template later: give it back its own nodes

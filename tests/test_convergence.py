@@ -261,10 +261,10 @@ def test_the_rival_stops_once_it_cannot_win_and_returns_what_the_whole_race_woul
 
 
 def test_the_pace_skips_only_a_second_rival_that_would_have_lost(kl_small, pack, monkeypatch):
-    """kl-f8 flat_objects at 64 px (docs/convergence.md, "The rival's pace"): the first run's pixel-best is not the early
-    rival's start, but a diis run from it, gaining on its twin at the early rival's pace for all its steps, could not get
-    within TOO_CLOSE_DB of the standing pick's twin, so it is not run (core.twin.off_pace). With the race and the pace off
-    (bench.measure.race_off) it runs every step, loses, and the default returns the same latent."""
+    """kl-f8 flat_objects at 64 px (docs/convergence.md, "The rival's pace"): the first run's pixel-best is not the
+    early rival's start, but a diis run from it, gaining on its twin at the early rival's pace for all its steps, could
+    not get within TOO_CLOSE_DB of the standing pick's twin, so it is not run (core.twin.off_pace). With the race and
+    the pace off (bench.measure.race_off) it runs every step, loses, and the default returns the same latent."""
     adapter, core = pack
     twin = importlib.import_module(core.__name__ + ".twin")
     codec, x, _, _ = _protocol(adapter, kl_small, "flat_objects", size=64)
@@ -347,7 +347,6 @@ def test_hybrid_on_kl_f8_finishes_gradient_free_at_the_noise_floor(kl_small, pac
     assert r.extra["at_noise_floor"] == [True] and r.extra["switch_iteration"] == [None]
     free = core.invert(codec, x, method="anderson", steps=STEPS, select="pixel")
     assert r.samples[0].psnr_best == pytest.approx(free.samples[0].psnr_best, abs=0.05)
-
 
 
 def test_past_the_noise_level_the_twin_picks_how_far_the_damped_forward_steps_go(kl_small, pack):

@@ -53,8 +53,12 @@ def test_cocoercivity_is_per_sample_skips_z_star_and_honours_last():
 def test_solver_records_the_trajectory_and_reports_the_assumption():
     # D = W (well conditioned), E = 0.9 I: T(z) = 0.9 (W z - x) is cocoercive because W + W^T > 0
     w = torch.tensor([[1.0, 0.2, 0.1], [0.0, 0.9, 0.2], [0.1, 0.0, 1.1]])
-    dec = lambda z: torch.einsum("ij,bjhw->bihw", w, z)
-    enc = lambda x: 0.9 * x
+
+    def dec(z):
+        return torch.einsum("ij,bjhw->bihw", w, z)
+
+    def enc(x):
+        return 0.9 * x
     x = dec(torch.rand(2, 3, 4, 4) * 0.5)
     r = invert(Codec(enc, dec), x, method="forward", lr=0.8, steps=30, record_every=1)
     for s in r.samples:

@@ -77,7 +77,9 @@ def test_anderson_beats_the_plain_forward_step_on_a_linear_problem():
 @pytest.mark.parametrize("method", ["forward", "km", "anderson", "adam"])
 def test_channels_last_latents_are_updated(method):
     codec, dec = linear_codec()
-    enc = lambda x: codec.encode(x).contiguous(memory_format=torch.channels_last)
+
+    def enc(x):
+        return codec.encode(x).contiguous(memory_format=torch.channels_last)
     x, _ = target()
     r = invert(Codec(enc, dec), x, method=method, steps=20)
     assert r.samples[0].psnr_best > r.samples[0].psnr_initial + 5
@@ -233,7 +235,8 @@ def test_tolerance_and_patience_stop_early():
     bad, _ = linear_codec(enc_gain=-0.9)
     r = invert(bad, x, method="forward", steps=100, patience=5, rival="")
     assert r.samples[0].stop_reason == "patience" and r.samples[0].iterations == 5
-    r = invert(bad, x, method="forward", steps=100, patience=5, unstable_steps=20, rival="")  # the restart: the same rule
+    # the restart: the same rule
+    r = invert(bad, x, method="forward", steps=100, patience=5, unstable_steps=20, rival="")
     assert r.extra["unstable"][0]["restarted"] and r.samples[0].stop_reason == "patience"
     assert r.samples[0].iterations == 11  # both runs' iterations and the restart's start
 
@@ -297,7 +300,9 @@ def test_gradient_method_works_inside_inference_mode_with_inference_weights():
         conv.weight.copy_(torch.tensor([[1.0, 0.2, 0.1], [0.2, 0.9, 0.2], [0.1, 0.2, 1.1]]).view(3, 3, 1, 1))
         conv.bias.zero_()  # E = pooling is not D's inverse, so E(x) is not the best latent
         up = torch.nn.Upsample(scale_factor=2)
-        dec = lambda z: up(conv(z))
+
+        def dec(z):
+            return up(conv(z))
 
         def grad_decode():
             import copy
@@ -453,7 +458,8 @@ def test_the_loop_allocates_nothing_latent_sized_beyond_the_codec(method):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
     (dict(tolerance=-0.1), "tolerance"), (dict(method="newton"), "method"),
-    (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"), (dict(memory=0), "memory"), (dict(select="best"), "select"),
+    (dict(momentum=1.0), "momentum"), (dict(patience=-1), "patience"), (dict(memory=0), "memory"),
+    (dict(select="best"), "select"),
     (dict(sync_every=0), "sync_every"),
 ])
 def test_bad_options_are_rejected_with_the_name(kwargs, match):
@@ -698,7 +704,8 @@ def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_
     standing = {"latent_nmse_db": -30.0, "faithful": True}
     assert rival._off_pace_from(start, codec, x, 0, standing, pace=0.05, steps=100)  # -25 dB at best
     assert not rival._off_pace_from(start, codec, x, 0, standing, pace=0.1, steps=100)  # -30: could win
-    assert not rival._off_pace_from(start, codec, x, 0, standing, pace=None, steps=100)  # no pace: no early rival, or an unfaithful pick
+    # no pace: no early rival, or an unfaithful pick
+    assert not rival._off_pace_from(start, codec, x, 0, standing, pace=None, steps=100)
     report = {"method": "diis", "candidates": [0], "samples": [0], "chosen": [0], "skipped": None, "outmatched": [],
               "early_steps": 1, "twin_nmse_db": [-20.0], "twin_gain_db": [5.0],
               "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [],

@@ -50,9 +50,13 @@ def test_bad_tiling_settings_are_errors_that_name_the_input():
 def _pool_codec(cell=4):
     """Cell-local codec (each latent cell <-> its own pixel block): tiling must not change it at all."""
     w = torch.tensor([[1.0, 0.2, 0.1], [0.3, 0.9, 0.2], [0.1, 0.3, 1.1]])
-    enc = lambda x: F.avg_pool2d(x.flatten(0, -4) if x.ndim == 5 else x, cell).reshape(  # noqa: E731
-        x.shape[:-2] + (x.shape[-2] // cell, x.shape[-1] // cell)) * 0.9
-    dec = lambda z: torch.einsum("ij,bj...->bi...", w, z).repeat_interleave(cell, -1).repeat_interleave(cell, -2)  # noqa: E731
+
+    def enc(x):
+        return F.avg_pool2d(x.flatten(0, -4) if x.ndim == 5 else x, cell).reshape(
+            x.shape[:-2] + (x.shape[-2] // cell, x.shape[-1] // cell)) * 0.9
+
+    def dec(z):
+        return torch.einsum("ij,bj...->bi...", w, z).repeat_interleave(cell, -1).repeat_interleave(cell, -2)
     return Codec(enc, dec)
 
 
@@ -72,15 +76,19 @@ def _conv_codec(seed=0, cell=4):
     g = torch.Generator().manual_seed(seed)
     k = torch.eye(3)[:, :, None, None] * torch.tensor([[0, 0.1, 0], [0.1, 0.6, 0.1], [0, 0.1, 0]])
     k = k + 0.02 * torch.randn(3, 3, 3, 3, generator=g)
-    dec = lambda z: F.conv2d(z, k, padding=1).repeat_interleave(cell, -1).repeat_interleave(cell, -2)  # noqa: E731
-    enc = lambda x: F.avg_pool2d(x, cell)  # noqa: E731
+
+    def dec(z):
+        return F.conv2d(z, k, padding=1).repeat_interleave(cell, -1).repeat_interleave(cell, -2)
+
+    def enc(x):
+        return F.avg_pool2d(x, cell)
     return Codec(enc, dec)
 
 
 def test_the_backward_memory_estimate_of_a_tiled_decode_counts_every_tile():
-    """A tiled decode takes only its grid's latent, so core.hybrid.backward_activation_mb cannot crop it: it estimates one
-    tile with the base decode and scales by the tiles' summed area (the rival and the hybrid compare this with their cap;
-    the video node crashed here once the cap applied on the CPU too)."""
+    """A tiled decode takes only its grid's latent, so core.hybrid.backward_activation_mb cannot crop it: it estimates
+    one tile with the base decode and scales by the tiles' summed area (the rival and the hybrid compare this with their
+    cap; the video node crashed here once the cap applied on the CPU too)."""
     from core.hybrid import backward_activation_mb
 
     base = _conv_codec()
@@ -108,8 +116,11 @@ def test_tiled_inversion_matches_whole_inversion_and_has_no_seams():
     whole = invert(codec, x, method="forward", lr=0.8, steps=150)
     tc = tiled_codec(codec, (24, 24), cell=4, tile=10, overlap=4)
     tiled = invert(tc, x, method="forward", lr=0.8, steps=150)
-    mse = lambda z: (codec.decode(z) - x).pow(2).mean().item()  # noqa: E731
-    p_whole, p_tiled = -10 * torch.log10(torch.tensor(mse(whole.latent))), -10 * torch.log10(torch.tensor(mse(tiled.latent)))
+
+    def mse(z):
+        return (codec.decode(z) - x).pow(2).mean().item()
+    p_whole, p_tiled = (-10 * torch.log10(torch.tensor(mse(whole.latent))),
+                        -10 * torch.log10(torch.tensor(mse(tiled.latent))))
     p_plain = tiled.samples[0].psnr_initial
     assert p_whole > 100 and p_tiled > 40 and p_tiled > p_plain + 15, (p_whole, p_tiled, p_plain)
     err = (codec.decode(tiled.latent) - x).pow(2).mean(1)[0]
@@ -151,7 +162,8 @@ class CausalToy:
 
     def encode(self, x):
         lat, prev = [], 0
-        groups = [x[:, :, :1]] + [x[:, :, 1 + self.s * i:1 + self.s * (i + 1)] for i in range((x.shape[2] - 1) // self.s)]
+        groups = [x[:, :, :1]] + [x[:, :, 1 + self.s * i:1 + self.s * (i + 1)]
+                                  for i in range((x.shape[2] - 1) // self.s)]
         for gframes in groups:
             cur = F.avg_pool2d(gframes.mean(2), self.cell)
             lat.append(0.9 * cur - 0.3 * prev)

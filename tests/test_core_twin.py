@@ -98,7 +98,9 @@ def test_arnoldi_finds_the_round_trips_expanding_direction_and_the_step_is_proje
     codec = _saddle_codec(SADDLE)
     x, _ = target()
     z0 = codec.encode(x)
-    roundtrip = lambda z: codec.encode(codec.decode(z))
+
+    def roundtrip(z):
+        return codec.encode(codec.decode(z))
     v, lowest = unstable_directions(roundtrip, z0, z0 * 0.5, 10)
     expanding = 0.9 * torch.linalg.eigvalsh(SADDLE)[0].item()  # one per latent pixel: a 16-dim eigenspace
     assert v.shape[1] >= 1 and lowest[0] == pytest.approx(expanding, abs=1e-3)
@@ -120,7 +122,9 @@ def test_a_twin_decided_sample_is_restarted_off_the_expanding_directions():
     g = torch.Generator().manual_seed(1)
     z_true = 0.2 * torch.rand(1, 3, 4, 4, generator=g) - 0.1
     x = _eight_bit(codec.decode(z_true))
-    err = lambda z: float((z - z_true).square().sum() / z_true.square().sum())
+
+    def err(z):
+        return float((z - z_true).square().sum() / z_true.square().sum())
     plain = invert(codec, x, method="forward", lr=0.5, steps=120)  # the default: no restart
     r = invert(codec, x, method="forward", lr=0.5, steps=120, unstable_steps=20)
     assert r.extra["unstable"][0]["restarted"] and r.extra["twin"][0]["restart"]

@@ -29,8 +29,12 @@ def centre_mask(size=SIZE, batch=1):
 
 def _linear_codec():
     w = torch.tensor([[1.0, 0.2, 0.1], [0.3, 0.9, 0.2], [0.1, 0.3, 1.1]])
-    dec = lambda z: torch.einsum("ij,bjhw->bihw", w, z).clamp(0, 1)  # noqa: E731
-    enc = lambda x: torch.einsum("ij,bjhw->bihw", 0.9 * torch.eye(3), x)  # noqa: E731
+
+    def dec(z):
+        return torch.einsum("ij,bjhw->bihw", w, z).clamp(0, 1)
+
+    def enc(x):
+        return torch.einsum("ij,bjhw->bihw", 0.9 * torch.eye(3), x)
     return core.Codec(enc, dec)
 
 
@@ -65,12 +69,14 @@ def test_drift_node_on_taef2_exact_beats_stock_after_five_generations(pack_nodes
     assert side.shape == (1, SIZE, 3 * SIZE, 3) and torch.equal(side[:, :, :SIZE], image)
     assert plot.shape == (1, 512, 768, 3) and plot.std() > 0.05
     assert out.ui.as_dict() == {"text": (report,)}
-    rows = {int(l.split()[0]): [float(v) for v in l.split()[1:]] for l in report.splitlines()
-            if l.strip()[:1].isdigit()}
+    rows = {int(line.split()[0]): [float(v) for v in line.split()[1:]] for line in report.splitlines()
+            if line.strip()[:1].isdigit()}
     print("\n" + report)
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert rows[5][1] > rows[5][0] + 1.0  # measured at 64 px, 8 steps: see the report printed above
-    psnr = lambda a: core.psnr_from_mse(core.per_sample_mse(a.movedim(-1, 1), image.movedim(-1, 1))).item()  # noqa
+
+    def psnr(a):
+        return core.psnr_from_mse(core.per_sample_mse(a.movedim(-1, 1), image.movedim(-1, 1))).item()
     assert psnr(stock) == pytest.approx(rows[5][0], abs=0.01) and psnr(exact) == pytest.approx(rows[5][1], abs=0.01)
 
 
@@ -100,7 +106,9 @@ def inpaint_case(pack_nodes, taef2, photos64, host):
         codec, free = pack_nodes.adapter.vae_codec(taef2), core.InversionOptions(method="adam", steps=20, rival="")
         full = core.invert(codec, image.movedim(-1, 1), free).latent  # same method as the node, no rival
         weighted = core.invert(codec, image.movedim(-1, 1), free, weight=1.0 - exact["noise_mask"]).latent
-        decode = lambda lat: n.VAEDecode().decode(taef2, {"samples": lat})[0]  # noqa: E731
+
+        def decode(lat):
+            return n.VAEDecode().decode(taef2, {"samples": lat})[0]
         decoded = {"exact": decode(exact["samples"]), "stock": decode(stock["samples"]),
                    "exact, unweighted selection": decode(full), "exact, weighted selection": decode(weighted)}
         composite_node = importlib.import_module("comfy_extras.nodes_mask").ImageCompositeMasked()
@@ -149,7 +157,8 @@ def test_inpaint_empty_load_image_mask_is_resized_like_stock(pack_nodes, taef2, 
     """Load Image gives a 64x64 zero mask for images without alpha: accepted, like stock."""
     image = torch.nn.functional.interpolate(photos64["coffee"].movedim(-1, 1), size=(48, 80)).movedim(1, -1)
     with torch.inference_mode():
-        latent, _ = pack_nodes.VAEExactEncodeForInpaint.execute(image, taef2, torch.zeros(1, 64, 64), 6, 2, "adam").result
+        latent, _ = pack_nodes.VAEExactEncodeForInpaint.execute(image, taef2, torch.zeros(1, 64, 64), 6, 2,
+                                                                "adam").result
     assert latent["noise_mask"].shape == (1, 1, 48, 80) and latent["noise_mask"].sum() == 0
 
 

@@ -39,7 +39,8 @@ def test_taef2_default_method_gains_1db_on_every_photo(method, taef2, photos128,
     plain = psnr(stock.decode(taef2, stock.encode(taef2, image)), image)
     exact = psnr(stock.decode(taef2, latent), image)
     gains = [e - p for e, p in zip(exact, plain)]
-    print(f"TAEF2 128px {method or 'default'}/100: plain", [round(v, 2) for v in plain], "gain", [round(g, 2) for g in gains])
+    print(f"TAEF2 128px {method or 'default'}/100: plain", [round(v, 2) for v in plain],
+          "gain", [round(g, 2) for g in gains])
     assert all(g >= 1.0 for g in gains), (gains, summary)
     assert summary.count("image ") == 4
 

@@ -79,7 +79,8 @@ def test_fresh_venv_installs_the_wheel_and_inverts(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    site = Path(subprocess.check_output([str(py), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = Path(subprocess.check_output([str(py), "-I", "-c",
+                                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                         text=True, env=env).strip())
     _link_only(_closure(BASE_DEPS), tmp_path / "base")
     (site / "base_deps.pth").write_text(str(tmp_path / "base") + "\n")
@@ -92,7 +93,8 @@ def test_fresh_venv_installs_the_wheel_and_inverts(wheel, tmp_path):
         "    assert importlib.util.find_spec(absent) is None, absent\n"
         "w = torch.tensor([[1.0, 0.2, 0.1], [0.3, 0.9, 0.2], [0.1, 0.3, 1.1]])\n"
         "dec = lambda z: torch.einsum('ij,bjhw->bihw', w, z)\n"
-        "r = invert(Codec(lambda x: 0.9 * x, dec), dec(torch.rand(1, 3, 4, 4) * 0.5), method='forward', lr=0.8, steps=60)\n"
+        "r = invert(Codec(lambda x: 0.9 * x, dec), dec(torch.rand(1, 3, 4, 4) * 0.5), method='forward', "
+        "lr=0.8, steps=60)\n"
         "assert r.samples[0].gain_db > 20, r.summary()\n"
         "print(exact_encode.__file__, exact_encode.__version__, torch.__version__)\n")
     out = subprocess.run([str(py), "-I", "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,

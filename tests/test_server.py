@@ -29,7 +29,7 @@ def workflow(server: ComfyServer, size: int = SIZE, steps: int = STEPS, prefix: 
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": server.image_name}},
         "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area",
-                                                    "width": size, "height": size, "crop": "center"}},
+                                                     "width": size, "height": size, "crop": "center"}},
         "3": {"class_type": "ExactEncodeTestVAELoader", "inputs": {"name": "taef2"}},
         "4": {"class_type": "VAEExactEncode", "inputs": {"pixels": ["2", 0], "vae": ["3", 0],
                                                          "steps": steps, "method": "adam"}},

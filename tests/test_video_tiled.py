@@ -34,7 +34,8 @@ def run_tiled(tiled_cls):
             **kw):
         method = default_method if method is None else method
         with torch.inference_mode():
-            out = tiled_cls.execute(image, vae, tile_size, overlap, temporal_size, temporal_overlap, steps, method, **kw)
+            out = tiled_cls.execute(image, vae, tile_size, overlap, temporal_size, temporal_overlap, steps, method,
+                                    **kw)
         return out.result
 
     return run
@@ -124,7 +125,8 @@ def test_3d_image_vae_takes_each_image_as_a_one_frame_clip(videos, run_node, run
     images = clip(2, 64)  # a batch of two images
     theirs = stock.encode(vae, images)["samples"]
     assert theirs.shape == (2, 32, 1, 4, 4)
-    for run in (lambda: run_node(images, vae, steps=2), lambda: run_tiled(images, vae, tile_size=64, overlap=32, steps=2)):
+    for run in (lambda: run_node(images, vae, steps=2),
+                lambda: run_tiled(images, vae, tile_size=64, overlap=32, steps=2)):
         lat, summary = run()
         assert lat["samples"].shape == theirs.shape and "image 2" in summary
         assert stock.decode(vae, lat).shape == images.shape
@@ -196,9 +198,10 @@ def test_wan21_spatial_tiles_on_video(videos, run_tiled, stock):
 
 # ------------------------------------------------------------------ bad input
 
-@pytest.mark.parametrize("name, frames, rule", [("wan21", 6, r"1 \+ 4k frames \(1, 5, 9, \.\.\.\).*trim the batch to 5 frames or extend it to 9"),
-                                                ("mochi_narrow", 8, r"1 \+ 6k frames \(1, 7, 13, \.\.\.\).*trim the batch to 7 frames or extend it to 13"),
-                                                ("ltxv", 10, r"1 \+ 8k frames \(1, 9, 17, \.\.\.\).*trim the batch to 9 frames or extend it to 17")])
+@pytest.mark.parametrize("name, frames, rule", [
+    ("wan21", 6, r"1 \+ 4k frames \(1, 5, 9, \.\.\.\).*trim the batch to 5 frames or extend it to 9"),
+    ("mochi_narrow", 8, r"1 \+ 6k frames \(1, 7, 13, \.\.\.\).*trim the batch to 7 frames or extend it to 13"),
+    ("ltxv", 10, r"1 \+ 8k frames \(1, 9, 17, \.\.\.\).*trim the batch to 9 frames or extend it to 17")])
 def test_incompatible_frame_count_is_a_clear_error(name, frames, rule, videos, run_node, run_tiled):
     for run in (lambda im, v: run_node(im, v, steps=2), lambda im, v: run_tiled(im, v, steps=2)):
         with pytest.raises(ValueError, match=rf"pixels: {frames} frames.*{rule}"):
@@ -216,7 +219,8 @@ def test_bad_tiles_are_clear_errors(taef2, photos64, run_tiled):
 
 
 def test_bad_temporal_settings_are_clear_errors(videos, run_tiled):
-    with pytest.raises(ValueError, match=r"temporal_size: 4 frames would split.*TAEHV is not causal.*temporal_size >= 9"):
+    with pytest.raises(ValueError,
+                       match=r"temporal_size: 4 frames would split.*TAEHV is not causal.*temporal_size >= 9"):
         run_tiled(clip(9, 32), videos["taehv"], temporal_size=4)
     with pytest.raises(ValueError, match=r"temporal_size: 6 frames must be a positive multiple of .*\(4 frames"):
         run_tiled(clip(9, 32), videos["wan21"], temporal_size=6)
@@ -261,7 +265,7 @@ def test_out_of_memory_falls_back_to_tiles_like_stock(pack, taef2, photos64, run
 
 @pytest.mark.parametrize("name,kind,temporal_size", [("wan21", "chunked", 64), ("taehv", "inversion", 65)])
 def test_out_of_memory_on_a_long_video_falls_back_without_error(name, kind, temporal_size, pack, videos, run_node,
-                                                                 run_tiled, monkeypatch):
+                                                                run_tiled, monkeypatch):
     """A 65-frame clip (> the tiled node's 64-frame time chunk) whose whole run raises ComfyUI's OOM
     exception: the causal Wan VAE is retried in time chunks (a ChunkedResult, whose trace must attach),
     any other video VAE whole in time (it cannot be chunked, and VAE Exact Encode has no temporal_size
@@ -323,7 +327,8 @@ def test_taef2_tiled_inversion_within_0_3_db_of_whole_on_a_512px_photo(pack, tae
     err_t = (dt - image).pow(2).mean(-1)[0]
     bw, bt = -10 * math.log10(err_w[band].mean().item()), -10 * math.log10(err_t[band].mean().item())
     print(f"TAEF2 512px adam/{steps}: plain {plain:.2f} (tiled plain {plain_tiled:.2f}), whole {pw:.2f}, "
-          f"tiled {pt:.2f} dB (through the whole decoder {pt_whole:.2f}); seam strips whole {bw:.2f}, tiled {bt:.2f} dB")
+          f"tiled {pt:.2f} dB (through the whole decoder {pt_whole:.2f}); "
+          f"seam strips whole {bw:.2f}, tiled {bt:.2f} dB")
     assert pw > plain + 0.2 and pt > plain_tiled + 0.2, (plain, pw, plain_tiled, pt)  # both gain: not vacuous
     assert abs(pw - pt) <= 0.3, (pw, pt)
     assert bt >= bw - 0.5, (bw, bt)

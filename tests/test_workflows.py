@@ -265,7 +265,8 @@ def test_corrupt_key_json_fails_at_execution_naming_the_fix(server):
 
     error = execution_error(entry)
     assert error is not None and error["node_type"] == "ExactEncodeTreeRingDetect", entry["status"]
-    assert "key: not valid JSON" in error["exception_message"] and "paste the complete JSON" in error["exception_message"]
+    assert ("key: not valid JSON" in error["exception_message"]
+            and "paste the complete JSON" in error["exception_message"])
 
 
 def drift_rows(report: str) -> dict[int, tuple[float, float]]:

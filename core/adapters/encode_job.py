@@ -183,7 +183,8 @@ class Encoder:
         write_atomic(out, latent.float().cpu(), meta)
         return {"input": str(path), "output": str(out), "status": "ok", "gain_db": s.gain_db,
                 "psnr_encoder": s.psnr_initial, "psnr_exact": s.psnr_best, "iterations": s.iterations,
-                "selection": s.selection, "rival": rival, "seconds": round(seconds, 3), "job_key": key, "pid": os.getpid()}
+                "selection": s.selection, "rival": rival, "seconds": round(seconds, 3), "job_key": key,
+                "pid": os.getpid()}
 
     def run(self, items, out_dir, batch_size: int = 1, on_row=None) -> list[dict]:
         """Rows for (path, name) items, `batch_size` images of one size per invert call; a failure

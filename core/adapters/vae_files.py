@@ -46,8 +46,10 @@ def _ldm_config(sd: dict) -> dict:
     levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
     width = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in levels]
     blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
-    return {"in_channels": sd["encoder.conv_in.weight"].shape[1], "out_channels": sd["decoder.conv_out.weight"].shape[0],
-            "down_block_types": ["DownEncoderBlock2D"] * len(width), "up_block_types": ["UpDecoderBlock2D"] * len(width),
+    return {"in_channels": sd["encoder.conv_in.weight"].shape[1],
+            "out_channels": sd["decoder.conv_out.weight"].shape[0],
+            "down_block_types": ["DownEncoderBlock2D"] * len(width),
+            "up_block_types": ["UpDecoderBlock2D"] * len(width),
             "block_out_channels": width, "layers_per_block": blocks,
             "latent_channels": sd["decoder.conv_in.weight"].shape[1],
             "use_quant_conv": "quant_conv.weight" in sd, "use_post_quant_conv": "post_quant_conv.weight" in sd,

@@ -39,7 +39,8 @@ class Block(nn.Module):
 
 
 def taef2_encoder(latent_channels: int = 32) -> nn.Sequential:
-    down = lambda: conv(64, 64, stride=2, bias=False)
+    def down():
+        return conv(64, 64, stride=2, bias=False)
     return nn.Sequential(
         conv(3, 64), Block(64), down(), Block(64), Block(64), Block(64), down(),
         Block(64), Block(64), Block(64), down(), Block(64, True), Block(64, True), Block(64, True),
@@ -47,7 +48,8 @@ def taef2_encoder(latent_channels: int = 32) -> nn.Sequential:
 
 
 def taef2_decoder(latent_channels: int = 32) -> nn.Sequential:
-    up = lambda: (nn.Upsample(scale_factor=2), conv(64, 64, bias=False))
+    def up():
+        return (nn.Upsample(scale_factor=2), conv(64, 64, bias=False))
     return nn.Sequential(
         Clamp(), conv(latent_channels, 64), nn.ReLU(), Block(64, True), Block(64, True), Block(64, True),
         *up(), Block(64), Block(64), Block(64), *up(), Block(64), Block(64), Block(64), *up(), Block(64),

@@ -37,8 +37,9 @@ def narrowed(module, name: str, **widths):
     ComfyUI's own architecture at a width a CPU test can afford, from a state dict of that width.
     Used only where sd.py hard-codes a full-size width that costs > 4 GB or > 30 s on CPU."""
     base = getattr(module, name)
-    narrow = type(base.__name__, (base,), {"__init__": lambda self, *a, **kw: base.__init__(self, *a, **{**kw, **widths}),
-                                          "__module__": base.__module__})
+    narrow = type(base.__name__, (base,),
+                  {"__init__": lambda self, *a, **kw: base.__init__(self, *a, **{**kw, **widths}),
+                   "__module__": base.__module__})
     setattr(module, name, narrow)
     try:
         yield narrow
