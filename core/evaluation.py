@@ -69,15 +69,33 @@ class Evaluation:
     pixel_residual: Optional[Tensor] = None  # sqrt(weight) (D(z_k) - x), image-shaped; with pixel_grad (not "gradient")
 
 
-def pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, target: Target,
-                   with_grad: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(D(z), pixel MSE, its gradient in z or None) with a differentiable decoder."""
+def pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, target: Target, with_grad: bool,
+                   rows: int = 0) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(D(z), pixel MSE, its gradient in z or None) with a differentiable decoder. `rows` > 0: backpropagate that
+    many samples at a time -- the loss is a sum over samples, so each one's gradient is its own (equal up to the
+    rounding of batched convolutions), and only those rows' activations are kept at once."""
+    batch = z.shape[0]
+    if rows <= 0 or rows >= batch:
+        return _pixel_gradient(decode, z, target.image, target.weight, with_grad)
+    parts = [_pixel_gradient(decode, z[s:s + rows], target.image[s:s + rows], _rows(target.weight, s, rows),
+                             with_grad) for s in range(0, batch, rows)]
+    images, errs, grads = zip(*parts)
+    return torch.cat(images), torch.cat(errs), torch.cat(grads) if with_grad else None
+
+
+def _rows(weight: Optional[Tensor], start: int, rows: int) -> Optional[Tensor]:
+    """Rows start:start + rows of a pixel weight (B or 1, 1, H, W); one weight for every sample as it is."""
+    return weight if weight is None or weight.shape[0] == 1 else weight[start:start + rows]
+
+
+def _pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, image: Tensor, weight: Optional[Tensor],
+                    with_grad: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     with torch.inference_mode(False), torch.enable_grad():
         zg = z.detach().requires_grad_(True)
-        image = decode(zg)
-        err = per_sample_weighted_mse(image, target.image, target.weight)
+        decoded = decode(zg)
+        err = per_sample_weighted_mse(decoded, image, weight)
         grad = torch.autograd.grad(err.sum(), zg)[0] if with_grad else None
-    return image.detach(), err.detach(), grad
+    return decoded.detach(), err.detach(), grad
 
 
 class FixedPointEvaluator:
@@ -93,8 +111,9 @@ class FixedPointEvaluator:
 
     def __init__(self, codec: Codec, target: Target, z: Tensor,
                  wants_pixel_grad: Optional[Callable[[int], bool]] = None,
-                 wants_residual: Optional[Callable[[int], bool]] = None):
+                 wants_residual: Optional[Callable[[int], bool]] = None, backward_rows: int = 0):
         self.codec, self.target, self.wants_pixel_grad = codec, target, wants_pixel_grad
+        self.backward_rows = backward_rows
         self.wants_residual = wants_residual
         self.pixel_error = PixelError(target.image, target.weight)
         self.residual = torch.empty_like(target.latent)
@@ -107,7 +126,7 @@ class FixedPointEvaluator:
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
         codec, grad, pixels = self.codec, None, None
         if self.decode_grad is not None and with_grad and self.wants_pixel_grad(k):
-            image, err, grad = pixel_gradient(self.decode_grad, z, self.target, True)
+            image, err, grad = pixel_gradient(self.decode_grad, z, self.target, True, self.backward_rows)
             pixels = self.pixel_residual(image)
             image = image.to(codec.dtype)
         else:
@@ -129,8 +148,9 @@ class PixelGradientEvaluator:
     decoder (and for "pixel" the pixel residual); the latent residual (one encode more) only with
     `track_residual` (every `residual_every`-th iterate; 0: none), and always at k = 0 for the trace."""
 
-    def __init__(self, codec: Codec, target: Target, residual_every: int, keeps_pixel_residual: bool = False):
-        self.codec, self.target = codec, target
+    def __init__(self, codec: Codec, target: Target, residual_every: int, keeps_pixel_residual: bool = False,
+                 backward_rows: int = 0):
+        self.codec, self.target, self.backward_rows = codec, target, backward_rows
         self.tracks_residual, self.residual_every = residual_every > 0, max(residual_every, 1)
         # sqrt(w) (D(z) - x) for family "pixel"; not in place: the stepper keeps it past the next call
         self.pixel_error = PixelError(target.image, target.weight, in_place=False) if keeps_pixel_residual else None
@@ -139,7 +159,7 @@ class PixelGradientEvaluator:
             self.residual = torch.empty_like(target.latent)
 
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
-        image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad)
+        image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad, self.backward_rows)
         pixels = self.pixel_error.residual(image) if self.pixel_error is not None else None
         if not (k == 0 or (self.tracks_residual and k % self.residual_every == 0)):
             return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)
@@ -150,11 +170,14 @@ class PixelGradientEvaluator:
         return Evaluation(err, res_db, residual, grad, pixels)
 
 
-def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepper, residual_every: int):
+def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepper, residual_every: int,
+                  backward_rows: int = 0):
     """The evaluator of a method's family (core.methods.FAMILIES) for this run. `residual_every`: encode
-    every n-th iterate for the trace where the step does not need it (0: only the first)."""
+    every n-th iterate for the trace where the step does not need it (0: only the first); `backward_rows`: how many
+    samples one backward takes (0: the whole batch; pixel_gradient)."""
     if method.pixel_only:
-        return PixelGradientEvaluator(codec, target, residual_every, keeps_pixel_residual=method.family == "pixel")
+        return PixelGradientEvaluator(codec, target, residual_every, keeps_pixel_residual=method.family == "pixel",
+                                      backward_rows=backward_rows)
     if method.family != "both":
         return FixedPointEvaluator(codec, target, z)
     # a stepper with `wants_residual` (the hybrid's gradient phase) may not need the encode: then it is
@@ -162,7 +185,7 @@ def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepp
     step_wants = getattr(stepper, "wants_residual", None)
     wants_residual = None if residual_every == 1 or step_wants is None else (
         lambda k: step_wants(k) or (residual_every > 0 and k % residual_every == 0))
-    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad, wants_residual)
+    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad, wants_residual, backward_rows)
 
 
 def direction(family: str, evaluation: Evaluation):

@@ -122,10 +122,11 @@ class Hybrid:
     and the first EARLY_STEPS fixed-point iterates."""
 
     def __init__(self, z0: Tensor, scale: Tensor, rho: float, memory: int, floor_psnr: Tensor,
-                 decode_grad=None, memory_limit_mb: float = 0.0, encoded: Tensor | None = None):
+                 decode_grad=None, memory_limit_mb: float = 0.0, encoded: Tensor | None = None,
+                 backward_rows: int = 0):
         """`floor_psnr`: (B,) the target's noise floor (core.twin.decode_floor_psnr); `decode_grad`: the
         differentiable decoder, needed only to estimate memory against a cap; `encoded`: E(x), read only (the
-        solver's target; None: a copy of z0)."""
+        solver's target; None: a copy of z0); `backward_rows`: how many samples one backward takes (0: all)."""
         batch, self.view = z0.shape[0], (z0.shape[0],) + (1,) * (z0.ndim - 1)
         self.fixed_point = Anderson(z0, rho, memory)
         self.scale, self.gradient = scale, None  # the diis stepper, built at the first switch
@@ -144,7 +145,7 @@ class Hybrid:
         self.limit_mb, self.estimate_mb = memory_limit_mb, None
         self.gradient_allowed = True  # the evaluator already holds a differentiable decoder
         if memory_limit_mb > 0:
-            self.estimate_mb = backward_activation_mb(decode_grad, z0)
+            self.estimate_mb = backward_activation_mb(decode_grad, z0[:backward_rows] if backward_rows > 0 else z0)
             self.gradient_allowed = self.estimate_mb <= memory_limit_mb
 
     def wants_pixel_grad(self, k: int) -> bool:

@@ -89,7 +89,7 @@ def _hybrid(s: StepSetup):
     decode_grad = s.codec.differentiable_decode() if cap > 0 else None
     # the noise floor it stays gradient-free at: a 16-bit codec's own where lower than the 8-bit one (core.twin)
     return Hybrid(s.z, s.scale, s.lr, s.opts.memory, decode_floor_psnr(s.codec, s.image, s.latent), decode_grad, cap,
-                  s.latent)
+                  s.latent, s.opts.backward_rows)
 
 
 METHOD_REGISTRY: dict[str, Method] = {

@@ -28,6 +28,10 @@ Tensor = torch.Tensor
 # gradient, or "off"
 RIVAL_NAMES = {"diis": "diis", "gradient": "gradient", "off": ""}
 RIVALS = tuple(RIVAL_NAMES.values())
+# The rival backpropagates its sample and its twin one after the other: each keeps the decoder activations of one
+# image, as the gradient baseline on that image does (backpropagating the pair together kept twice that: 2.08x the
+# gradient baseline's live-tensor peak at 512 px on the SD VAE, docs/measurements.md)
+RIVAL_BACKWARD_ROWS = 1
 
 
 def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: InversionOptions, callback,
@@ -60,7 +64,8 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
     # fixed-point iteration's assumption, which a gradient run has not; its residual only feeds the trace: every
     # REPORTED_RESIDUAL_EVERY-th (the same latent, ~25 % less time on TAEF2)
     rival_opts = replace(opts, method=opts.rival, lr=None, rival="", unstable_steps=0, select="twin", record_every=0,
-                         residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY))
+                         residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY),
+                         backward_rows=RIVAL_BACKWARD_ROWS)
     result = first
     for i in rows:
         ran, early_start, result = _early_rival(result, codec, image, i, opts, rival_opts, callback, weight, report)
@@ -74,16 +79,17 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
 
 
 def _check_affordable(report: dict, codec: Codec, z0: Tensor, opts: InversionOptions) -> None:
-    """Set report["skipped"] (why) where the rival cannot run: no differentiable decoder, or its activations (for one
-    sample like `z0` and its twin) above memory_limit_mb or, without a cap, the device's free memory."""
+    """Set report["skipped"] (why) where the rival cannot run: no differentiable decoder, or its activations (one
+    sample like `z0`: it backpropagates its sample and twin one after the other) above memory_limit_mb or, without a
+    cap, the device's free memory."""
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
         return
     # without a cap, the device's free memory: the rival is part of the default, and a backward pass of a full SD
-    # decoder at 1024 px keeps ~27 GiB of activations (x2 with the twin), which a CPU host would not survive
+    # decoder at 1024 px keeps ~27 GiB of activations, which a CPU host would not survive
     limit, whose = (opts.memory_limit_mb, "limit") if opts.memory_limit_mb > 0 else (free_memory_mb(z0.device), "free")
-    try:  # the twin doubles the batch the backward runs on
-        report["activation_estimate_mb"] = 2 * backward_activation_mb(codec.differentiable_decode(), z0)
+    try:  # one row at a time (RIVAL_BACKWARD_ROWS): the sample's activations, then its twin's
+        report["activation_estimate_mb"] = backward_activation_mb(codec.differentiable_decode(), z0)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
         # a decoder autograd cannot run here (a host whose model cannot be copied for it, docs/compat.md: newer
         # ComfyUI's dynamic VRAM): the rival is part of the default, so the run returns the fixed point's pick and

@@ -108,7 +108,8 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
         z.copy_(start)
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
     stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec, target.image, target.latent))
-    evaluate = evaluator_for(method, codec, target, z, stepper, opts.residual_every if opts.track_residual else 0)
+    evaluate = evaluator_for(method, codec, target, z, stepper, opts.residual_every if opts.track_residual else 0,
+                             opts.backward_rows)
     real_rows = batch if twin is not None else None
     state = RunState(z, opts, evaluate.tracks_residual, real_rows)
     expanding, lowest = None, None

@@ -74,6 +74,11 @@ class InversionOptions:
     # stays gradient-free. 0: the hybrid has no cap, the rival (part of the default) takes the device's free
     # memory (core.hybrid.free_memory_mb). A host can pass its own free-memory estimate.
     memory_limit_mb: float = 0.0
+    # Gradient steps (gradient methods, the hybrid's gradient phase) backpropagate this many samples at a time
+    # (0: the whole batch): autograd keeps only those rows' decoder activations, for about the same compute; each
+    # sample's gradient is its own either way (equal up to the rounding of batched convolutions). The rival always
+    # takes one row at a time (its sample, then its twin): half the activations of backpropagating the pair.
+    backward_rows: int = 0
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;
     # "auto" the twin for fixed-point methods, but never an iterate past the pixel-best, unless the decode reached
@@ -155,6 +160,9 @@ class InversionOptions:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
         if not self.memory_limit_mb >= 0:
             raise ValueError(f"memory_limit_mb must be >= 0 (0: no cap); got {self.memory_limit_mb!r}")
+        if int(self.backward_rows) != self.backward_rows or self.backward_rows < 0:
+            raise ValueError(f"backward_rows must be an integer >= 0 (0: the whole batch at once); "
+                             f"got {self.backward_rows!r}")
         if int(self.unstable_steps) != self.unstable_steps or self.unstable_steps < 0:
             raise ValueError(f"unstable_steps must be an integer >= 0 (0 turns it off); got {self.unstable_steps!r}")
         if int(self.unstable_refresh) != self.unstable_refresh or self.unstable_refresh < 0:

@@ -57,6 +57,35 @@ def test_hybrid_within_its_cap_switches_to_gradient_steps():
     assert _differentiable_passes(calls) > ESTIMATE_PASSES + 5
 
 
+def test_backward_rows_backpropagates_that_many_samples_at_a_time_for_the_same_latents():
+    """backward_rows 1 keeps one sample's decoder activations at a time; the loss is a sum over samples, so each
+    sample's gradient, and so its run, is the same up to the rounding of batched convolutions."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    whole_calls, row_calls = [], []
+    whole = invert(_toy_codec(whole_calls), x, method="gradient", steps=8)
+    rows = invert(_toy_codec(row_calls), x, method="gradient", steps=8, backward_rows=1)
+    assert {shape[0] for shape, grad in whole_calls if grad} == {3}
+    assert {shape[0] for shape, grad in row_calls if grad} == {1}
+    assert _differentiable_passes(row_calls) == 3 * _differentiable_passes(whole_calls)
+    assert torch.allclose(rows.latent, whole.latent, atol=1e-5)
+    with pytest.raises(ValueError, match="backward_rows must be an integer >= 0"):
+        invert(_toy_codec([]), x, method="gradient", backward_rows=-1)
+
+
+def test_the_rival_backpropagates_its_sample_and_its_twin_one_after_the_other():
+    """The default's rival runs each sample with its twin (a batch of two): one row per backward keeps one image's
+    activations, as the gradient baseline on that image does -- not two (2.08x the baseline's live peak at 512 px
+    when it backpropagated the pair, docs/measurements.md); its memory estimate is one row's."""
+    calls = []
+    codec = _toy_codec(calls)
+    r = invert(codec, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), steps=30)
+    assert r.extra["rival"]["samples"] == [0] and not r.extra["rival"]["skipped"]
+    rival_passes = [shape for shape, grad in calls if grad and shape[-1] == 8]  # the estimate's crops are smaller
+    assert rival_passes and {shape[0] for shape in rival_passes} == {1}
+    one_row = backward_activation_mb(codec.differentiable_decode(), r.latent)
+    assert r.extra["rival"]["activation_estimate_mb"] == pytest.approx(one_row)
+
+
 def test_hybrid_stays_gradient_free_at_the_noise_floor_and_restarts_from_an_early_iterate_below_it():
     """Sample 0 is in the decoder's range (8-bit rounded): Anderson gets its decode to the floor, so it
     never switches. Sample 1 (8-bit noise) stalls far below it: it restarts from the pixel-best of E(x) and the
