@@ -5,6 +5,10 @@ against the best gradient (Adam) configuration (time to reach its final PSNR, me
     .venv/bin/python -m bench.run --sizes 32 --steps 30 --models taef2 kl_f8_small \\
         --images flat_objects stars --methods encoder paper ours forward km hybrid grad-lr0.1-cos ...
     .venv/bin/python -m bench.convergence bench/results/<that run>.json   # writes <run>-convergence.md/.json
+
+`--rows-from OTHER.json`: that run's rows replace the first run's of the same method, VAE, image, size and dtype (a
+changed default measured again beside the plain methods' rows of an earlier run of the same protocol: the latents
+compare; their seconds were not measured side by side, so the time columns then do not).
 """
 from __future__ import annotations
 
@@ -70,14 +74,18 @@ def _race(h: dict | None, name: str) -> str:
             f"**{'met' if h['met'] else 'not met'}**")
 
 
-def markdown(cells: dict, meta: dict, dtype: str = "fp32") -> str:
+def markdown(cells: dict, meta: dict, dtype: str = "fp32", merged: list | None = None) -> str:
     lines = [f"# Issue 12 table — {meta.get('date')}, {meta.get('device_name')}", "",
              f"- Run: `{meta.get('command')}`; {meta.get('steps')} steps, sizes {meta.get('sizes')}.",
              f"- Note: {meta.get('note')}", "- Table: `python -m bench.convergence <run>.json"
-             + ("" if dtype == "fp32" else f" --dtype {dtype}") + f"` ({dtype} rows).", "",
-             "| VAE | image | encoder NMSE | " + " | ".join(f"{m} NMSE / PSNR" for m in cells["_methods"])
-             + " | default vs best free | hybrid vs best gradient | diis vs best gradient |",
-             "|---" * (5 + len(cells["_methods"])) + "|"]
+             + ("" if dtype == "fp32" else f" --dtype {dtype}") + f"` ({dtype} rows)."]
+    for m in merged or []:
+        lines.append(f"- Rows of {', '.join(m['methods'])} ({m['rows']} rows) from `{m['file']}` (`{m['command']}`, "
+                     f"{m['date']}): their latents compare; their seconds were not measured side by side with "
+                     "this run's.")
+    lines += ["", "| VAE | image | encoder NMSE | " + " | ".join(f"{m} NMSE / PSNR" for m in cells["_methods"])
+              + " | default vs best free | hybrid vs best gradient | diis vs best gradient |",
+              "|---" * (5 + len(cells["_methods"])) + "|"]
     for key, c in cells.items():
         if key == "_methods":
             continue
@@ -93,13 +101,34 @@ def markdown(cells: dict, meta: dict, dtype: str = "fp32") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row_key(row: dict) -> tuple:
+    return row["method"], row["model"], row["image"], row.get("size"), row.get("dtype", "fp32")
+
+
+def _replace_rows(run: dict, other: dict, path: Path) -> dict:
+    """Replace `run`'s rows by `other`'s of the same key (_row_key), in place; what was taken from where."""
+    new = {_row_key(r): r for r in other["rows"]}
+    kept = [r for r in run["rows"] if _row_key(r) not in new]
+    run["rows"] = kept + list(new.values())
+    meta = other["meta"]
+    return {"file": path.name, "command": meta.get("command"), "date": meta.get("date"), "rows": len(new),
+            "methods": sorted({k[0] for k in new})}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("result", help="a bench.run JSON")
     p.add_argument("--dtype", default="fp32", help="the rows of this dtype (bench.run --dtypes); default fp32")
+    p.add_argument("--rows-from", action="append", default=[], metavar="RUN",
+                   help="another bench.run JSON whose rows replace this run's of the same method, VAE, image, size "
+                        "and dtype (output named after the last one)")
     args = p.parse_args(argv)
     path = Path(args.result)
     run = json.loads(path.read_text())
+    merged = []
+    for other in args.rows_from:
+        path = Path(other)
+        merged.append(_replace_rows(run, json.loads(path.read_text()), path))
     groups: dict = {}
     for r in run["rows"]:
         if r.get("dtype", "fp32") == args.dtype:
@@ -109,12 +138,13 @@ def main(argv=None) -> int:
     methods = [m for m in ("encoder", "paper", "ours", "forward", "km", "anderson", "hybrid", "diis")
                if any(m in c["methods"] for c in cells.values())]
     methods += sorted({m for c in cells.values() for m in c["methods"] if m.startswith("grad-")})
-    md = markdown({"_methods": methods, **cells}, run["meta"], args.dtype)
+    md = markdown({"_methods": methods, **cells}, run["meta"], args.dtype, merged)
     stem = str(path.with_suffix(""))
     stem += "" if args.dtype == "fp32" or stem.endswith(f"-{args.dtype}") else f"-{args.dtype}"
     Path(f"{stem}-convergence.md").write_text(md)
     Path(f"{stem}-convergence.json").write_text(json.dumps(
-        {"cells": [{"model": k[0], "image": k[1], **v} for k, v in cells.items()], "meta": run["meta"]},
+        {"cells": [{"model": k[0], "image": k[1], **v} for k, v in cells.items()], "meta": run["meta"],
+         "rows_from": merged},
         indent=1) + "\n")
     print(md)
     return 0

@@ -341,3 +341,27 @@ def test_floor_draws_bench_runs_every_method_once_per_draw(tmp_path):
     assert row["gap_mean"] == round(row["default"]["mean"] - row[row["best_plain"]]["mean"], 2)
     assert max(row["default"]["draws"]) < row["encoder"]
     assert "| kl_f8_small | 32 | coffee |" in next(tmp_path.glob("*-floor-draws.md")).read_text()
+
+
+def test_convergence_table_takes_a_changed_defaults_rows_from_another_run(tmp_path):
+    """bench.convergence --rows-from: a new run's `ours` rows replace an earlier run's (same VAE, image, size, dtype)
+    beside that run's plain rows, and the table says where they came from."""
+    from bench import convergence
+
+    def row(method, nmse):
+        return {"method": method, "model": "taef2", "image": "stars", "size": 64, "dtype": "fp32", "nmse_db": nmse,
+                "psnr_db": 40.0, "seconds": 1.0}
+
+    meta = {"date": "d", "command": "first", "steps": 100, "sizes": [64]}
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps({"rows": [row("encoder", -20.0), row("ours", -18.0), row("anderson", -25.0)],
+                                 "meta": meta}))
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps({"rows": [row("encoder", -20.0), row("ours", -24.8)],
+                                  "meta": dict(meta, command="second")}))
+    assert convergence.main([str(first), "--rows-from", str(second)]) == 0
+    out = json.loads((tmp_path / "second-convergence.json").read_text())
+    default = out["cells"][0]["default"]
+    assert default["best_free"] == "anderson" and default["gap_db"] == pytest.approx(0.2) and default["within_0p5_db"]
+    assert out["rows_from"][0]["methods"] == ["encoder", "ours"]
+    assert "from `second.json` (`second`" in (tmp_path / "second-convergence.md").read_text()
