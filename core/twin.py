@@ -120,27 +120,27 @@ def precision_floor_psnr(codec: Codec, truth: Tensor, x_t: Tensor) -> Tensor:
     return psnr_from_mse((moved - x_t).square().flatten(1).mean(1))
 
 
-def decode_floor_psnr(codec: Codec, x: Tensor, latent: Tensor, x_t: Tensor | None = None) -> Tensor:
+def decode_floor_psnr(codec: Codec, x: Tensor, latent: Tensor, x_t: Tensor | None = None,
+                      own: Tensor | None = None) -> Tensor:
     """(B,) the noise floor a decode of x is judged by (selection auto, the hybrid's switch): the 8-bit one of x, or a
     16-bit codec's own where lower (precision_floor_psnr at the twin of x; `latent` E(x), `x_t` its twin image if
-    already decoded)."""
+    already decoded; `own` that floor if already computed)."""
     floor = noise_floor_psnr(x)
     if codec.dtype == torch.float32:
         return floor
-    if x_t is None:
-        with side_evaluations():  # a setup decode, not an iterate
-            x_t, _ = twin_of(codec, x, latent)
-    return torch.minimum(floor, precision_floor_psnr(codec, latent, x_t))
+    if own is None:
+        if x_t is None:
+            with side_evaluations():  # a setup decode, not an iterate
+                x_t, _ = twin_of(codec, x, latent)
+        own = precision_floor_psnr(codec, latent, x_t)
+    return torch.minimum(floor, own)
 
 
 def twin_floors_psnr(codec: Codec, x: Tensor, latent: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
     """decode_floor_psnr of x and of its twin image x_t (each (B,)), a 16-bit codec's own floor computed once for both
     (it is the twin's: E(x) moved within its rounding and decoded, against x_t)."""
-    floor, twin_floor = noise_floor_psnr(x), noise_floor_psnr(x_t)
-    if codec.dtype == torch.float32:
-        return floor, twin_floor
-    own = precision_floor_psnr(codec, latent, x_t)
-    return torch.minimum(floor, own), torch.minimum(twin_floor, own)
+    own = None if codec.dtype == torch.float32 else precision_floor_psnr(codec, latent, x_t)
+    return decode_floor_psnr(codec, x, latent, own=own), decode_floor_psnr(codec, x_t, latent, own=own)
 
 
 def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int], origin: Tensor | None = None) -> list[bool]:
