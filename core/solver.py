@@ -99,10 +99,10 @@ class InversionOptions:
     # method and its own twin, one at a time, and return whichever run's pick core.twin.rival_wins prefers: the one
     # whose twin stood for it (core.twin.twin_faithful), else the one whose twin got closer to its known answer.
     # "" turns it off (the run stays gradient-free).
-    # Skipped where the codec has no differentiable decoder (or autograd cannot build it) or its activations (twin
-    # included) would exceed memory_limit_mb (0: the device's free memory). On the 64 px bench it made the latent
-    # 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed kl-f8 texture, for 2.2-5x the time on the
-    # samples it ran on (docs/convergence.md, "The rival").
+    # Skipped where the codec has no differentiable decoder (or autograd cannot build it) or its activations (one
+    # image's: it backpropagates the sample, then its twin) would exceed memory_limit_mb (0: the device's free
+    # memory). On the 64 px bench it made the latent 2.3-7.2 dB closer to the truth on 6 of 9 TAEF2 cells and fixed
+    # kl-f8 texture, for 2.2-5x the time on the samples it ran on (docs/convergence.md, "The rival").
     rival: str = "diis"
     # Where the rival (and its twin) starts: the pixel-best of E(x) and the first this many fixed-point iterates of
     # the image (and its twin) alone (0: E(x)), as the hybrid restarts (core.hybrid.EARLY_STEPS): the first step gains
