@@ -72,6 +72,15 @@ def test_backward_rows_backpropagates_that_many_samples_at_a_time_for_the_same_l
         invert(_toy_codec([]), x, method="gradient", backward_rows=-1)
 
 
+def test_the_hybrids_memory_estimate_is_one_backwards_rows():
+    """With backward_rows the hybrid checks its cap against the activations of that many samples, not the batch's."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    whole = invert(_toy_codec([]), x, method="hybrid", steps=2, memory_limit_mb=1e4).extra["activation_estimate_mb"]
+    one = invert(_toy_codec([]), x, method="hybrid", steps=2, memory_limit_mb=1e4,
+                 backward_rows=1).extra["activation_estimate_mb"]
+    assert one == pytest.approx(whole / 4, rel=0.05)
+
+
 def test_the_rival_backpropagates_its_sample_and_its_twin_one_after_the_other():
     """The default's rival runs each sample with its twin (a batch of two): one row per backward keeps one image's
     activations, as the gradient baseline on that image does -- not two (2.08x the baseline's live peak at 512 px
