@@ -365,3 +365,14 @@ def test_convergence_table_takes_a_changed_defaults_rows_from_another_run(tmp_pa
     assert default["best_free"] == "anderson" and default["gap_db"] == pytest.approx(0.2) and default["within_0p5_db"]
     assert out["rows_from"][0]["methods"] == ["encoder", "ours"]
     assert "from `second.json` (`second`" in (tmp_path / "second-convergence.md").read_text()
+
+
+def test_checkpoint_probe_keeps_fewer_live_tensors_for_the_same_gradient():
+    """bench.checkpoint_probe on the full-size random SD decoder at 64 px: recomputing each block's activations in the
+    backward keeps fewer tensors alive at once and gives the same gradient."""
+    proc = subprocess.run([sys.executable, "-m", "bench.checkpoint_probe", "64"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["blocks"] > 10 and row["same_gradient"] is True
+    assert row["checkpointed_live_mb"] < 0.8 * row["plain_live_mb"]
