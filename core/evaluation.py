@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .checkpointing import recomputing
 from .codec import Codec
 from .methods import Method
 from .metrics import PixelError, per_sample_norm, per_sample_weighted_mse, ratio_db
@@ -58,6 +59,15 @@ class Target:
             return self.latent.clone()
 
 
+@dataclass(frozen=True)
+class Backward:
+    """How a gradient step's backward runs: `rows` samples at a time (0: the whole batch), and whether the decoder's
+    blocks are recomputed instead of kept (core.checkpointing; a decoder without recomputable blocks keeps them)."""
+
+    rows: int = 0
+    recompute: bool = False
+
+
 @dataclass
 class Evaluation:
     """One iterate z_k, measured; the tensors are (B,) per sample unless noted."""
@@ -70,15 +80,17 @@ class Evaluation:
 
 
 def pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, target: Target, with_grad: bool,
-                   rows: int = 0) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(D(z), pixel MSE, its gradient in z or None) with a differentiable decoder. `rows` > 0: backpropagate that
-    many samples at a time -- the loss is a sum over samples, so each one's gradient is its own (equal up to the
-    rounding of batched convolutions), and only those rows' activations are kept at once."""
-    batch = z.shape[0]
-    if rows <= 0 or rows >= batch:
-        return _pixel_gradient(decode, z, target.image, target.weight, with_grad)
-    parts = [_pixel_gradient(decode, z[s:s + rows], target.image[s:s + rows], _rows(target.weight, s, rows),
-                             with_grad) for s in range(0, batch, rows)]
+                   backward: Backward = Backward()) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(D(z), pixel MSE, its gradient in z or None) with a differentiable decoder. `backward.rows` > 0: backpropagate
+    that many samples at a time -- the loss is a sum over samples, so each one's gradient is its own (equal up to the
+    rounding of batched convolutions), and only those rows' activations are kept at once; `backward.recompute`:
+    the decoder's blocks recompute theirs in the backward (the same gradient)."""
+    batch, rows = z.shape[0], backward.rows
+    with recomputing(backward.recompute):
+        if rows <= 0 or rows >= batch:
+            return _pixel_gradient(decode, z, target.image, target.weight, with_grad)
+        parts = [_pixel_gradient(decode, z[s:s + rows], target.image[s:s + rows], _rows(target.weight, s, rows),
+                                 with_grad) for s in range(0, batch, rows)]
     images, errs, grads = zip(*parts)
     return torch.cat(images), torch.cat(errs), torch.cat(grads) if with_grad else None
 
@@ -111,9 +123,9 @@ class FixedPointEvaluator:
 
     def __init__(self, codec: Codec, target: Target, z: Tensor,
                  wants_pixel_grad: Optional[Callable[[int], bool]] = None,
-                 wants_residual: Optional[Callable[[int], bool]] = None, backward_rows: int = 0):
+                 wants_residual: Optional[Callable[[int], bool]] = None, backward: Backward = Backward()):
         self.codec, self.target, self.wants_pixel_grad = codec, target, wants_pixel_grad
-        self.backward_rows = backward_rows
+        self.backward = backward
         self.wants_residual = wants_residual
         self.pixel_error = PixelError(target.image, target.weight)
         self.residual = torch.empty_like(target.latent)
@@ -126,7 +138,7 @@ class FixedPointEvaluator:
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
         codec, grad, pixels = self.codec, None, None
         if self.decode_grad is not None and with_grad and self.wants_pixel_grad(k):
-            image, err, grad = pixel_gradient(self.decode_grad, z, self.target, True, self.backward_rows)
+            image, err, grad = pixel_gradient(self.decode_grad, z, self.target, True, self.backward)
             pixels = self.pixel_residual(image)
             image = image.to(codec.dtype)
         else:
@@ -149,8 +161,8 @@ class PixelGradientEvaluator:
     `track_residual` (every `residual_every`-th iterate; 0: none), and always at k = 0 for the trace."""
 
     def __init__(self, codec: Codec, target: Target, residual_every: int, keeps_pixel_residual: bool = False,
-                 backward_rows: int = 0):
-        self.codec, self.target, self.backward_rows = codec, target, backward_rows
+                 backward: Backward = Backward()):
+        self.codec, self.target, self.backward = codec, target, backward
         self.tracks_residual, self.residual_every = residual_every > 0, max(residual_every, 1)
         # sqrt(w) (D(z) - x) for family "pixel"; not in place: the stepper keeps it past the next call
         self.pixel_error = PixelError(target.image, target.weight, in_place=False) if keeps_pixel_residual else None
@@ -159,7 +171,7 @@ class PixelGradientEvaluator:
             self.residual = torch.empty_like(target.latent)
 
     def __call__(self, k: int, z: Tensor, with_grad: bool) -> Evaluation:
-        image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad, self.backward_rows)
+        image, err, grad = pixel_gradient(self.decode, z, self.target, with_grad, self.backward)
         pixels = self.pixel_error.residual(image) if self.pixel_error is not None else None
         if not (k == 0 or (self.tracks_residual and k % self.residual_every == 0)):
             return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)
@@ -171,13 +183,13 @@ class PixelGradientEvaluator:
 
 
 def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepper, residual_every: int,
-                  backward_rows: int = 0):
+                  backward: Backward = Backward()):
     """The evaluator of a method's family (core.methods.FAMILIES) for this run. `residual_every`: encode
-    every n-th iterate for the trace where the step does not need it (0: only the first); `backward_rows`: how many
-    samples one backward takes (0: the whole batch; pixel_gradient)."""
+    every n-th iterate for the trace where the step does not need it (0: only the first); `backward`: how a gradient
+    step's backward runs (pixel_gradient)."""
     if method.pixel_only:
         return PixelGradientEvaluator(codec, target, residual_every, keeps_pixel_residual=method.family == "pixel",
-                                      backward_rows=backward_rows)
+                                      backward=backward)
     if method.family != "both":
         return FixedPointEvaluator(codec, target, z)
     # a stepper with `wants_residual` (the hybrid's gradient phase) may not need the encode: then it is
@@ -185,7 +197,7 @@ def evaluator_for(method: Method, codec: Codec, target: Target, z: Tensor, stepp
     step_wants = getattr(stepper, "wants_residual", None)
     wants_residual = None if residual_every == 1 or step_wants is None else (
         lambda k: step_wants(k) or (residual_every > 0 and k % residual_every == 0))
-    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad, wants_residual, backward_rows)
+    return FixedPointEvaluator(codec, target, z, stepper.wants_pixel_grad, wants_residual, backward)
 
 
 def direction(family: str, evaluation: Evaluation):

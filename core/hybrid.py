@@ -18,10 +18,11 @@ nothing in the result.
 Memory: gradient steps keep the decoder's activations for the backward pass. With
 `memory_limit_mb` > 0 the need is estimated before the first gradient step (autograd's saved
 tensors at two small latent crops, extrapolated linearly in area, so weights cancel); above the
-cap the sample stays gradient-free (no checkpointing here: a checkpoint of the whole decoder does
-not lower the peak, and chunking it needs the model's structure). The estimate leaves out diis's own
-buffers (core.diis: 20 image-sized and 40 latent-sized fp32 per sample, 63 MB at 512 px): about 1 % of
-the SD decoder's backward (6.0 GiB of live tensors at 512 px, docs/measurements.md).
+cap, with `checkpoint` "auto", the decoder's blocks are recomputed in the backward where that fits
+(core.checkpointing: block by block, found by the model's structure); else the sample stays
+gradient-free. The estimate leaves out diis's own buffers (core.diis: 20 image-sized and 40
+latent-sized fp32 per sample, 63 MB at 512 px): about 1 % of the SD decoder's backward (6.0 GiB of
+live tensors at 512 px, docs/measurements.md).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import math
 
 import torch
 
+from .checkpointing import SavedTally, recomputed_blocks, recomputing
 from .diis import PixelDIIS
 from .metrics import psnr_from_mse
 from .steppers import Anderson
@@ -57,23 +59,16 @@ DIIS_LR = 0.02  # the gradient phase's relative step: method diis's default
 EARLY_STEPS = 3
 
 
-def _saved_bytes(decode, z: Tensor) -> int:
-    """Bytes autograd would keep for the backward pass of decode(z) (the forward only runs)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return None  # nothing is kept: no backward follows
-
-    with torch.inference_mode(False), torch.enable_grad(), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
-        decode(z.detach().clone().requires_grad_(True))
-    return total
+def _saved_bytes(decode, z: Tensor, recompute: bool = False) -> int:
+    """Bytes autograd would keep for the backward pass of decode(z) (the forward only runs); `recompute`: with its
+    blocks recomputed (core.checkpointing)."""
+    with recomputing(recompute):
+        return SavedTally().count(decode, z)
 
 
-def backward_activation_mb(decode, z: Tensor) -> float:
-    """Estimated activation memory (MiB) of one backward of `decode` at the latent `z` (B, C, h, w):
+def backward_activation_mb(decode, z: Tensor, recompute: bool = False) -> float:
+    """Estimated activation memory (MiB) of one backward of `decode` at the latent `z` (B, C, h, w), `recompute`: with
+    the decoder's blocks recomputed (core.checkpointing; their inputs and the largest block's own activations):
     saved tensors at crops of c and 2c cells per side, S(a) = weights + alpha * a, extrapolated to
     the full area. Latents too small to crop are measured whole (an over-estimate: weights count too). A tiled
     decode (core.tiling) only takes its grid's latent, and its backward keeps every tile's activations:
@@ -83,18 +78,31 @@ def backward_activation_mb(decode, z: Tensor) -> float:
         base, grid = tiled
         areas = [(y1 - y0) * (x1 - x0) for y0, y1, x0, x1, _ in grid.tiles(1)]
         y0, y1, x0, x1, _ = next(grid.tiles(1))
-        return backward_activation_mb(base, z[..., y0:y1, x0:x1]) * sum(areas) / areas[0]
+        return backward_activation_mb(base, z[..., y0:y1, x0:x1], recompute) * sum(areas) / areas[0]
     h, w = z.shape[-2:]
     c = min(h, w) // 2
     try:
         if c < 1:
             raise ValueError("no crop")
-        small = _saved_bytes(decode, z[:1, ..., :c, :c])
-        large = _saved_bytes(decode, z[:1, ..., :2 * c, :2 * c])
+        small = _saved_bytes(decode, z[:1, ..., :c, :c], recompute)
+        large = _saved_bytes(decode, z[:1, ..., :2 * c, :2 * c], recompute)
     except (RuntimeError, ValueError):  # too small to crop, or a decoder that cannot take such a crop (LTXV: 1 x 1)
-        return _saved_bytes(decode, z) / 2**20  # the forward alone (nothing kept): weights counted too
+        return _saved_bytes(decode, z, recompute) / 2**20  # the forward alone (nothing kept): weights counted too
     per_cell = max(large - small, 0) / (3 * c * c)
     return per_cell * h * w * z.shape[0] / 2**20
+
+
+def backward_plan(decode, z: Tensor, limit_mb: float, checkpoint: str) -> tuple[float, bool]:
+    """(estimated activation MiB, whether to recompute the decoder's blocks) for a backward of `decode` at `z` under
+    the cap `limit_mb` (<= 0: none) and InversionOptions.checkpoint: "on" recomputes where the decoder can, "off"
+    never, "auto" only where keeping the activations would exceed the cap and recomputing them fits under it (then
+    the gradient steps run instead of being skipped)."""
+    can = recomputed_blocks(decode) > 0
+    recompute = checkpoint == "on" and can
+    estimate = backward_activation_mb(decode, z, recompute)
+    if 0 < limit_mb < estimate and checkpoint == "auto" and can:
+        return backward_activation_mb(decode, z, True), True
+    return estimate, recompute
 
 
 def free_memory_mb(device) -> float:
@@ -123,10 +131,11 @@ class Hybrid:
 
     def __init__(self, z0: Tensor, scale: Tensor, rho: float, memory: int, floor_psnr: Tensor,
                  decode_grad=None, memory_limit_mb: float = 0.0, encoded: Tensor | None = None,
-                 backward_rows: int = 0):
+                 checkpoint: str = "off", backward_z: Tensor | None = None):
         """`floor_psnr`: (B,) the target's noise floor (core.twin.decode_floor_psnr); `decode_grad`: the
         differentiable decoder, needed only to estimate memory against a cap; `encoded`: E(x), read only (the
-        solver's target; None: a copy of z0); `backward_rows`: how many samples one backward takes (0: all)."""
+        solver's target; None: a copy of z0); `checkpoint`: InversionOptions.checkpoint (backward_plan);
+        `backward_z`: the rows of z0 one backward takes (InversionOptions.backward_rows; None: all)."""
         batch, self.view = z0.shape[0], (z0.shape[0],) + (1,) * (z0.ndim - 1)
         self.fixed_point = Anderson(z0, rho, memory)
         self.scale, self.gradient = scale, None  # the diis stepper, built at the first switch
@@ -144,8 +153,11 @@ class Hybrid:
         self.k = 0
         self.limit_mb, self.estimate_mb = memory_limit_mb, None
         self.gradient_allowed = True  # the evaluator already holds a differentiable decoder
+        # read by core.run: the evaluator's backward recomputes the decoder's blocks (where it can)
+        self.recompute = checkpoint == "on"
         if memory_limit_mb > 0:
-            self.estimate_mb = backward_activation_mb(decode_grad, z0[:backward_rows] if backward_rows > 0 else z0)
+            self.estimate_mb, self.recompute = backward_plan(decode_grad, z0 if backward_z is None else backward_z,
+                                                             memory_limit_mb, checkpoint)
             self.gradient_allowed = self.estimate_mb <= memory_limit_mb
 
     def wants_pixel_grad(self, k: int) -> bool:
@@ -198,7 +210,9 @@ class Hybrid:
     def summary(self) -> dict:
         """How the run went: per sample the iteration of the switch (None: gradient-free to the end),
         whether it stayed gradient-free because its decode reached the noise floor, whether gradient
-        steps were allowed, and the activation estimate against the cap."""
+        steps were allowed, the activation estimate against the cap, and whether the backward recomputed the decoder's
+        blocks."""
         return {"switch_iteration": list(self.switch_iteration), "at_noise_floor": self.settled.tolist(),
                 "gradient_allowed": self.gradient_allowed,
-                "activation_estimate_mb": self.estimate_mb, "memory_limit_mb": self.limit_mb}
+                "activation_estimate_mb": self.estimate_mb, "memory_limit_mb": self.limit_mb,
+                "recomputed_blocks": self.recompute}

@@ -88,8 +88,9 @@ def _hybrid(s: StepSetup):
     cap = s.opts.memory_limit_mb
     decode_grad = s.codec.differentiable_decode() if cap > 0 else None
     # the noise floor it stays gradient-free at: a 16-bit codec's own where lower than the 8-bit one (core.twin)
+    rows = s.opts.backward_rows
     return Hybrid(s.z, s.scale, s.lr, s.opts.memory, decode_floor_psnr(s.codec, s.image, s.latent), decode_grad, cap,
-                  s.latent, s.opts.backward_rows)
+                  s.latent, s.opts.checkpoint, s.z[:rows] if rows > 0 else None)
 
 
 METHOD_REGISTRY: dict[str, Method] = {

@@ -94,6 +94,12 @@ SELECTION_TEXT = {  # how the summary names the returned iterate, by SampleStats
 }
 
 
+def _recomputed(who: str, estimate_mb) -> str:
+    """The notes' line on a backward that recomputed the decoder's blocks (InversionOptions.checkpoint)."""
+    about = f" (about {estimate_mb:.0f} MiB of activations)" if estimate_mb is not None else ""
+    return f"{who}: the decoder's blocks recomputed in the backward{about}, to fit the memory cap or as asked"
+
+
 def _outmatched(method: str, stopped: list | None) -> list[str]:
     """The summary's line on rival runs the race stopped ([[image, iteration], ...])."""
     if not stopped:
@@ -153,6 +159,8 @@ class InversionResult:
             lines.append(f"{rival['method']} rival run from {start} on {len(rival['samples'])} image(s) whose decode "
                          f"stayed below the noise floor; its pick returned for image(s): {chosen}")
             lines += _outmatched(rival["method"], rival.get("outmatched"))
+            if rival.get("recomputed_blocks"):  # core.hybrid.backward_plan
+                lines.append(_recomputed(f"{rival['method']} rival", rival["activation_estimate_mb"]))
             if again.get("samples"):
                 chosen = ", ".join(str(i + 1) for i in again["chosen"]) or "none"
                 lines.append(f"{rival['method']} rival run again from the first run's pixel-best iterate on image(s) "
@@ -176,6 +184,8 @@ class InversionResult:
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
             lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")
+        elif self.extra.get("recomputed_blocks") and any(k is not None for k in self.extra["switch_iteration"]):
+            lines.append(_recomputed("gradient steps", self.extra["activation_estimate_mb"]))
         return lines
 
     def rival_outcome(self, i: int) -> str:

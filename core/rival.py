@@ -11,7 +11,7 @@ import torch
 
 from .codec import Codec
 from .evaluation import REPORTED_RESIDUAL_EVERY
-from .hybrid import backward_activation_mb, free_memory_mb
+from .hybrid import backward_plan, free_memory_mb
 from .metrics import nmse_db
 from .pick import twin_batch, twin_decided
 from .rerun import left_of, merged, rerun, start_of
@@ -54,6 +54,7 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
         return first
     report = {"method": opts.rival, "candidates": rows, "samples": [], "chosen": [], "twin_nmse_db": [],
               "skipped": None, "outmatched": [], "twin_gain_db": [], "early_steps": opts.rival_early_steps,
+              "recomputed_blocks": False,
               "from_pixel_best": {"samples": [], "chosen": [], "twin_nmse_db": [], "outmatched": [], "twin_gain_db": [],
                                   "off_pace": [], "unjudged": []}}
     _check_affordable(report, codec, first.latent[rows[0]:rows[0] + 1], opts)
@@ -65,7 +66,8 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
     # REPORTED_RESIDUAL_EVERY-th (the same latent, ~25 % less time on TAEF2)
     rival_opts = replace(opts, method=opts.rival, lr=None, rival="", unstable_steps=0, select="twin", record_every=0,
                          residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY),
-                         backward_rows=RIVAL_BACKWARD_ROWS)
+                         backward_rows=RIVAL_BACKWARD_ROWS,
+                         checkpoint="on" if report["recomputed_blocks"] else opts.checkpoint)
     result = first
     for i in rows:
         ran, early_start, result = _early_rival(result, codec, image, i, opts, rival_opts, callback, weight, report)
@@ -81,7 +83,8 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
 def _check_affordable(report: dict, codec: Codec, z0: Tensor, opts: InversionOptions) -> None:
     """Set report["skipped"] (why) where the rival cannot run: no differentiable decoder, or its activations (one
     sample like `z0`: it backpropagates its sample and twin one after the other) above memory_limit_mb or, without a
-    cap, the device's free memory."""
+    cap, the device's free memory, even with the decoder's blocks recomputed (opts.checkpoint; core.hybrid.backward_plan
+    sets report["recomputed_blocks"])."""
     if codec.grad_decode is None:
         report["skipped"] = "no differentiable decoder"
         return
@@ -89,14 +92,16 @@ def _check_affordable(report: dict, codec: Codec, z0: Tensor, opts: InversionOpt
     # decoder at 1024 px keeps ~27 GiB of activations, which a CPU host would not survive
     limit, whose = (opts.memory_limit_mb, "limit") if opts.memory_limit_mb > 0 else (free_memory_mb(z0.device), "free")
     try:  # one row at a time (RIVAL_BACKWARD_ROWS): the sample's activations, then its twin's
-        report["activation_estimate_mb"] = backward_activation_mb(codec.differentiable_decode(), z0)
+        report["activation_estimate_mb"], report["recomputed_blocks"] = backward_plan(
+            codec.differentiable_decode(), z0, limit, opts.checkpoint)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
         # a decoder autograd cannot run here (a host whose model cannot be copied for it, docs/compat.md: newer
         # ComfyUI's dynamic VRAM): the rival is part of the default, so the run returns the fixed point's pick and
         # says why, where a gradient method the caller asked for raises
         report["skipped"] = f"no differentiable decoder here ({type(e).__name__}: {e})"
     if limit > 0 and report.get("activation_estimate_mb", 0) > limit:
-        report["skipped"] = f"memory ({whose} {limit:.0f} MiB)"
+        recomputed = ", its decoder's blocks recomputed" if report["recomputed_blocks"] else ""
+        report["skipped"] = f"memory ({whose} {limit:.0f} MiB{recomputed})"
 
 
 def _early_rival(result: InversionResult, codec: Codec, image: Tensor, i: int, opts: InversionOptions,

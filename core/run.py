@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .codec import Codec
-from .evaluation import Target, direction, evaluator_for
+from .evaluation import Backward, Target, direction, evaluator_for
 from .methods import METHOD_REGISTRY, StepSetup
 from .metrics import psnr_from_mse
 from .pick import select_picks, twin_batch
@@ -108,8 +108,10 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
         z.copy_(start)
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
     stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec, target.image, target.latent))
+    # the hybrid decides by its memory estimate whether its backward recomputes the decoder's blocks
+    backward = Backward(opts.backward_rows, opts.checkpoint == "on" or getattr(stepper, "recompute", False))
     evaluate = evaluator_for(method, codec, target, z, stepper, opts.residual_every if opts.track_residual else 0,
-                             opts.backward_rows)
+                             backward)
     real_rows = batch if twin is not None else None
     state = RunState(z, opts, evaluate.tracks_residual, real_rows)
     expanding, lowest = None, None

@@ -27,8 +27,9 @@ from .run_state import STOP_REASONS
 from .twin import SELECTIONS
 
 Tensor = torch.Tensor
+CHECKPOINTS = ("auto", "on", "off")  # InversionOptions.checkpoint
 __all__ = ["InversionOptions", "invert", "METHODS", "PIXEL_ONLY_METHODS", "DEFAULT_LR", "STOP_REASONS",
-           "REPORTED_RESIDUAL_EVERY", "RIVAL_NAMES"]
+           "REPORTED_RESIDUAL_EVERY", "RIVAL_NAMES", "CHECKPOINTS"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class InversionOptions:
     # sample's gradient is its own either way (equal up to the rounding of batched convolutions). The rival always
     # takes one row at a time (its sample, then its twin): half the activations of backpropagating the pair.
     backward_rows: int = 0
+    # Gradient steps' decoder activations (core.checkpointing): "on" recomputes each block's in the backward where the
+    # decoder's blocks are found (SD decoder at 512 px: 0.43x the live tensors, the same gradient, +15-25 % backward
+    # time); "off" keeps them all (autograd's default); "auto" keeps them unless that would exceed the cap of the
+    # hybrid and the rival (memory_limit_mb, the rival's default: the device's free memory) and recomputing fits,
+    # where they would otherwise skip their gradient steps. A gradient method the caller picks has no cap: "auto" keeps.
+    checkpoint: str = "auto"
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;
     # "auto" the twin for fixed-point methods, but never an iterate past the pixel-best, unless the decode reached
@@ -163,6 +170,8 @@ class InversionOptions:
         if int(self.backward_rows) != self.backward_rows or self.backward_rows < 0:
             raise ValueError(f"backward_rows must be an integer >= 0 (0: the whole batch at once); "
                              f"got {self.backward_rows!r}")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}; got {self.checkpoint!r}")
         if int(self.unstable_steps) != self.unstable_steps or self.unstable_steps < 0:
             raise ValueError(f"unstable_steps must be an integer >= 0 (0 turns it off); got {self.unstable_steps!r}")
         if int(self.unstable_refresh) != self.unstable_refresh or self.unstable_refresh < 0:

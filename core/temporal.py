@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from .checkpointing import wrapping
 from .codec import Codec
 from .metrics import per_sample_mse, psnr_from_mse
 from .result import InversionResult
@@ -128,7 +129,7 @@ def chunk_codec(codec: Codec, frozen: Tensor, context_pixels: Tensor) -> Codec:
             dec = codec.grad_decode()
             with torch.inference_mode(False):
                 past = frozen.float().clone()  # an ordinary tensor autograd may save
-            return lambda z: dec(torch.cat([past, z], 2))[:, :, n_ctx:]
+            return wrapping(lambda z: dec(torch.cat([past, z], 2))[:, :, n_ctx:], dec)
     return Codec(encode=encode, decode=decode, dtype=codec.dtype, device=codec.device, grad_decode=grad)
 
 

@@ -14,6 +14,7 @@ import torch
 import comfy.model_management
 
 from ..core import Codec
+from ..core.checkpointing import recomputable
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -172,9 +173,10 @@ def vae_codec(vae, precision: str = "auto", image_shape: tuple | None = None) ->
     def grad_decode():
         # The gradient baseline needs weights that are ordinary tensors: a model built while
         # ComfyUI ran a loader node under inference_mode holds inference tensors, which
-        # autograd refuses. A private fp32 copy also keeps the shared VAE untouched.
+        # autograd refuses. A private fp32 copy also keeps the shared VAE untouched, and may have its blocks
+        # recomputed in the backward (InversionOptions.checkpoint).
         with torch.inference_mode(False):
             model32 = _copy_of(vae.first_stage_model, torch.float32, "gradient steps").requires_grad_(False)
-        return lambda z: vae.process_output(model32.decode(z))
+        return recomputable(lambda z: vae.process_output(model32.decode(z)), model32)
 
     return Codec(encode=encode, decode=decode, dtype=dtype, device=vae.device, grad_decode=grad_decode)

@@ -260,6 +260,24 @@ def test_the_rival_respects_the_memory_cap(taef2, pack):
     assert torch.equal(capped.latent, free.latent) and "rival not run: memory" in capped.summary()
 
 
+def test_under_a_cap_only_recomputing_fits_the_rival_recomputes_the_real_decoders_blocks(kl_small, pack):
+    """kl-f8 texture at 64 px, where the rival's pick is returned: capped between one image's kept activations and
+    those with the ComfyUI decoder's blocks recomputed (core.checkpointing, found by structure in ComfyUI's own
+    classes), the rival runs recomputing instead of being skipped, and returns the latent it returns with room."""
+    adapter, core = pack
+    hybrid = importlib.import_module(core.__name__ + ".hybrid")
+    codec, x, _, _ = _protocol(adapter, kl_small, "texture", size=64)
+    decode, z = codec.differentiable_decode(), torch.zeros(1, 4, 8, 8)
+    kept, recomputed = hybrid.backward_activation_mb(decode, z), hybrid.backward_activation_mb(decode, z, True)
+    assert recomputed < 0.8 * kept
+    roomy = core.invert(codec, x)
+    capped = core.invert(codec, x, memory_limit_mb=(kept + recomputed) / 2)
+    assert roomy.extra["rival"]["chosen"] == capped.extra["rival"]["chosen"] == [0]
+    assert capped.extra["rival"]["recomputed_blocks"] is True and roomy.extra["rival"]["recomputed_blocks"] is False
+    assert "decoder's blocks recomputed" in capped.summary()
+    assert torch.allclose(capped.latent, roomy.latent, atol=1e-4)
+
+
 def test_without_a_cap_the_rival_keeps_to_the_devices_free_memory(taef2, pack, monkeypatch):
     """The rival is part of the default, so memory_limit_mb 0 does not mean unbounded for it: a full SD decoder's
     backward keeps ~6 GiB of activations at 512 px (bench.memory_live), ~4x that at 1024 px; above the device's free

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpointing import recomputable
 from ..codec import Codec
 
 Tensor = torch.Tensor
@@ -84,10 +85,11 @@ def diffusers_codec(vae, dtype: Optional[torch.dtype] = None,
     encode, decode = wrap(model)
 
     def grad_decode():
-        # The gradient baseline needs an fp32 model of ordinary tensors, private to this codec.
+        # The gradient baseline needs an fp32 model of ordinary tensors, private to this codec (its blocks may be
+        # recomputed in the backward: InversionOptions.checkpoint).
         with torch.inference_mode(False):
             model32 = copy.deepcopy(vae).float().requires_grad_(False)
         raw_decode = _raw_codec(model32)[1]
-        return lambda z: ((raw_decode(z.float() / scale + shift) + 1) / 2).clamp(0, 1)
+        return recomputable(lambda z: ((raw_decode(z.float() / scale + shift) + 1) / 2).clamp(0, 1), model32)
 
     return Codec(encode=encode, decode=decode, dtype=dtype, device=device, grad_decode=grad_decode)
