@@ -56,11 +56,11 @@ class VAEExactEncode(io.ComfyNode):
     @classmethod
     def execute(cls, pixels, vae, steps, method, learning_rate=1.0, precision="auto",
                 tolerance=0.0, check_assumption=True, auto_stop=True, time_budget=0.0,
-                memory_limit_mb=0, select="auto", rival="diis") -> io.NodeOutput:
+                memory_limit_mb=0, select="auto", rival="diis", checkpoint="auto") -> io.NodeOutput:
         check_supported(vae)
         options = solver_options(cls, method, steps, learning_rate, precision, auto_stop=auto_stop, tolerance=tolerance,
                                  time_budget=time_budget, memory_limit_mb=memory_cap_mb(vae, memory_limit_mb),
-                                 select=select, rival=rival)
+                                 select=select, rival=rival, checkpoint=checkpoint)
         image = image_to_pixels(pixels, vae)
         if check_assumption:
             # upper bound (video VAEs also compress time): only sizes the assumption check's budget

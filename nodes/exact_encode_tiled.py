@@ -55,11 +55,11 @@ class VAEExactEncodeTiled(io.ComfyNode):
     @classmethod
     def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap, steps, method,
                 learning_rate=1.0, precision="auto", auto_stop=True, time_budget=0.0,
-                memory_limit_mb=0, select="auto", rival="diis") -> io.NodeOutput:
+                memory_limit_mb=0, select="auto", rival="diis", checkpoint="auto") -> io.NodeOutput:
         check_supported(vae)
         options = solver_options(cls, method, steps, learning_rate, precision, auto_stop=auto_stop,
                                  time_budget=time_budget, memory_limit_mb=memory_cap_mb(vae, memory_limit_mb),
-                                 select=select, rival=rival)
+                                 select=select, rival=rival, checkpoint=checkpoint)
         x = image_to_pixels(pixels, vae)
         result = run_tiled(vae, x, options, precision, tile_size, overlap, temporal_size, temporal_overlap)
         samples = result.latent.to(comfy.model_management.intermediate_device(), torch.float32)

@@ -226,3 +226,27 @@ def test_rival_flag_reaches_the_solver_and_each_output_says_what_the_rival_did(t
     for bad in (dict(rival="adam"), dict(memory_limit_mb=-1)):
         with pytest.raises(ValueError, match="--rival|--memory-limit-mb"):
             encode_job.Settings(vae="v", vae_sha256="h", **bad).options()
+
+
+def test_checkpoint_and_backward_rows_flags_reach_the_solver_or_fail_before_any_work(tmp_path, capsys):
+    """--checkpoint and --backward-rows become InversionOptions.checkpoint / backward_rows (and part of the job key:
+    another job for --resume); a bad value is refused naming the flag, before the output folder exists."""
+    from exact_encode.cli import build_parser, plan
+
+    make_images(tmp_path / "in", 1)
+    base = ["encode", str(tmp_path / "in"), "--vae", str(kl_small_dir()), "--out", str(tmp_path / "out")]
+    settings, todo, _ = plan(build_parser().parse_args(base + ["--checkpoint", "on", "--backward-rows", "1"]))
+    options = settings.options()
+    assert (options.checkpoint, options.backward_rows) == ("on", 1) and len(todo) == 1
+    default = plan(build_parser().parse_args(base))[0].options()
+    assert (default.checkpoint, default.backward_rows) == ("auto", 0)
+    assert encode_job.job_key("x", settings) != encode_job.job_key("x", plan(build_parser().parse_args(base))[0])
+    assert main(base + ["--backward-rows", "-1"]) == 2
+    assert "--backward-rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's choices: usage error (exit 2) naming the flag
+        main(base + ["--checkpoint", "sometimes"])
+    assert "--checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    for bad in (dict(checkpoint="sometimes"), dict(backward_rows=-1), dict(backward_rows=1.5)):
+        with pytest.raises(ValueError, match="--checkpoint|--backward-rows"):
+            encode_job.Settings(vae="v", vae_sha256="h", **bad).options()

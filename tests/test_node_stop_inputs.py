@@ -1,4 +1,4 @@
-"""VAE Exact Encode's auto_stop, time_budget and memory_limit_mb inputs reach the solver and show
+"""VAE Exact Encode's auto_stop, time_budget, memory_limit_mb and checkpoint inputs reach the solver and show
 in the summary and the trace (real ComfyUI host, the shared TAEF2 VAE, 32 px)."""
 from __future__ import annotations
 
@@ -54,3 +54,29 @@ def test_memory_limit_0_is_comfyuis_free_memory_on_the_cpu_too(taef2, pack):
     cap = pack("nodes.adapter").memory_cap_mb(taef2, 0)
     assert cap > 0 and abs(cap - free) < 0.05 * free
     assert pack("nodes.adapter").memory_cap_mb(taef2, 300) == 300.0
+
+
+def test_checkpoint_is_the_last_input_and_reaches_the_solver(run_node, node_cls, taef2, photos64, pack):
+    """checkpoint comes after rival on both encoders (saved workflows' positional widget values still land right),
+    is checked against its options naming the input, and reaches InversionOptions from the node."""
+    import pytest
+
+    inputs = pack("nodes.inputs")
+    tiled = pack("nodes.exact_encode_tiled").VAEExactEncodeTiled
+    for cls in (node_cls, tiled):
+        ids = [i.id for i in cls.define_schema().inputs]
+        assert ids[-2:] == ["rival", "checkpoint"], (cls.__name__, ids)
+        spec = cls.define_schema().inputs[-1]
+        assert spec.default == "auto" and list(spec.options) == ["auto", "on", "off"] and spec.optional
+    with pytest.raises(ValueError, match="checkpoint"):
+        inputs.solver_options(node_cls, "forward", 5, checkpoint="bogus")
+    assert inputs.solver_options(node_cls, "forward", 5, checkpoint="on").checkpoint == "on"
+    assert inputs.solver_options(node_cls, "forward", 5).checkpoint == "auto"
+    image = photos64["astronaut"][:, :32, :32]
+    latent, _ = run_node(image, taef2, steps=3, method="forward", rival="off", checkpoint="on")
+    assert _trace(pack, latent)["options"]["checkpoint"] == "on"
+    latent, _ = run_node(image, taef2, steps=3, method="forward", rival="off")
+    assert _trace(pack, latent)["options"]["checkpoint"] == "auto"
+    with pytest.raises(ValueError, match="checkpoint"):  # the tiled node passes it on too
+        with torch.inference_mode():
+            tiled.execute(image, taef2, 64, 16, 64, 8, 3, "forward", rival="off", checkpoint="bogus")

@@ -14,7 +14,7 @@ from tests.support.server import ComfyServer, execution_error
 SIZE = 64
 STEPS = 10
 ENCODER_INPUTS = {"pixels", "vae", "steps", "method", "learning_rate", "precision", "tolerance", "check_assumption",
-                  "auto_stop", "time_budget", "memory_limit_mb", "select", "rival"}
+                  "auto_stop", "time_budget", "memory_limit_mb", "select", "rival", "checkpoint"}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from ..solver import REPORTED_RESIDUAL_EVERY, RIVAL_NAMES, InversionOptions, invert
+from ..solver import CHECKPOINTS, REPORTED_RESIDUAL_EVERY, RIVAL_NAMES, InversionOptions, invert
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _UMASK = os.umask(0o022)
@@ -39,6 +39,8 @@ class Settings:
     device: str = "auto"  # resolved where the VAE is loaded (a Ray actor may have a GPU the driver lacks)
     rival: str = "diis"  # a name of RIVAL_NAMES: the default's gradient rival, or "off" (gradient-free throughout)
     memory_limit_mb: float = 0.0  # cap on the rival's / hybrid's backward-pass activations (0: InversionOptions')
+    checkpoint: str = "auto"  # a name of CHECKPOINTS: recompute the decoder's blocks in the backward (InversionOptions)
+    backward_rows: int = 0  # images of a batch one backward pass takes (0: all)
 
     def options(self) -> InversionOptions:
         extra = {}
@@ -51,10 +53,16 @@ class Settings:
             raise ValueError(f"--rival must be one of {', '.join(RIVAL_NAMES)}; got {self.rival!r}")
         if not self.memory_limit_mb >= 0:
             raise ValueError(f"--memory-limit-mb must be >= 0 (0: the default cap); got {self.memory_limit_mb}")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}; got {self.checkpoint!r}")
+        if not (isinstance(self.backward_rows, int) and self.backward_rows >= 0):
+            raise ValueError(f"--backward-rows must be an integer >= 0 (0: the whole batch); "
+                             f"got {self.backward_rows!r}")
         # the report has the returned latent's residual only: gradient methods need not encode every iterate
         return InversionOptions(method=self.method, steps=self.steps, tolerance=self.tolerance,
                                 residual_every=REPORTED_RESIDUAL_EVERY, rival=RIVAL_NAMES[self.rival],
-                                memory_limit_mb=self.memory_limit_mb, **extra).validate()
+                                memory_limit_mb=self.memory_limit_mb, checkpoint=self.checkpoint,
+                                backward_rows=self.backward_rows, **extra).validate()
 
     def key_fields(self) -> dict:
         """What a finished output must have been made with for --resume to skip it. The device is
