@@ -40,8 +40,12 @@ TABLE_METHODS = ["encoder", "paper", "ours", "ours-free", "forward", "km", "ande
                  "grad-lr0.03-const", "grad-lr0.01-const"]
 
 
+# every bench.memory_live row: the plain ones and those with the decoder's blocks recomputed (checkpoint "on")
+MEMORY_ROWS = ["encoder", "ours", "ours-free", "gradient", "ours-ckpt", "gradient-ckpt"]
+
+
 def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int]]:
-    """(name, module argv, seconds allowed). The full shares add up to 460 s of the 480 s."""
+    """(name, module argv, seconds allowed). The full shares add up to 470 s of the 480 s."""
     accel = ["--accelerator"] if cuda else []
     found = hybrid_methods()
     if quick:
@@ -49,7 +53,7 @@ def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int
         dtypes = ["fp32", "fp16", "bf16"] if cuda else ["fp32", "bf16"]
         rows = ["--quick", "--models", "taef2", "--dtypes", *dtypes, "--steps", "3",
                 "--methods", "encoder", "ours", "grad-lr0.1-cos", "--lp-methods", "ours", "--repeats", "1"]
-        memory = ["--model", "kl_f8_small", "--sizes", "32", "--steps", "2"]
+        memory = ["--model", "kl_f8_small", "--sizes", "32", "--steps", "2", "--methods", *MEMORY_ROWS]
         table = ["--quick", "--dtypes", "fp32", "--steps", "3", "--repeats", "1", "--images", "astronaut", "stars",
                  "--methods", "encoder", "ours", *found, "diis", "grad-lr0.1-cos"]
         table_models = ["taef2"]
@@ -61,14 +65,15 @@ def stages(quick: bool, cuda: bool, out: Path) -> list[tuple[str, list[str], int
                 "--dtypes", "fp32", "fp16", "bf16", "--steps", "100",
                 "--methods", "encoder", "paper", "ours", "forward", "km", "grad-lr0.1-cos", "grad-lr0.1-const",
                 "--lp-methods", "encoder", "paper", "ours", "--repeats", "3"]
-        memory = ["--sizes", "256", "512", "--steps", "20"]
+        memory = ["--sizes", "256", "512", "--steps", "20", "--methods", *MEMORY_ROWS]
         table = ["--sizes", "128", "--images", *TABLE_IMAGES, "--dtypes", "fp32", "--steps", "100", "--repeats", "1",
                  "--methods", *TABLE_METHODS[:6], *found, *TABLE_METHODS[6:]]
         table_models = ["taef2", "kl_f8_small"]
         node = ["--size", "64", "--steps", "20"]
-        # measured on an H200 (bench/results/2026-12-04-cuda-*): precision 52 s, memory 27 s, node check ~45 s,
-        # a 99-row table ~175 s; the tables' images are ordered so that a cut loses the least telling cells
-        shares = (80, 50, 60, 135)
+        # measured on an H200 (bench/results/2026-12-04-cuda-*): precision 52 s, memory 27 s (four rows; six now,
+        # not measured there), node check ~45 s, a 99-row table ~175 s; the tables' images are ordered so that a cut
+        # loses the least telling cells
+        shares = (80, 60, 60, 135)
     plan = [("precision rows", ["bench.run", *rows, *accel, "--out", str(out), "--tag", "gpu-precision"], shares[0]),
             ("memory rows", ["bench.memory_live", *memory, "--out", str(out), "--tag", "gpu"], shares[1]),
             ("node check", ["bench.gpu_node_check", *node, "--out", str(out)], shares[2])]

@@ -9,7 +9,9 @@ torch.cuda.max_memory_allocated over the allocation before the row.
 
 Rows: `encoder` (one bare decode + encode: the floor any method needs), `ours` (core's default
 method), `ours-free` (the default without its gradient rival: gradient-free throughout, the paper's
-regime), `gradient` (the bench's reference baseline, grad-lr0.1-cos). Each row runs in a forked
+regime), `gradient` (the bench's reference baseline, grad-lr0.1-cos: plain autograd, as the paper's); with
+--methods also `ours-ckpt` / `gradient-ckpt`: the same with checkpoint="on" (core.checkpointing: the
+decoder's blocks recomputed in the backward). Each row runs in a forked
 process of its own on the CPU (in-process on CUDA, peaks reset per row); the decoder copy of the
 gradient row is built and every row warmed up before measuring. RSS and live tensors are taken
 in the same run (the profiler's own event buffer is in the RSS figure, a few MiB).
@@ -34,7 +36,10 @@ from .measure import DTYPES, GRAD_CONFIGS, GRAD_REF, load_vae, paper_pair, photo
 from .memory import LiveTensorPeak, PeakMemory
 
 ROWS = ("encoder", "ours", "ours-free", "gradient")
-OPTIONS = {"ours": {}, "ours-free": dict(rival=""), "gradient": GRAD_CONFIGS[GRAD_REF]}
+OPTIONS = {"ours": {}, "ours-free": dict(rival=""), "gradient": GRAD_CONFIGS[GRAD_REF],
+           "ours-ckpt": dict(checkpoint="on"), "gradient-ckpt": dict(GRAD_CONFIGS[GRAD_REF], checkpoint="on")}
+METHODS = ("encoder", *OPTIONS)
+BASELINES = ("gradient", "gradient-ckpt")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Settings:
     dtype: str = "fp32"
     threads: int = 2
     out: Path = REPO / "bench" / "results"
+    methods: tuple[str, ...] = ROWS
 
 
 def measure_row(ctx, method: str, size: int, s: Settings) -> dict:
@@ -54,12 +60,13 @@ def measure_row(ctx, method: str, size: int, s: Settings) -> dict:
     codec = ctx.adapter.vae_codec(vae, s.dtype, (1, 3, size, size))
     x, z = paper_pair(codec, photo_bchw(s.image, size))
     options = dict(OPTIONS.get(method, {}))
-    if method == "gradient":  # built before measuring: the baseline is not charged for the copy
+    baseline = method in BASELINES
+    if baseline:  # built before measuring: the baseline is not charged for the copy
         decode_grad = codec.differentiable_decode()
         codec = replace(codec, grad_decode=lambda: decode_grad)
     with torch.inference_mode():  # warm-up at this shape, outside the measurement
         codec.encode(codec.decode(z.to(codec.dtype)))
-    if method == "gradient":
+    if baseline:
         zg = z.clone().requires_grad_(True)
         torch.autograd.grad(decode_grad(zg).sum(), zg)
         del zg
@@ -77,15 +84,14 @@ def measure_row(ctx, method: str, size: int, s: Settings) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """ours / gradient (and the encoder floor / gradient) per size, by each measure."""
+    """Each row's peak over each baseline's (gradient, gradient-ckpt) per size, by each measure: {size: {"ours /
+    gradient": {"live": .., "rss": ..}}}."""
     out = {}
     for size in sorted({r["size"] for r in rows}):
         by = {r["method"]: r for r in rows if r["size"] == size and "error" not in r}
-        if "ours" in by and "gradient" in by:
-            out[size] = {f"{m}_over_gradient_{key}":
-                         round(by[m][f"{key}_peak_mb"] / by["gradient"][f"{key}_peak_mb"], 4)
-                         for m in ("ours", "ours-free", "encoder") if m in by for key in ("live", "rss")
-                         if by["gradient"][f"{key}_peak_mb"] > 0}
+        out[size] = {f"{m} / {b}": {key: round(by[m][f"{key}_peak_mb"] / by[b][f"{key}_peak_mb"], 4)
+                                    for key in ("live", "rss") if by[b][f"{key}_peak_mb"] > 0}
+                     for b in BASELINES if b in by for m in by if m != b}
     return out
 
 
@@ -95,7 +101,8 @@ def markdown(result: dict) -> str:
              f"{m['threads']} threads", "",
              f"`{m['command']}`: photo `{m['image']}` in the paper's protocol, {m['dtype']}, {m['steps']} steps; "
              f"`ours` = core's default (`{m['default_method']}`, with its auto-stop and gradient rival), `ours-free` = "
-             f"the default without the rival (gradient-free), `gradient` = {GRAD_REF}. "
+             f"the default without the rival (gradient-free), `gradient` = {GRAD_REF}; `-ckpt`: checkpoint='on' (the "
+             "decoder's blocks recomputed in the backward). "
              "Live = peak bytes of live tensors over the row's start (profiler allocator events); "
              "RSS = VmHWM over VmRSS before (CPU)."
              + (" Random weights: cost only." if m["model"] == "random_sd" else ""), "",
@@ -106,12 +113,9 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"| {r['size']} | {r['method']} | {r['iterations']} | {r['live_peak_mb']:.1f} | "
                          f"{r['rss_peak_mb']:.1f} | {r['seconds']} |")
-    lines += ["", "| size | ours / gradient (live) | ours / gradient (RSS) | ours-free / gradient (live) | "
-              "ours-free / gradient (RSS) | floor / gradient (live) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| size | ratio | live | RSS |", "|---|---|---|---|"]
     for size, q in result["ratios"].items():
-        lines.append(f"| {size} | {q.get('ours_over_gradient_live')} | {q.get('ours_over_gradient_rss')} | "
-                     f"{q.get('ours-free_over_gradient_live')} | {q.get('ours-free_over_gradient_rss')} | "
-                     f"{q.get('encoder_over_gradient_live')} |")
+        lines += [f"| {size} | {name} | {r.get('live')} | {r.get('rss')} |" for name, r in q.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +124,7 @@ def run(s: Settings, command: str) -> dict:
     device, slug, name = device_info()
     rows = []
     for size in s.sizes:
-        for method in ROWS:
+        for method in s.methods:
             if device.type == "cuda":
                 row = measure_row(ctx, method, size, s)
             else:
@@ -145,8 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS, help="the rows, in this order")
     a = p.parse_args(argv)
-    s = Settings(a.model, tuple(a.sizes), a.steps, a.image, a.dtype, a.threads, a.out)
+    s = Settings(a.model, tuple(a.sizes), a.steps, a.image, a.dtype, a.threads, a.out, tuple(a.methods))
     command = " ".join(shlex.quote(v)
                        for v in ["python", "-m", "bench.memory_live", *(sys.argv[1:] if argv is None else argv)])
     result = run(s, command)

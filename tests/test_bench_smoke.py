@@ -163,10 +163,12 @@ def test_gpu_script_quick_mode_passes_here(tmp_path):
     assert {r["dtype"] for r in precision["rows"] if r["method"] == "ours"} >= {"fp32", "bf16"}
     assert precision["meta"]["errors"] == 0
     memory = json.loads(next(tmp_path.glob("*-memory-live-gpu.json")).read_text())
-    assert {r["method"] for r in memory["rows"]} == {"encoder", "ours", "ours-free", "gradient"}
-    ratio = memory["ratios"]["32"]["ours-free_over_gradient_live"]
+    assert {r["method"] for r in memory["rows"]} == {"encoder", "ours", "ours-free", "gradient", "ours-ckpt",
+                                                     "gradient-ckpt"}
+    ratio = memory["ratios"]["32"]["ours-free / gradient"]["live"]
     assert finite(ratio) and 0 < ratio < 1, memory["ratios"]  # gradient-free: no backprop activations kept
-    assert finite(memory["ratios"]["32"]["ours_over_gradient_live"])  # the default's rival keeps them
+    assert finite(memory["ratios"]["32"]["ours / gradient"]["live"])  # the default's rival keeps them
+    assert finite(memory["ratios"]["32"]["ours-ckpt / gradient-ckpt"]["live"])
 
 
 def test_watermark_quick_measures_every_cell(tmp_path):
