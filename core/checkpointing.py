@@ -87,7 +87,7 @@ def recomputing(on: bool = True):
 def _recomputable_forward(block: torch.nn.Module, *args, **kwargs):
     """The block's class forward; inside `recomputing()` checkpointed (or, estimating, tallied)."""
     forward = type(block).forward.__get__(block)
-    if not _RECOMPUTE.get():
+    if not _RECOMPUTE.get() or _carries_state(args, kwargs):
         return forward(*args, **kwargs)
     tally = _TALLY.get()
     if tally is not None:
@@ -95,6 +95,13 @@ def _recomputable_forward(block: torch.nn.Module, *args, **kwargs):
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)
+
+
+def _carries_state(args, kwargs) -> bool:
+    """Whether a block call is handed a mutable container (a video VAE's causal cache: ComfyUI's Wan blocks take
+    `feat_cache`, a list they update): recomputed in the backward it would read that state as the backward finds it,
+    not as the forward did, and give a wrong gradient silently; such calls keep their activations."""
+    return any(isinstance(a, (list, dict, set)) for a in (*args, *kwargs.values()))
 
 
 class SavedTally:

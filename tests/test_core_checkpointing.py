@@ -181,3 +181,24 @@ def test_tiled_and_time_chunked_codecs_keep_their_decoders_recomputable_blocks()
                                                              codec.differentiable_decode()))
     chunk = chunk_codec(video, torch.zeros(1, 4, 1, 8, 8), torch.zeros(1, 3, 1, 32, 32))
     assert recomputed_blocks(chunk.differentiable_decode()) == 3
+
+
+class CachedBlock(Block):
+    """A block that reads and updates a cache it is handed, as a causal video VAE's blocks do."""
+
+    def forward(self, h, cache):
+        out = super().forward(h + cache[0])
+        cache[0] = out.detach()
+        return out
+
+
+def test_a_block_handed_mutable_state_keeps_its_activations_for_a_true_gradient():
+    """Recomputing a block after its cache moved on would give a wrong gradient with no error; such calls run plainly,
+    so the gradient is the one without recomputation."""
+    block = CachedBlock(4)
+    decode = recomputable(lambda z: block(block(z, cache := [torch.zeros(())]), cache), block)
+    assert recomputed_blocks(decode) == 1
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kept = _grad(decode, z)
+    with recomputing():
+        assert torch.allclose(_grad(decode, z), kept, atol=1e-6)
