@@ -288,7 +288,9 @@ def test_without_a_cap_the_rival_keeps_to_the_devices_free_memory(taef2, pack, m
     monkeypatch.setattr(rival, "free_memory_mb", lambda device: 0.01)
     codec, x, _, _ = _protocol(adapter, taef2, "flat_noise")
     short = core.invert(codec, x, steps=STEPS)
-    assert short.extra["rival"]["skipped"] == "memory (free 0 MiB)" and "rival not run: memory" in short.summary()
+    # checkpoint auto: not even with the decoder's blocks recomputed
+    assert short.extra["rival"]["skipped"] == "memory (free 0 MiB, its decoder's blocks recomputed)"
+    assert short.extra["rival"]["recomputed_blocks"] is True and "rival not run: memory" in short.summary()
     assert torch.equal(short.latent, core.invert(codec, x, steps=STEPS, rival="").latent)
 
 
@@ -348,9 +350,11 @@ def test_the_default_never_returns_an_iterate_past_the_pixel_best(kl_small, pack
     pixel = core.invert(codec, x, select="pixel")
     assert pixel.samples[0].best_iteration < twin.samples[0].best_iteration, "the case must have the pick after"
     assert default.extra["twin"][0]["why"] == "pixel best first" and default.extra["rival"]["chosen"] == []
-    # the same iterate; the pixel run has no twin rows, and a batch of two convolves with other rounding
+    # the same iterate; the pixel run has no twin rows, and a batch of two convolves with other rounding, which 22
+    # iterations amplify: run alone (2 threads) the two latents are 1.9e-4 apart relative to their norm, 0.003 at most
+    # on a scale of 6 (an absolute 1e-3 held only in some test orders, on the old code as on the new)
     assert default.samples[0].best_iteration == pixel.samples[0].best_iteration
-    assert torch.allclose(default.latent, pixel.latent, atol=1e-3)
+    assert (default.latent - pixel.latent).norm() < 1e-3 * pixel.latent.norm()
     assert _nmse_db(default.latent, z_gt) < _nmse_db(twin.latent, z_gt) - 1.0 < _nmse_db(z_enc, z_gt)
 
 
