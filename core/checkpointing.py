@@ -6,7 +6,7 @@ each block (SD: its 15 ResnetBlocks / AttnBlocks) in a non-reentrant torch.utils
 inputs and recomputes one block at a time in the backward: 2.6 GiB (0.43x) for the same gradient, +15-25 % backward
 time (`python -m bench.checkpoint_probe 256 512`, docs/convergence.md "The rival's memory").
 
-Adapters wrap the blocks of their private fp32 decoder copy once (`recomputable`); the wrapped blocks recompute only
+Adapters wrap the decoder's blocks of their private fp32 VAE copy once (`recomputable`); the wrapped blocks recompute only
 inside `recomputing()`, so one copy serves both ways and the solver decides per run (InversionOptions.checkpoint).
 
 Example:
@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
 LEAVES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+DECODER_PARTS = ("decoder", "taesd_decoder")
 _RECOMPUTE = contextvars.ContextVar("exact_encode_recompute", default=False)
 _TALLY = contextvars.ContextVar("exact_encode_saved_tally", default=None)
 
@@ -48,24 +49,38 @@ def blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def recomputable(decode: Callable[[Tensor], Tensor], model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """`decode` (which runs `model`, a private copy) marked as able to recompute `model`'s blocks: each block's
-    forward is wrapped once; it recomputes only inside `recomputing()` and is the block's own forward otherwise."""
-    wrapped = blocks(model)
+    """`decode` (which runs `model`, a private copy) marked as able to recompute the blocks of `model`'s decoder: each
+    block's forward is wrapped once; it recomputes only inside `recomputing()` and is the block's own forward
+    otherwise. Only the decoder's blocks: the encoder's never run in a decode, and counting them would overstate
+    what a backward recomputes."""
+    wrapped = blocks(_decoder_part(model))
     for block in wrapped:  # a bound method: a deepcopy of the model rebinds it to the copy's block
         block.forward = types.MethodType(_recomputable_forward, block)
-
-    def run(z: Tensor) -> Tensor:
-        return decode(z)
-
-    run.recomputed_blocks = len(wrapped)
-    return run
+    return _marked(decode, len(wrapped))
 
 
 def wrapping(outer: Callable[[Tensor], Tensor], inner) -> Callable[[Tensor], Tensor]:
     """`outer`, a decode that runs the decode `inner` (e.g. with frozen context frames), marked as recomputing as many
     blocks as `inner` does."""
-    outer.recomputed_blocks = recomputed_blocks(inner)
-    return outer
+    return _marked(outer, recomputed_blocks(inner))
+
+
+def _marked(decode: Callable[[Tensor], Tensor], count: int) -> Callable[[Tensor], Tensor]:
+    def run(z: Tensor) -> Tensor:
+        return decode(z)
+
+    run.recomputed_blocks = count
+    return run
+
+
+def _decoder_part(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder inside a whole VAE (ComfyUI's and diffusers' `decoder`, ComfyUI's TAESD `taesd_decoder`), else
+    the model itself."""
+    for name in DECODER_PARTS:
+        part = getattr(model, name, None)
+        if isinstance(part, torch.nn.Module):
+            return part
+    return model
 
 
 def recomputed_blocks(decode) -> int:

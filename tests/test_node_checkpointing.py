@@ -9,9 +9,14 @@ import torch
 @pytest.mark.parametrize("which", ["taef2", "kl_small"])
 def test_the_adapters_decode_recomputes_its_blocks_for_the_same_gradient(which, request, pack):
     checkpointing, hybrid = pack("core.checkpointing"), pack("core.hybrid")
-    codec = pack("nodes.adapter").vae_codec(request.getfixturevalue(which), "fp32")
+    vae = request.getfixturevalue(which)
+    codec = pack("nodes.adapter").vae_codec(vae, "fp32")
     decode = codec.differentiable_decode()
-    assert checkpointing.recomputed_blocks(decode) >= 4
+    model = vae.first_stage_model
+    decoder = getattr(model, "decoder", None) or model.taesd_decoder
+    # the decoder's blocks only: the encoder's never run in a decode
+    assert checkpointing.recomputed_blocks(decode) == len(checkpointing.blocks(decoder)) >= 4
+    assert len(checkpointing.blocks(model)) > len(checkpointing.blocks(decoder))
     with torch.inference_mode():
         channels = codec.encode(torch.rand(1, 3, 64, 64)).shape[1]
     z = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(0))
