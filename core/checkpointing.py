@@ -6,8 +6,8 @@ each block (SD: its 15 ResnetBlocks / AttnBlocks) in a non-reentrant torch.utils
 inputs and recomputes one block at a time in the backward: 2.6 GiB (0.43x) for the same gradient, +15-25 % backward
 time (`python -m bench.checkpoint_probe 256 512`, docs/convergence.md "The rival's memory").
 
-Adapters wrap the decoder's blocks of their private fp32 VAE copy once (`recomputable`); the wrapped blocks recompute only
-inside `recomputing()`, so one copy serves both ways and the solver decides per run (InversionOptions.checkpoint).
+Adapters wrap the decoder's blocks of their private fp32 VAE copy once (`recomputable`); the wrapped blocks recompute
+only inside `recomputing()`, so one copy serves both ways and the solver decides per run (InversionOptions.checkpoint).
 
 Example:
     >>> import torch

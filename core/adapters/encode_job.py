@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from ..solver import CHECKPOINTS, REPORTED_RESIDUAL_EVERY, RIVAL_NAMES, InversionOptions, invert
+from ..solver import REPORTED_RESIDUAL_EVERY, RIVAL_NAMES, InversionOptions, invert
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _UMASK = os.umask(0o022)
@@ -53,16 +53,15 @@ class Settings:
             raise ValueError(f"--rival must be one of {', '.join(RIVAL_NAMES)}; got {self.rival!r}")
         if not self.memory_limit_mb >= 0:
             raise ValueError(f"--memory-limit-mb must be >= 0 (0: the default cap); got {self.memory_limit_mb}")
-        if self.checkpoint not in CHECKPOINTS:
-            raise ValueError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}; got {self.checkpoint!r}")
-        if not (isinstance(self.backward_rows, int) and self.backward_rows >= 0):
-            raise ValueError(f"--backward-rows must be an integer >= 0 (0: the whole batch); "
-                             f"got {self.backward_rows!r}")
         # the report has the returned latent's residual only: gradient methods need not encode every iterate
-        return InversionOptions(method=self.method, steps=self.steps, tolerance=self.tolerance,
-                                residual_every=REPORTED_RESIDUAL_EVERY, rival=RIVAL_NAMES[self.rival],
-                                memory_limit_mb=self.memory_limit_mb, checkpoint=self.checkpoint,
-                                backward_rows=self.backward_rows, **extra).validate()
+        options = InversionOptions(method=self.method, steps=self.steps, tolerance=self.tolerance,
+                                   residual_every=REPORTED_RESIDUAL_EVERY, rival=RIVAL_NAMES[self.rival],
+                                   memory_limit_mb=self.memory_limit_mb, checkpoint=self.checkpoint,
+                                   backward_rows=self.backward_rows, **extra)
+        try:
+            return options.validate()
+        except ValueError as error:
+            raise ValueError(_named_as_flag(str(error))) from None
 
     def key_fields(self) -> dict:
         """What a finished output must have been made with for --resume to skip it. The device is
@@ -71,6 +70,12 @@ class Settings:
         for k in ("vae", "device"):
             d.pop(k)
         return dict(d, tool_version=__version__)
+
+
+def _named_as_flag(message: str) -> str:
+    """InversionOptions' error, which starts with the field's name, with the command line's flag instead."""
+    name, _, rest = message.partition(" ")
+    return f"--{name.replace('_', '-')} {rest}" if name in {f.name for f in fields(InversionOptions)} else message
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
