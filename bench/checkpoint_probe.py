@@ -4,18 +4,19 @@ activations kept and recomputed (core.checkpointing, InversionOptions.checkpoint
 before running (core.hybrid.backward_activation_mb: what the rival's and the hybrid's memory check compares with).
 
     .venv/bin/python -m bench.checkpoint_probe 256 512
+    .venv/bin/python -m bench.checkpoint_probe 64 128 --models taef2 kl_f8_small   # the shared pretrained VAEs
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
-import sys
 import time
 
 import torch
 
 from .environment import boot
-from .measure import load_vae
+from .measure import MODELS, load_vae
 from .memory import LiveTensorPeak
 
 
@@ -32,15 +33,18 @@ def backward_peak(decode, z: torch.Tensor) -> tuple[float, float, torch.Tensor]:
     return live.peak_mb, time.perf_counter() - t, grad
 
 
-def probe(ctx, size: int) -> dict:
+def probe(ctx, vae, model: str, size: int) -> dict:
     checkpointing = importlib.import_module(ctx.core.__name__ + ".checkpointing")
     hybrid = importlib.import_module(ctx.core.__name__ + ".hybrid")
-    decode = ctx.adapter.vae_codec(load_vae("random_sd"), "fp32").differentiable_decode()
-    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    codec = ctx.adapter.vae_codec(vae, "fp32")
+    decode = codec.differentiable_decode()
+    with torch.inference_mode():
+        z = codec.encode(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
     plain_mb, plain_s, plain_grad = backward_peak(decode, z)
     with checkpointing.recomputing():
         ckpt_mb, ckpt_s, ckpt_grad = backward_peak(decode, z)
-    return dict(size=size, blocks=checkpointing.recomputed_blocks(decode), plain_live_mb=round(plain_mb, 1),
+    return dict(model=model, size=size, blocks=checkpointing.recomputed_blocks(decode),
+                plain_live_mb=round(plain_mb, 1),
                 checkpointed_live_mb=round(ckpt_mb, 1), ratio=round(ckpt_mb / plain_mb, 3),
                 plain_estimate_mb=round(hybrid.backward_activation_mb(decode, z), 1),
                 checkpointed_estimate_mb=round(hybrid.backward_activation_mb(decode, z, recompute=True), 1),
@@ -49,10 +53,15 @@ def probe(ctx, size: int) -> dict:
 
 
 def main(argv=None) -> int:
-    sizes = [int(s) for s in (argv if argv is not None else sys.argv[1:])] or [256]
+    parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sizes", nargs="*", type=int, default=[256], help="image sizes (px)")
+    parser.add_argument("--models", nargs="+", default=["random_sd"], choices=MODELS)
+    args = parser.parse_args(argv)
     ctx = boot(2)
-    for size in sizes:
-        print(json.dumps(probe(ctx, size)))
+    for model in args.models:
+        vae = load_vae(model)
+        for size in args.sizes:
+            print(json.dumps(probe(ctx, vae, model, size)))
     return 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import types
+import weakref
 from typing import Callable
 
 import torch
@@ -37,6 +38,8 @@ LEAVES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 DECODER_PARTS = ("decoder", "taesd_decoder")
 _RECOMPUTE = contextvars.ContextVar("exact_encode_recompute", default=False)
 _TALLY = contextvars.ContextVar("exact_encode_saved_tally", default=None)
+GRADIENTS = 2  # gradients the backward holds where it passes an op: at its output and its input, each about the size
+# of what it saved (a block: of its input)
 
 
 def blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -120,33 +123,65 @@ def _carries_state(args, kwargs) -> bool:
 
 
 class SavedTally:
-    """Bytes a backward would keep, counted by autograd's saved-tensor hooks during a forward (nothing is kept).
-    Inside `recomputing()` a recomputable block counts its tensor inputs (kept for the recompute) and, apart, its own
-    saved tensors, of which only the largest block's are alive at once (its recompute in the backward)."""
+    """Bytes a backward would hold at its peak, counted by autograd's saved-tensor hooks during a forward (nothing is
+    kept), in the forward's order. Inside `recomputing()` a recomputable block keeps only its tensor inputs; its own
+    saved tensors are alive only while the backward recomputes it. The backward starts with everything kept and frees
+    each op's saved tensors as it passes them (the reverse order), holding besides the gradients there (GRADIENTS).
+    Summing everything outside the blocks, every block's inputs and the largest block's own overstated the SD
+    decoder's recomputed peak by 20 % (its full-size output layers are freed before its last block runs)."""
 
     def __init__(self):
-        self.outside = self.inputs = self.largest_block = 0
+        self.events: list[tuple[int, int, bool]] = []  # forward order: (bytes kept, bytes alive while passed, block?)
+        self._seen: dict[int, weakref.ref] = {}
+
+    @staticmethod
+    def _new_bytes(t: Tensor, seen: dict) -> int:
+        """`t`'s bytes, or 0 where the same live tensor was counted already: an activation's output that the next
+        convolution saves again as its input (ReLU, Tanh; TAESD's blocks) is kept once. A storage freed and reused
+        by a later tensor is counted again: its first owner's weak reference is dead by then."""
+        key = t.untyped_storage().data_ptr()
+        first = seen.get(key)
+        if first is not None and first() is not None:
+            return 0
+        seen[key] = weakref.ref(t)
+        return t.numel() * t.element_size()
+
+    @property
+    def inputs(self) -> int:
+        return sum(kept for kept, _, block in self.events if block)
+
+    @property
+    def largest_block(self) -> int:
+        return max((passing - kept for kept, passing, block in self.events if block), default=0)
 
     @property
     def total(self) -> int:
-        return self.outside + self.inputs + self.largest_block
+        """The backward's peak: what is still kept when it passes an op or recomputes a block, plus what that takes."""
+        live = sum(kept for kept, _, _ in self.events)
+        peak = 0
+        for kept, passing, _ in reversed(self.events):
+            peak = max(peak, live + passing)
+            live -= kept
+        return peak
 
     def block(self, forward, args, kwargs):
-        self.inputs += sum(a.numel() * a.element_size() for a in args if isinstance(a, Tensor))
-        own = 0
+        inputs = sum(self._new_bytes(a, self._seen) for a in args if isinstance(a, Tensor))
+        own, seen = 0, {}
 
         def pack(t):
             nonlocal own
-            own += t.numel() * t.element_size()
+            own += self._new_bytes(t, seen)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             out = forward(*args, **kwargs)
-        self.largest_block = max(self.largest_block, own)
+        self.events.append((inputs, own + GRADIENTS * inputs, True))
         return out
 
     def count(self, decode, z: Tensor) -> int:
         def pack(t):
-            self.outside += t.numel() * t.element_size()
+            size = self._new_bytes(t, self._seen)
+            if size:
+                self.events.append((size, GRADIENTS * size, False))
 
         token = _TALLY.set(self)
         try:
