@@ -68,7 +68,7 @@ def _saved_bytes(decode, z: Tensor, recompute: bool = False) -> int:
 
 def backward_activation_mb(decode, z: Tensor, recompute: bool = False) -> float:
     """Estimated activation memory (MiB) of one backward of `decode` at the latent `z` (B, C, h, w), `recompute`: with
-    the decoder's blocks recomputed (core.checkpointing; their inputs and the largest block's own activations):
+    the decoder's blocks recomputed (core.checkpointing.SavedTally: the backward's peak, simulated):
     saved tensors at crops of c and 2c cells per side, S(a) = weights + alpha * a, extrapolated to
     the full area. Latents too small to crop are measured whole (an over-estimate: weights count too). A tiled
     decode (core.tiling) only takes its grid's latent, and its backward keeps every tile's activations:
