@@ -184,7 +184,8 @@ class InversionResult:
         if self.extra.get("gradient_allowed") is False:  # the hybrid kept to its memory cap
             lines.append(f"gradient steps skipped: their activations (about {self.extra['activation_estimate_mb']:.0f} "
                          f"MiB) exceed memory_limit_mb {self.extra['memory_limit_mb']:.0f}")
-        elif self.extra.get("recomputed_blocks") and any(k is not None for k in self.extra["switch_iteration"]):
+        elif self.extra.get("recomputed_blocks") and any(
+                k is not None for k in self.extra.get("switch_iteration", [0])):  # a gradient method has no switch
             lines.append(_recomputed("gradient steps", self.extra["activation_estimate_mb"]))
         return lines
 

@@ -67,7 +67,7 @@ def with_rival(first: InversionResult, codec: Codec, image: Tensor, opts: Invers
     rival_opts = replace(opts, method=opts.rival, lr=None, rival="", unstable_steps=0, select="twin", record_every=0,
                          residual_every=max(opts.residual_every, REPORTED_RESIDUAL_EVERY),
                          backward_rows=RIVAL_BACKWARD_ROWS,
-                         checkpoint="on" if report["recomputed_blocks"] else opts.checkpoint)
+                         checkpoint="on" if report["recomputed_blocks"] else "off")  # decided here, by its cap
     result = first
     for i in rows:
         ran, early_start, result = _early_rival(result, codec, image, i, opts, rival_opts, callback, weight, report)

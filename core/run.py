@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpointing import recomputed_blocks
 from .codec import Codec
 from .evaluation import Backward, Target, direction, evaluator_for
+from .hybrid import backward_activation_mb, free_memory_mb
 from .methods import METHOD_REGISTRY, StepSetup
 from .metrics import psnr_from_mse
 from .pick import select_picks, twin_batch
@@ -65,6 +67,24 @@ def roundtrip(codec: Codec):
     return lambda v: codec.encode(codec.decode(v.to(codec.dtype))).float()
 
 
+def _gradient_memory(method, codec: Codec, z: Tensor, opts: InversionOptions) -> dict:
+    """For a method stepping on the pixel gradient alone: whether its backward recomputes the decoder's blocks
+    ({"recomputed_blocks", "activation_estimate_mb"}; {} where that is not decided here). "on" recomputes; "auto"
+    where keeping one backward's activations (`backward_rows` rows of z) would exceed memory_limit_mb, else the
+    device's free memory: unlike the hybrid and the rival such a method has no gradient-free way on, so it recomputes
+    rather than run out of memory (and keeps, as autograd does, where the decoder has no blocks to recompute)."""
+    if not method.pixel_only or opts.checkpoint == "off":
+        return {}
+    decode = codec.differentiable_decode()
+    if recomputed_blocks(decode) == 0:
+        return {}
+    if opts.checkpoint == "on":
+        return {"recomputed_blocks": True, "activation_estimate_mb": None}
+    limit = opts.memory_limit_mb if opts.memory_limit_mb > 0 else free_memory_mb(z.device)
+    estimate = backward_activation_mb(decode, z[:opts.backward_rows] if opts.backward_rows > 0 else z)
+    return {"recomputed_blocks": 0 < limit < estimate, "activation_estimate_mb": estimate}
+
+
 def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
     """Two (B, p, N) direction stacks as one batch, the shorter padded with zero rows."""
     p = max(a.shape[1], b.shape[1])
@@ -109,7 +129,9 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
     eps = 1e-8 if codec.dtype == torch.float32 else 1e-4
     stepper = method.build(StepSetup(z, target.scale, opts.step_size, eps, opts, codec, target.image, target.latent))
     # the hybrid decides by its memory estimate whether its backward recomputes the decoder's blocks
-    backward = Backward(opts.backward_rows, opts.checkpoint == "on" or getattr(stepper, "recompute", False))
+    memory = _gradient_memory(method, codec, z, opts)
+    backward = Backward(opts.backward_rows, opts.checkpoint == "on" or getattr(stepper, "recompute", False)
+                        or memory.get("recomputed_blocks", False))
     evaluate = evaluator_for(method, codec, target, z, stepper, opts.residual_every if opts.track_residual else 0,
                              backward)
     real_rows = batch if twin is not None else None
@@ -144,6 +166,7 @@ def run(codec: Codec, image: Tensor, opts: InversionOptions, callback, target_la
                 expanding, _ = unstable_directions(roundtrip(codec), z, target.latent, REFRESH_STEPS)
     result = _result(state, log, k, opts, codec.dtype, time.perf_counter() - started)
     result.extra.update(getattr(stepper, "summary", dict)())  # e.g. the hybrid's switch and memory path
+    result.extra.update(memory)
     if expanding is not None:  # per row (real, then twin): how many directions E(x)'s steps were projected off
         result.extra["expanding"] = initial
         result.extra["lowest_ritz"] = [round(x, 4) for x in lowest]

@@ -73,7 +73,8 @@ class InversionOptions:
     sync_every: int = 8
     # hybrid and rival: cap (MiB) on the decoder activations their gradient steps may keep; above it the run
     # stays gradient-free. 0: the hybrid has no cap, the rival (part of the default) takes the device's free
-    # memory (core.hybrid.free_memory_mb). A host can pass its own free-memory estimate.
+    # memory (core.hybrid.free_memory_mb). A host can pass its own free-memory estimate. Gradient methods recompute
+    # the decoder's blocks above it (checkpoint "auto").
     memory_limit_mb: float = 0.0
     # Gradient steps (gradient methods, the hybrid's gradient phase) backpropagate this many samples at a time
     # (0: the whole batch): autograd keeps only those rows' decoder activations, for about the same compute; each
@@ -84,7 +85,8 @@ class InversionOptions:
     # decoder's blocks are found (SD decoder at 512 px: 0.43x the live tensors, the same gradient, +15-25 % backward
     # time); "off" keeps them all (autograd's default); "auto" keeps them unless that would exceed the cap of the
     # hybrid and the rival (memory_limit_mb, the rival's default: the device's free memory) and recomputing fits,
-    # where they would otherwise skip their gradient steps. A gradient method the caller picks has no cap: "auto" keeps.
+    # where they would otherwise skip their gradient steps; a gradient method the caller picks (no gradient-free way
+    # on) recomputes where keeping would exceed memory_limit_mb, else the device's free memory.
     checkpoint: str = "auto"
     # Which iterate is returned (core.twin): "pixel" the best pixel error; "twin" the iterate where
     # a twin problem with a known answer, run in the same batch, had its lowest latent error;

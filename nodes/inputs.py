@@ -81,7 +81,8 @@ def stop_inputs() -> list:
         io.Int.Input("memory_limit_mb", default=0, min=0, max=1 << 20, optional=True,
                      tooltip="(advanced) hybrid and the rival: cap in MiB on the decoder activations their gradient "
                              "steps keep; above it, with checkpoint auto, the decoder's blocks are recomputed in the "
-                             "backward where that fits, else the run stays gradient-free. 0 = ComfyUI's free-memory "
+                             "backward where that fits, else the run stays gradient-free (gradient and diis: "
+                             "recomputed above it). 0 = ComfyUI's free-memory "
                              "estimate of the VAE's device (on the CPU the host's available memory)."),
         io.Combo.Input("select", options=list(SELECTIONS), default="auto", optional=True,
                        tooltip="(advanced) Which iterate is returned. auto: where the decode cannot reach the "

@@ -180,10 +180,31 @@ def test_checkpoint_on_recomputes_a_gradient_method_and_bad_values_are_refused()
     assert grads and all(recomputing for _, recomputing in grads)
     auto_grads = []
     auto = invert(_codec(auto_grads), x, method="gradient", steps=6)
-    assert not any(recomputing for _, recomputing in auto_grads)  # a method the caller picks has no cap: it keeps
+    assert not any(recomputing for _, recomputing in auto_grads)  # the device's free memory holds it: it keeps
     assert torch.allclose(on.latent, auto.latent, atol=1e-5)
+    assert on.extra["recomputed_blocks"] is True and auto.extra["recomputed_blocks"] is False
     with pytest.raises(ValueError, match="checkpoint must be one of auto, on, off"):
         invert(_codec(), x, checkpoint="yes")
+
+
+@pytest.mark.parametrize("method", ["gradient", "diis"])
+def test_a_gradient_method_over_its_cap_recomputes_rather_than_keep(method):
+    """A gradient method has no gradient-free way on: with checkpoint "auto", where keeping one backward's
+    activations would exceed memory_limit_mb (else the device's free memory), it recomputes the decoder's blocks --
+    the same steps -- and says so; "off" keeps them as asked."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    cap = _between(_codec(), torch.zeros(1, 4, 8, 8))
+    grads = []
+    capped = invert(_codec(grads), x, method=method, steps=6, memory_limit_mb=cap, backward_rows=1)
+    assert grads and all(recomputing for _, recomputing in grads)
+    assert capped.extra["recomputed_blocks"] is True and capped.extra["activation_estimate_mb"] > cap
+    assert "gradient steps: the decoder's blocks recomputed in the backward" in capped.summary()
+    roomy = invert(_codec(), x, method=method, steps=6, backward_rows=1)
+    assert roomy.extra["recomputed_blocks"] is False and "recomputed" not in roomy.summary()
+    assert torch.allclose(capped.latent, roomy.latent, atol=1e-5)
+    off_grads = []
+    off = invert(_codec(off_grads), x, method=method, steps=6, memory_limit_mb=cap, backward_rows=1, checkpoint="off")
+    assert off_grads and not any(recomputing for _, recomputing in off_grads) and "recomputed_blocks" not in off.extra
 
 
 def test_tiled_and_time_chunked_codecs_keep_their_decoders_recomputable_blocks():
