@@ -132,14 +132,15 @@ class SavedTally:
 
     def __init__(self):
         self.events: list[tuple[int, int, bool]] = []  # forward order: (bytes kept, bytes alive while passed, block?)
-        self._seen: dict[int, weakref.ref] = {}
+        self._seen: dict[tuple[int, int], weakref.ref] = {}
 
     @staticmethod
     def _new_bytes(t: Tensor, seen: dict) -> int:
         """`t`'s bytes, or 0 where the same live tensor was counted already: an activation's output that the next
-        convolution saves again as its input (ReLU, Tanh; TAESD's blocks) is kept once. A storage freed and reused
-        by a later tensor is counted again: its first owner's weak reference is dead by then."""
-        key = t.untyped_storage().data_ptr()
+        convolution saves again as its input (ReLU, Tanh; TAESD's blocks) is kept once. Memory freed and reused by a
+        later tensor is counted again: its first owner's weak reference is dead by then; slices of one storage (q, k,
+        v chunks) start at different addresses and count apart."""
+        key = (t.data_ptr(), t.numel())
         first = seen.get(key)
         if first is not None and first() is not None:
             return 0
