@@ -181,8 +181,8 @@ class SavedTally:
     def count(self, decode, z: Tensor) -> int:
         def pack(t):
             size = self._new_bytes(t, self._seen)
-            if size:
-                self.events.append((size, GRADIENTS * size, False))
+            if size:  # a saved weight or constant has no gradient
+                self.events.append((size, GRADIENTS * size if t.requires_grad else 0, False))
 
         token = _TALLY.set(self)
         try:
