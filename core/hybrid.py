@@ -59,11 +59,31 @@ DIIS_LR = 0.02  # the gradient phase's relative step: method diis's default
 EARLY_STEPS = 3
 
 
-def _saved_bytes(decode, z: Tensor, recompute: bool = False) -> int:
-    """Bytes autograd would keep for the backward pass of decode(z) (the forward only runs); `recompute`: with its
+def _tally(decode, z: Tensor, recompute: bool = False) -> SavedTally:
+    """What autograd would save for the backward pass of decode(z) (the forward only runs); `recompute`: with its
     blocks recomputed (core.checkpointing)."""
+    tally = SavedTally()
     with recomputing(recompute):
-        return SavedTally().count(decode, z)
+        tally.count(decode, z)
+    return tally
+
+
+def _extrapolated_peak(small: SavedTally, large: SavedTally, cells: tuple[int, int, int]) -> float:
+    """The backward's peak (bytes) at `cells` = (small crop's, large crop's, full) latent cells: each saved tensor's
+    size extrapolated in area from the two crops (a weight's, the same at both, drops out: it is not an activation),
+    then the peak simulated at full size -- extrapolating the peak itself fails where its argmax moves between the
+    crops. Where the two forwards saved different tensors, the peaks' own difference is extrapolated."""
+    small_cells, large_cells, full_cells = cells
+
+    def grown(a: int, b: int) -> float:
+        return max(b - a, 0) / (large_cells - small_cells) * full_cells
+
+    if len(small.events) != len(large.events):
+        return grown(small.total, large.total)
+    scaled = SavedTally()
+    scaled.events = [(grown(ks, kl), grown(ps, pl), block)
+                     for (ks, ps, block), (kl, pl, _) in zip(small.events, large.events)]
+    return scaled.total
 
 
 def backward_activation_mb(decode, z: Tensor, recompute: bool = False) -> float:
@@ -84,12 +104,11 @@ def backward_activation_mb(decode, z: Tensor, recompute: bool = False) -> float:
     try:
         if c < 1:
             raise ValueError("no crop")
-        small = _saved_bytes(decode, z[:1, ..., :c, :c], recompute)
-        large = _saved_bytes(decode, z[:1, ..., :2 * c, :2 * c], recompute)
+        small = _tally(decode, z[:1, ..., :c, :c], recompute)
+        large = _tally(decode, z[:1, ..., :2 * c, :2 * c], recompute)
     except (RuntimeError, ValueError):  # too small to crop, or a decoder that cannot take such a crop (LTXV: 1 x 1)
-        return _saved_bytes(decode, z, recompute) / 2**20  # the forward alone (nothing kept): weights counted too
-    per_cell = max(large - small, 0) / (3 * c * c)
-    return per_cell * h * w * z.shape[0] / 2**20
+        return _tally(decode, z, recompute).total / 2**20  # the forward alone (nothing kept): weights counted too
+    return _extrapolated_peak(small, large, (c * c, 4 * c * c, h * w * z.shape[0])) / 2**20
 
 
 def backward_plan(decode, z: Tensor, limit_mb: float, checkpoint: str) -> tuple[float, bool]:
