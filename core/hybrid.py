@@ -88,11 +88,11 @@ def _extrapolated_peak(small: SavedTally, large: SavedTally, cells: tuple[int, i
 
 def backward_activation_mb(decode, z: Tensor, recompute: bool = False) -> float:
     """Estimated activation memory (MiB) of one backward of `decode` at the latent `z` (B, C, h, w), `recompute`: with
-    the decoder's blocks recomputed (core.checkpointing.SavedTally: the backward's peak, simulated):
-    saved tensors at crops of c and 2c cells per side, S(a) = weights + alpha * a, extrapolated to
-    the full area. Latents too small to crop are measured whole (an over-estimate: weights count too). A tiled
-    decode (core.tiling) only takes its grid's latent, and its backward keeps every tile's activations:
-    its base decode's estimate for one tile, times the tiles' summed area (overlaps counted twice)."""
+    the decoder's blocks recomputed (core.checkpointing.SavedTally: the backward's peak, simulated): the saved
+    tensors at crops of c and 2c cells per side, each extrapolated to the full area (_extrapolated_peak). Latents
+    too small to crop are measured whole (an over-estimate: weights count too). A tiled decode (core.tiling) only
+    takes its grid's latent, and its backward keeps every tile's activations: its base decode's estimate for one tile,
+    times the tiles' summed area (overlaps counted twice)."""
     tiled = getattr(decode, "tiles_of", None)
     if tiled is not None:
         base, grid = tiled
