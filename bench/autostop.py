@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .environment import REPO, boot, cpu_name
+from .environment import DEFAULT_THREADS, REPO, boot, cpu_name
 from .measure import load_vae, paper_pair, photo_bchw, race_off
 
 WINDOWS = (5, 10, 15, 20, 30, 40)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", nargs="+", help="photo stems (default: all shared photos)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
     ctx = boot(args.threads)

@@ -9,8 +9,11 @@ import math
 import time
 
 import torch
-torch.set_num_threads(2)
-from tests.support import host  # noqa: E402
+
+from bench.environment import DEFAULT_THREADS
+from tests.support import host
+
+torch.set_num_threads(DEFAULT_THREADS)
 H = host.boot()
 pack = H.pack.__name__
 adapter = importlib.import_module(pack + ".nodes.adapter")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+import os
 import platform
 import re
 import shlex
@@ -15,6 +16,9 @@ from types import SimpleNamespace
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Torch threads a bench uses unless told (--threads): this machine's 2 cores. EXACT_ENCODE_THREADS overrides it; the
+# test workers set it (tests/conftest.py), so that a bench the tests run takes only its worker's share of the cores.
+DEFAULT_THREADS = int(os.environ.get("EXACT_ENCODE_THREADS", "2"))
 
 
 def boot(threads: int, cpu: bool = True) -> SimpleNamespace:
@@ -108,5 +112,5 @@ def add_run_args(parser, sizes: list[int]) -> None:
     """--models, --sizes, --threads and --out, as the per-image benches (bench.rival, bench.rival_race) take them."""
     parser.add_argument("--models", nargs="+", default=["taef2", "kl_f8_small"])
     parser.add_argument("--sizes", type=int, nargs="+", default=sizes)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")

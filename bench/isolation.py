@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 
-def forked(fn: Callable[..., dict], *args, threads: int = 2) -> dict:
+def forked(fn: Callable[..., dict], *args, threads: int) -> dict:
     """fn(*args) in a fork() of this process; its dict result, or {"error": traceback} when it
     raised or died. Fork only from a parent that did no tensor work (and never after CUDA started:
     run in-process there, the caching allocator's peak can be reset per row)."""

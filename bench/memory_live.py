@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .environment import REPO, boot, device_info
+from .environment import DEFAULT_THREADS, REPO, boot, device_info
 from .isolation import forked
 from .measure import DTYPES, GRAD_CONFIGS, GRAD_REF, load_vae, paper_pair, photo_bchw
 from .memory import LiveTensorPeak, PeakMemory
@@ -49,7 +49,7 @@ class Settings:
     steps: int = 20
     image: str = "astronaut"
     dtype: str = "fp32"
-    threads: int = 2
+    threads: int = DEFAULT_THREADS
     out: Path = REPO / "bench" / "results"
     methods: tuple[str, ...] = ROWS
 

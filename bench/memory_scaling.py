@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .environment import REPO, boot, device_info
+from .environment import DEFAULT_THREADS, REPO, boot, device_info
 from .isolation import forked
 from .memory import PeakMemory
 
@@ -41,7 +41,7 @@ class Settings:
     cap_frames: int = 9  # the memory cap is the gradient baseline's peak at this many frames
     steps: int = 2  # iterations per row (memory does not grow with steps)
     wan_dim: int = 32  # width of the random Wan 2.1 VAE
-    threads: int = 2
+    threads: int = DEFAULT_THREADS
     out: Path = REPO / "bench" / "results"
 
 

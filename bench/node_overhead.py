@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .environment import REPO, cpu_name
+from .environment import DEFAULT_THREADS, REPO, cpu_name
 from .table import markdown_table
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

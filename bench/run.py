@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import measure, report
-from .environment import (REPO, boot, comfyui_version, cpu_pressure, cpu_stall_us, device_info,
+from .environment import (DEFAULT_THREADS, REPO, boot, comfyui_version, cpu_pressure, cpu_stall_us, device_info,
                           git_state)
 from .isolation import forked
 
@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--lp-sizes", type=int, nargs="+",
                    help="sizes at which dtypes other than fp32 run (default: all --sizes)")
     p.add_argument("--repeats", type=int, help="repeats of the floor and encoder timings (default 5; --quick: 2)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch CPU threads (default 2, or $EXACT_ENCODE_THREADS)")
     p.add_argument("--isolation", choices=("fork", "spawn", "inprocess"),
                    help="fork (default on a CPU): every job is forked from this process after ComfyUI is "
                         "imported (no tensor work happens before the fork); spawn: a fresh interpreter per job "

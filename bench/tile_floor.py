@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .environment import REPO
+from .environment import DEFAULT_THREADS, REPO
 from torch import nn
 
 CELLS = (4, 6, 8, 10, 12, 14, 16, 20, 24)  # tile sides in latent cells (8 px each)
@@ -67,7 +67,7 @@ def interior_error(decode, z, full, cells):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output folder")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     args = p.parse_args(argv)
     from tests.support import host, models
     from tests.support.images import load_photo

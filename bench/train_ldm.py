@@ -30,7 +30,7 @@ from PIL import Image
 
 from tests.support.diffusion import CONTEXT_DIM
 
-from .environment import REPO, boot
+from .environment import DEFAULT_THREADS, REPO, boot
 
 OUT = REPO / "tests" / "data" / "tiny_ldm"
 SCALES = (64, 96, 128, 192, 256)  # short side of the resized photos, px
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--no-samples", action="store_true", help="skip samples.png (tests)")
     args = p.parse_args(argv)

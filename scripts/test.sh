@@ -6,4 +6,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
-exec .venv/bin/pytest "$@"
+cores="$(nproc 2>/dev/null || echo 1)"
+workers="${EXACT_ENCODE_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
+exec .venv/bin/pytest -n "$workers" --dist loadgroup "$@"

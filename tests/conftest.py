@@ -8,6 +8,7 @@ Tiers, as markers set from the fixtures a test uses (so they cannot be forgotten
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,31 @@ TIERS = {"host": "needs the real ComfyUI host (in-process or as a server)",
 def pytest_configure(config):
     for name, what in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # Each xdist worker gets its share of the cores, and so do the processes it starts (benches, servers, the
+        # CLI): one thread per core in every worker oversubscribes them, and a spinning OpenMP team then stalls
+        # (a bench the tests run took 4x as long), where two threads bought this suite's convolutions only 1.36x.
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ["OMP_NUM_THREADS"] = os.environ["EXACT_ENCODE_THREADS"] = str(share)
+
+
+# Module-scoped fixtures that only import the pack's modules: as cheap in every worker as in one.
+IMPORTS_ONLY = {"pack", "mods", "tiled_cls", "pack_nodes", "diag_cls", "adapter", "inversion"}
+
+
+def module_fixtures(item) -> bool:
+    """Whether the test shares a costly module-scoped fixture (a server, a browser, a bench run, built models)."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(name not in IMPORTS_ONLY and defs and defs[-1].scope == "module"
+                                    for name, defs in info.name2fixturedefs.items())
+
+
+def pytest_itemcollected(item):
+    # as each test is collected, so before xdist's pytest_collection_modifyitems reads the groups off the markers
+    if module_fixtures(item):  # `--dist loadgroup` sends a module's such tests to one worker: one setup
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def pytest_collection_modifyitems(items):
