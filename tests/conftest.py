@@ -34,7 +34,8 @@ def pytest_configure(config):
     if workers > 1:
         # Each xdist worker gets its share of the cores, and so do the processes it starts (benches, servers, the
         # CLI): one thread per core in every worker oversubscribes them, and a spinning OpenMP team then stalls
-        # (a bench the tests run took 4x as long), where two threads bought this suite's convolutions only 1.36x.
+        # (the watermark bench, 151 s alone, was still running after 580 s), where two threads bought this suite's
+        # convolutions only 1.36x (a TAEF2 test: 25 s with two, 34 s with one).
         share = max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(share)
         os.environ["OMP_NUM_THREADS"] = os.environ["EXACT_ENCODE_THREADS"] = str(share)
