@@ -36,7 +36,8 @@ def pytest_configure(config):
         # CLI): one thread per core in every worker oversubscribes them, and a spinning OpenMP team then stalls
         # (the watermark bench, 151 s alone, was still running after 580 s), where two threads bought this suite's
         # convolutions only 1.36x (a TAEF2 test: 25 s with two, 34 s with one).
-        share = max(1, (os.cpu_count() or 1) // workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = max(1, cores // workers)  # the cores this process may use, as `nproc` in scripts/test.sh counts
         torch.set_num_threads(share)
         os.environ["OMP_NUM_THREADS"] = os.environ["EXACT_ENCODE_THREADS"] = str(share)
 
