@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Torch threads a bench uses unless told (--threads): this machine's 2 cores. EXACT_ENCODE_THREADS overrides it; the
-# test workers set it (tests/conftest.py), so that a bench the tests run takes only its worker's share of the cores.
-DEFAULT_THREADS = int(os.environ.get("EXACT_ENCODE_THREADS", "2"))
+# Torch threads a bench uses unless told (--threads): this machine's 2 cores, or OMP_NUM_THREADS where set (the test
+# workers set it, tests/conftest.py, so that a bench the tests run takes only its worker's share of the cores).
+DEFAULT_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
 
 
 def boot(threads: int, cpu: bool = True) -> SimpleNamespace:

@@ -61,7 +61,7 @@ def parse_args(argv=None):
                    help="sizes at which dtypes other than fp32 run (default: all --sizes)")
     p.add_argument("--repeats", type=int, help="repeats of the floor and encoder timings (default 5; --quick: 2)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help="torch CPU threads (default 2, or $EXACT_ENCODE_THREADS)")
+                   help="torch CPU threads (default 2, or $OMP_NUM_THREADS)")
     p.add_argument("--isolation", choices=("fork", "spawn", "inprocess"),
                    help="fork (default on a CPU): every job is forked from this process after ComfyUI is "
                         "imported (no tensor work happens before the fork); spawn: a fresh interpreter per job "

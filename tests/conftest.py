@@ -39,7 +39,7 @@ def pytest_configure(config):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         share = max(1, cores // workers)  # the cores this process may use, as `nproc` in scripts/test.sh counts
         torch.set_num_threads(share)
-        os.environ["OMP_NUM_THREADS"] = os.environ["EXACT_ENCODE_THREADS"] = str(share)
+        os.environ["OMP_NUM_THREADS"] = str(share)  # read by torch in a process it starts, and by bench --threads
 
 
 # Module-scoped fixtures that only import the pack's modules: as cheap in every worker as in one.
