@@ -25,11 +25,15 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 TIERS = {"host": "needs the real ComfyUI host (in-process or as a server)",
          "server": "runs a real ComfyUI server in a subprocess",
          "browser": "drives the ComfyUI frontend in headless chromium"}
+SLOW = "slow: over a minute in a test worker; under pytest-xdist such tests start first (pytest_collection_modifyitems)"
 
 
 def pytest_configure(config):
     for name, what in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
+    config.addinivalue_line("markers", SLOW)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        config.pluginmanager.register(SlowFirst(), "exact-encode-slow-first")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         # Each xdist worker gets its share of the cores, and so do the processes it starts (benches, servers, the
@@ -40,6 +44,19 @@ def pytest_configure(config):
         share = max(1, cores // workers)  # the cores this process may use, as `nproc` in scripts/test.sh counts
         torch.set_num_threads(share)
         os.environ["OMP_NUM_THREADS"] = str(share)  # read by torch in a process it starts, and by bench --threads
+
+
+class SlowFirst:
+    """In a test worker: slow tests outside a group first. xdist hands out whole groups first (the largest first),
+    then single tests in collection order as workers free up, so a slow test left to the end keeps one worker busy
+    while the other idles. Last among the hooks: after the tiers are marked, -m deselected, and pytest reordered by
+    fixture scope."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items):
+        def first(item):
+            return bool(item.get_closest_marker("slow")) and not item.get_closest_marker("xdist_group")
+        items.sort(key=lambda item: not first(item))
 
 
 # Module-scoped fixtures that only import the pack's modules: as cheap in every worker as in one.

@@ -142,6 +142,7 @@ def test_inprocess_isolation_measures_what_a_forked_row_does(tmp_path):
     assert results["inprocess"] == pytest.approx(results["fork"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_gpu_script_quick_mode_passes_here(tmp_path):
     """bench/gpu.sh --quick: the GPU run's stages, tiny, on this machine's device (CPU in CI):
     precision rows in fp32 and bf16, the memory rows with a live-tensor ratio, issue 12's table
@@ -171,6 +172,7 @@ def test_gpu_script_quick_mode_passes_here(tmp_path):
     assert finite(memory["ratios"]["32"]["ours-ckpt / gradient-ckpt"]["live"])
 
 
+@pytest.mark.slow
 def test_watermark_quick_measures_every_cell(tmp_path):
     """`python -m bench.watermark --quick` on the trained tiny model: one row per attack x encoder x
     inversion, every measure present and in range, the markdown table written."""

@@ -184,6 +184,7 @@ def test_default_is_never_worse_than_the_encoder_in_the_latent(vae_name, case, r
     assert r.samples[0].psnr_best >= r.samples[0].psnr_initial  # and never worse in pixels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("case", ["flat_objects", "flat_noise"])
 def test_in_16_bit_the_default_is_never_worse_than_the_encoder_in_the_latent(precision, case, taef2, pack):
@@ -216,6 +217,7 @@ def test_on_taef2_the_pixel_best_iterate_drifts_and_the_twin_pick_does_not(case,
     assert _nmse_db(default.latent, z_gt) < _nmse_db(pixel.latent, z_gt) - 1.0
 
 
+@pytest.mark.slow
 def test_the_rival_fixes_the_kl_f8_case_where_every_fixed_point_method_is_worse_than_the_encoder(kl_small, pack):
     """kl-f8 texture at 64 px (docs/convergence.md, "The rival"): the fixed point converges to a latent whose
     round trip matches E(x) but whose decode does not (the latent NMSE climbs to 0 dB while the residual falls);
@@ -234,6 +236,7 @@ def test_the_rival_fixes_the_kl_f8_case_where_every_fixed_point_method_is_worse_
     assert s.psnr_best > free.samples[0].psnr_best + 10 and default.trace_psnr[s.best_iteration, 0] == s.psnr_best
 
 
+@pytest.mark.slow
 def test_where_the_twin_turned_unstable_early_the_rival_from_the_pixel_best_returns_the_closer_latent(kl_small, pack):
     """kl-f8 flat_objects at 128 px (docs/convergence.md, "The rival from the pixel-best"): Anderson turns unstable on
     the twin after 4 iterations, so the twin picks iteration 4 (-13.9 dB) while the real run kept closing in on the
@@ -260,6 +263,7 @@ def test_the_rival_respects_the_memory_cap(taef2, pack):
     assert torch.equal(capped.latent, free.latent) and "rival not run: memory" in capped.summary()
 
 
+@pytest.mark.slow
 def test_under_a_cap_only_recomputing_fits_the_rival_recomputes_the_real_decoders_blocks(kl_small, pack):
     """kl-f8 texture at 64 px, where the rival's pick is returned: capped between one image's kept activations and
     those with the ComfyUI decoder's blocks recomputed (core.checkpointing, found by structure in ComfyUI's own

@@ -45,6 +45,7 @@ def test_schema_matches_the_tiled_encoder(mods):
         ("tile_size", 512), ("overlap", 64)]
 
 
+@pytest.mark.slow
 def test_tiled_exact_encode_round_trips_through_the_matching_decoder(mods, taef2, stock, host):
     """TAEF2, 256 px photo, tiles of 128 px with 32 px overlap (3 x 3 tiles), 2 anderson steps.
     The node's decode equals core.tiling.tiled_codec(...).decode bit for bit; its PSNR is at least

@@ -28,6 +28,7 @@ def test_pack_registers_through_comfyui_loader(host, node_cls):
     assert all(i.tooltip for i in info.inputs), "every input needs a tooltip"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [None, "adam"], ids=["default", "paper-adam"])
 def test_taef2_default_method_gains_1db_on_every_photo(method, taef2, photos128, run_node, stock):
     """The issue's bar: real pretrained TAEF2, 128x128, default method (and the paper's Adam),
@@ -68,6 +69,7 @@ def test_gradient_methods_encode_a_strided_residual_and_report_the_returned_ones
     assert {0, 4, 8} <= set(encoded) and (method == "hybrid" or encoded == [0, 4, 8]), plotted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precisions_run_and_stay_within_half_a_db_of_fp32(precision, taef2, photos64, run_node, stock):
     """32 px: CPUs without native fp16/bf16 convolutions emulate them (minutes at 64 px). Gradient-free (rival off):
@@ -88,6 +90,7 @@ def test_half_precisions_run_and_stay_within_half_a_db_of_fp32(precision, taef2,
     assert next(taef2.first_stage_model.parameters()).dtype == taef2.vae_dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [None, "adam"], ids=["default", "paper-adam"])
 def test_batch_of_three_matches_three_single_runs(method, taef2, photos64, run_node):
     """Per-sample state and stopping: each image's result is its own. Batched convolutions round
@@ -121,6 +124,7 @@ def test_odd_sizes_are_cropped_exactly_like_stock_vae_encode(taef2, photos128, r
         assert torch.equal(taef2.vae_encode_crop_pixels(image), image[:, 1:65, 0:88, :])
 
 
+@pytest.mark.slow
 def test_paper_regime_kl_f8_converges_far_beyond_the_encoder(kl_small, photos128, run_node, stock):
     """x = D(E(photo)) in 8 bits is exactly decodable: the setting of the paper's analysis."""
     with torch.inference_mode():

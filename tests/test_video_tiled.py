@@ -292,6 +292,7 @@ def test_out_of_memory_on_a_long_video_falls_back_without_error(name, kind, temp
 
 # ------------------------------------------------------------------ tiling quality on TAEF2
 
+@pytest.mark.slow
 def test_taef2_tiled_inversion_within_0_3_db_of_whole_on_a_512px_photo(pack, taef2, run_node, run_tiled, stock):
     """512 px photo, tiles of 256 px with 64 px overlap (3 x 3 tiles), 4 steps. The tiled result is
     exact for the tiled decoder, so it is judged by that decoder (the same grid), the whole result
