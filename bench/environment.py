@@ -18,7 +18,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # Torch threads a bench uses unless told (--threads): this machine's 2 cores, or OMP_NUM_THREADS where set (the test
 # workers set it, tests/conftest.py, so that a bench the tests run takes only its worker's share of the cores).
-DEFAULT_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def threads_from_env(value: str | None) -> int:
+    """OMP_NUM_THREADS as a thread count: unset or empty 2, else its first (outermost) level -- OpenMP also takes a
+    list, one count per nesting level ("4,2"). Anything else is an error naming the variable.
+
+    >>> threads_from_env(None), threads_from_env("3"), threads_from_env(" 4,2 ")
+    (2, 3, 4)
+    """
+    if value is None or not value.strip():
+        return 2
+    first = value.strip().split(",")[0].strip()
+    if not first.isdigit() or int(first) < 1:
+        raise ValueError(f"OMP_NUM_THREADS={value!r} is not a thread count: set it to a positive integer (or a "
+                         "comma-separated list of them, one per OpenMP nesting level), or unset it")
+    return int(first)
+
+
+DEFAULT_THREADS = threads_from_env(os.environ.get("OMP_NUM_THREADS"))
 
 
 def boot(threads: int, cpu: bool = True) -> SimpleNamespace:

@@ -381,3 +381,14 @@ def test_checkpoint_probe_keeps_fewer_live_tensors_for_the_same_gradient():
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["blocks"] > 10 and row["same_gradient"] is True
     assert row["checkpointed_live_mb"] < 0.8 * row["plain_live_mb"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", ",2"])
+def test_a_bad_omp_num_threads_fails_naming_the_variable(value):
+    import doctest
+
+    from bench import environment
+
+    assert not doctest.testmod(environment).failed  # unset, a count, a per-level list
+    with pytest.raises(ValueError, match=r"OMP_NUM_THREADS=.*positive integer"):
+        environment.threads_from_env(value)
