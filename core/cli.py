@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "images; docs/convergence.md); off: gradient-free throughout")
     enc.add_argument("--memory-limit-mb", type=float, default=0.0,
                      help="cap on the backward-pass activations of the rival / hybrid; above it the image stays "
-                          "gradient-free (0: the device's free memory for the rival, no cap for the hybrid)")
+                          "gradient-free (0: the device's free memory)")
     enc.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS,
                      help="gradient steps' decoder activations: on recomputes each decoder block's in the backward "
                           "(SD decoder at 512 px: 0.43x the memory, the same gradient, +15-25 %% backward time); "

@@ -15,8 +15,8 @@ the first few steps gain several dB before the drift sets in (session 14: fewer 
 that switch). The returned iterate is the best of both phases (the solver's selection), so the restart costs
 nothing in the result.
 
-Memory: gradient steps keep the decoder's activations for the backward pass. With
-`memory_limit_mb` > 0 the need is estimated before the first gradient step (autograd's saved
+Memory: gradient steps keep the decoder's activations for the backward pass. With a cap (`memory_limit_mb`, else
+the device's free memory: core.methods) the need is estimated before the first gradient step (autograd's saved
 tensors at two small latent crops, extrapolated linearly in area, so weights cancel); above the
 cap, with `checkpoint` "auto", the decoder's blocks are recomputed in the backward where that fits
 (core.checkpointing: block by block, found by the model's structure); else the sample stays

@@ -81,11 +81,12 @@ def _diis(s: StepSetup):
 
 
 def _hybrid(s: StepSetup):
-    from .hybrid import Hybrid
+    from .hybrid import Hybrid, free_memory_mb
     from .twin import decode_floor_psnr
 
-    # the decoder copy for the memory estimate is built only when there is a cap to check
-    cap = s.opts.memory_limit_mb
+    # 0: the device's free memory, as for the rival and gradient methods (0 there too where it cannot be told: no
+    # cap); the decoder copy for the memory estimate is built only when there is a cap to check
+    cap = s.opts.memory_limit_mb if s.opts.memory_limit_mb > 0 else free_memory_mb(s.z.device)
     decode_grad = s.codec.differentiable_decode() if cap > 0 else None
     # the noise floor it stays gradient-free at: a 16-bit codec's own where lower than the 8-bit one (core.twin)
     rows = s.opts.backward_rows

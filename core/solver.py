@@ -72,9 +72,9 @@ class InversionOptions:
     # at most sync_every - 1 extra (zero-step) iterations; results are the same for any value.
     sync_every: int = 8
     # hybrid and rival: cap (MiB) on the decoder activations their gradient steps may keep; above it the run
-    # stays gradient-free. 0: the hybrid has no cap, the rival (part of the default) takes the device's free
-    # memory (core.hybrid.free_memory_mb). A host can pass its own free-memory estimate. Gradient methods recompute
-    # the decoder's blocks above it (checkpoint "auto").
+    # stays gradient-free. 0: the device's free memory (core.hybrid.free_memory_mb; no cap where it cannot be told).
+    # A host can pass its own free-memory estimate (the nodes pass ComfyUI's). Gradient methods recompute the
+    # decoder's blocks above it (checkpoint "auto").
     memory_limit_mb: float = 0.0
     # Gradient steps (gradient methods, the hybrid's gradient phase) backpropagate this many samples at a time
     # (0: the whole batch): autograd keeps only those rows' decoder activations, for about the same compute; each
@@ -168,7 +168,8 @@ class InversionOptions:
         if not self.divergence > 1:
             raise ValueError(f"divergence must be > 1; got {self.divergence!r}")
         if not self.memory_limit_mb >= 0:
-            raise ValueError(f"memory_limit_mb must be >= 0 (0: no cap); got {self.memory_limit_mb!r}")
+            raise ValueError("memory_limit_mb must be >= 0 (0: the device's free memory); "
+                             f"got {self.memory_limit_mb!r}")
         if int(self.backward_rows) != self.backward_rows or self.backward_rows < 0:
             raise ValueError(f"backward_rows must be an integer >= 0 (0: the whole batch at once); "
                              f"got {self.backward_rows!r}")

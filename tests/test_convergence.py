@@ -57,6 +57,22 @@ def test_hybrid_within_its_cap_switches_to_gradient_steps():
     assert _differentiable_passes(calls) > ESTIMATE_PASSES + 5
 
 
+def test_the_hybrid_without_a_cap_checks_the_devices_free_memory_as_the_rival_does(monkeypatch):
+    """memory_limit_mb 0 is the device's free memory (core.hybrid.free_memory_mb) for the hybrid too, not no cap:
+    a library call on a GPU estimates its backward before the first gradient step, as the nodes' does."""
+    import core.hybrid
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    free = invert(_toy_codec([]), x, method="hybrid", steps=2)
+    assert free.extra["memory_limit_mb"] == pytest.approx(core.hybrid.free_memory_mb("cpu"), rel=0.2)
+    assert free.extra["activation_estimate_mb"] > 0 and free.extra["gradient_allowed"] is True
+    monkeypatch.setattr(core.hybrid, "free_memory_mb", lambda device: 1e-4)  # a device with no room to spare
+    calls = []
+    full = invert(_toy_codec(calls), x, method="hybrid", steps=30)
+    assert full.extra["memory_limit_mb"] == 1e-4 and full.extra["gradient_allowed"] is False
+    assert _differentiable_passes(calls) == ESTIMATE_PASSES  # the estimate's, no gradient step
+
+
 def test_backward_rows_backpropagates_that_many_samples_at_a_time_for_the_same_latents():
     """backward_rows 1 keeps one sample's decoder activations at a time; the loss is a sum over samples, so each
     sample's gradient, and so its run, is the same up to the rounding of batched convolutions."""
