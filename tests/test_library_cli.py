@@ -81,7 +81,7 @@ def test_a_gradient_method_job_reports_the_returned_latents_residual(tmp_path, c
     assert encode_job.Settings(vae="v", vae_sha256="0", method="diis").options().residual_stride == 4
 
 
-def test_resume_skips_by_content_and_settings_not_by_name(tmp_path, capsys):
+def test_resume_skips_by_content_and_settings_not_by_name(tmp_path, capsys, monkeypatch):
     make_images(tmp_path / "in", 3)
     out = tmp_path / "out"
     assert encode(capsys, [tmp_path / "in"], out)[0] == 0
@@ -101,6 +101,10 @@ def test_resume_skips_by_content_and_settings_not_by_name(tmp_path, capsys):
     # other settings are another job
     settings = encode_job.Settings(vae="v", vae_sha256="h", steps=3)
     assert encode_job.job_key("x", settings) != encode_job.job_key("x", encode_job.Settings(vae="v", vae_sha256="h"))
+    # and so are outputs made by an older image loader (one that read the same bytes into other pixels)
+    older = encode_job.job_key("x", settings)
+    monkeypatch.setattr(encode_job, "LOADER", "1: no EXIF orientation")
+    assert encode_job.job_key("x", settings) != older
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import torch
 
 from .. import __version__
 from ..solver import REPORTED_RESIDUAL_EVERY, RIVAL_NAMES, InversionOptions, invert
+from .images import LOADER
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _UMASK = os.umask(0o022)
@@ -69,7 +70,7 @@ class Settings:
         d = asdict(self)
         for k in ("vae", "device"):
             d.pop(k)
-        return dict(d, tool_version=__version__)
+        return dict(d, tool_version=__version__, loader=LOADER)
 
 
 def _named_as_flag(message: str) -> str:
