@@ -16,8 +16,6 @@ from types import SimpleNamespace
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Torch threads a bench uses unless told (--threads): this machine's 2 cores, or OMP_NUM_THREADS where set (the test
-# workers set it, tests/conftest.py, so that a bench the tests run takes only its worker's share of the cores).
 
 
 def threads_from_env(value: str | None) -> int:
@@ -36,6 +34,8 @@ def threads_from_env(value: str | None) -> int:
     return int(first)
 
 
+# Torch threads a bench uses unless told (--threads): this machine's 2 cores, or OMP_NUM_THREADS where set (the test
+# workers set it, tests/conftest.py, so that a bench the tests run takes only its worker's share of the cores).
 DEFAULT_THREADS = threads_from_env(os.environ.get("OMP_NUM_THREADS"))
 
 
