@@ -302,8 +302,8 @@ def run_row(job: dict, ctx) -> dict:
             traced = tracer.wrap(decode_grad)
             run_codec = replace(codec, grad_decode=lambda: traced)
         else:  # the hybrid's gradient steps decode through the differentiable copy: traced too
-            traced_grad = tracer.wrap(decode_grad) if hybrid else None
             side = importlib.import_module(core.__name__ + ".unstable").in_side_evaluation
+            traced_grad = tracer.wrap(decode_grad, side) if hybrid else None  # not its memory estimate's crops
             run_codec = replace(codec, decode=tracer.wrap(codec.decode, side),
                                 grad_decode=(lambda: traced_grad) if hybrid else codec.grad_decode)
         opts = core.InversionOptions(steps=job["steps"], **config)

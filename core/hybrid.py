@@ -35,6 +35,7 @@ from .diis import PixelDIIS
 from .metrics import psnr_from_mse
 from .steppers import Anderson
 from .twin import FLOOR_MARGIN_DB
+from .unstable import side_evaluations
 
 Tensor = torch.Tensor
 STALL = 3  # the fixed point has stopped paying when its best PSNR gained at most
@@ -175,8 +176,9 @@ class Hybrid:
         # read by core.run: the evaluator's backward recomputes the decoder's blocks (where it can)
         self.recompute = checkpoint == "on"
         if memory_limit_mb > 0:
-            self.estimate_mb, self.recompute = backward_plan(decode_grad, z0 if backward_z is None else backward_z,
-                                                             memory_limit_mb, checkpoint)
+            with side_evaluations():  # small crops, not iterates (a host tracing every decode skips them)
+                self.estimate_mb, self.recompute = backward_plan(decode_grad, z0 if backward_z is None else backward_z,
+                                                                 memory_limit_mb, checkpoint)
             self.gradient_allowed = self.estimate_mb <= memory_limit_mb
 
     def wants_pixel_grad(self, k: int) -> bool:
