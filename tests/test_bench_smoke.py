@@ -176,7 +176,8 @@ def test_gpu_script_quick_mode_passes_here(tmp_path):
 def test_watermark_quick_measures_every_cell(tmp_path):
     """`python -m bench.watermark --quick --n 2` on the trained tiny model: one row per attack x encoder x
     inversion, every measure present and in range, the markdown table written. Two images per set, not the quick
-    mode's four: half the time (107 s vs 203 s at 2 threads), most of it the default's rival, one image at a time."""
+    mode's four: 147 s instead of 242 s in a one-thread test worker (two clean-clone runs), most of it the default's
+    rival, which runs one image at a time."""
     proc = subprocess.run([sys.executable, "-m", "bench.watermark", "--quick", "--n", "2", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
