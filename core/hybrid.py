@@ -144,6 +144,12 @@ def free_memory_mb(device) -> float:
         return 0.0
 
 
+def memory_cap_mb(limit_mb: float, device) -> float:
+    """InversionOptions.memory_limit_mb as the cap the hybrid, the rival and the gradient methods check: the caller's,
+    else (0) the device's free memory (0, no cap, where that cannot be told)."""
+    return float(limit_mb) if limit_mb > 0 else free_memory_mb(device)
+
+
 class Hybrid:
     """Stepper of family "both" (core.methods): per sample, Anderson on the residual; once it stalls
     below the target's noise floor (and if memory allows), `diis` on the pixel gradient from the pixel-best of E(x)

@@ -81,12 +81,11 @@ def _diis(s: StepSetup):
 
 
 def _hybrid(s: StepSetup):
-    from .hybrid import Hybrid, free_memory_mb
+    from .hybrid import Hybrid, memory_cap_mb
     from .twin import decode_floor_psnr
 
-    # 0: the device's free memory, as for the rival and gradient methods (0 there too where it cannot be told: no
-    # cap); the decoder copy for the memory estimate is built only when there is a cap to check
-    cap = s.opts.memory_limit_mb if s.opts.memory_limit_mb > 0 else free_memory_mb(s.z.device)
+    # the decoder copy for the memory estimate is built only when there is a cap to check
+    cap = memory_cap_mb(s.opts.memory_limit_mb, s.z.device)
     decode_grad = s.codec.differentiable_decode() if cap > 0 else None
     # the noise floor it stays gradient-free at: a 16-bit codec's own where lower than the 8-bit one (core.twin)
     rows = s.opts.backward_rows

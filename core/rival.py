@@ -11,7 +11,7 @@ import torch
 
 from .codec import Codec
 from .evaluation import REPORTED_RESIDUAL_EVERY
-from .hybrid import backward_plan, free_memory_mb
+from .hybrid import backward_plan, memory_cap_mb
 from .metrics import nmse_db
 from .pick import twin_batch, twin_decided
 from .rerun import left_of, merged, rerun, start_of
@@ -90,7 +90,7 @@ def _check_affordable(report: dict, codec: Codec, z0: Tensor, opts: InversionOpt
         return
     # without a cap, the device's free memory: the rival is part of the default, and a backward pass of a full SD
     # decoder at 1024 px keeps ~27 GiB of activations, which a CPU host would not survive
-    limit, whose = (opts.memory_limit_mb, "limit") if opts.memory_limit_mb > 0 else (free_memory_mb(z0.device), "free")
+    limit, whose = memory_cap_mb(opts.memory_limit_mb, z0.device), "limit" if opts.memory_limit_mb > 0 else "free"
     try:  # one row at a time (RIVAL_BACKWARD_ROWS): the sample's activations, then its twin's
         report["activation_estimate_mb"], report["recomputed_blocks"] = backward_plan(
             codec.differentiable_decode(), z0, limit, opts.checkpoint)

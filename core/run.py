@@ -12,7 +12,7 @@ import torch
 from .checkpointing import recomputed_blocks
 from .codec import Codec
 from .evaluation import Backward, Target, direction, evaluator_for
-from .hybrid import backward_activation_mb, free_memory_mb
+from .hybrid import backward_activation_mb, memory_cap_mb
 from .methods import METHOD_REGISTRY, StepSetup
 from .metrics import psnr_from_mse
 from .pick import select_picks, twin_batch
@@ -80,7 +80,7 @@ def _gradient_memory(method, codec: Codec, z: Tensor, opts: InversionOptions) ->
         return {}
     if opts.checkpoint == "on":
         return {"recomputed_blocks": True, "activation_estimate_mb": None}
-    limit = opts.memory_limit_mb if opts.memory_limit_mb > 0 else free_memory_mb(z.device)
+    limit = memory_cap_mb(opts.memory_limit_mb, z.device)
     estimate = backward_activation_mb(decode, z[:opts.backward_rows] if opts.backward_rows > 0 else z)
     return {"recomputed_blocks": 0 < limit < estimate, "activation_estimate_mb": estimate}
 

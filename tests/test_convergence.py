@@ -303,9 +303,9 @@ def test_without_a_cap_the_rival_keeps_to_the_devices_free_memory(taef2, pack, m
     backward keeps ~6 GiB of activations at 512 px (bench.memory_live), ~4x that at 1024 px; above the device's free
     memory the run stays gradient-free instead of exhausting the host."""
     adapter, core = pack
-    rival = importlib.import_module(core.__name__ + ".rival")
-    assert rival.free_memory_mb("cpu") > 0  # this host's available memory is known (Linux MemAvailable / psutil)
-    monkeypatch.setattr(rival, "free_memory_mb", lambda device: 0.01)
+    hybrid = importlib.import_module(core.__name__ + ".hybrid")  # where memory_cap_mb reads the free memory
+    assert hybrid.free_memory_mb("cpu") > 0  # this host's available memory is known (Linux MemAvailable / psutil)
+    monkeypatch.setattr(hybrid, "free_memory_mb", lambda device: 0.01)
     codec, x, _, _ = _protocol(adapter, taef2, "flat_noise")
     short = core.invert(codec, x, steps=STEPS)
     # checkpoint auto: not even with the decoder's blocks recomputed
