@@ -22,7 +22,7 @@ DEPS=(numpy einops "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml 
       requests comfyui-frontend-package==1.32.9
       pytest==9.1.1  # 9.2 silently breaks pytest-xdist's --dist loadgroup (pytest-dev/pytest-xdist#1386)
       "matplotlib>=3.7" "scipy>=1.10" playwright==1.64.1
-      diffusers==0.42.1 "ray[data]==2.60.0"  # the library's diffusers adapter, CLI and Ray runner (tests)
+      diffusers==0.42.1 "ray[data]==2.60.0" pypng==0.20220715.0  # the library's diffusers adapter, CLI and Ray runner (tests)
       scikit-image==0.26.0)  # bundled CC0/public-domain photos: training data of the tiny diffusion model (bench.train_ldm)
 # Keep in step with NEWEST_FRONTEND in tests/test_browser.py.
 FRONTENDS=(1.58.1)

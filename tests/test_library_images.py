@@ -50,3 +50,61 @@ def test_an_animation_is_refused_not_cut_to_its_first_frame(tmp_path):
         load_image(tmp_path / "anim.gif")
     frames[0].save(tmp_path / "still.gif")
     assert load_image(tmp_path / "still.gif").shape == (1, 3, 16, 16)
+
+
+def _write_deep_png(path, values: np.ndarray, exif: bytes | None = None) -> None:
+    """A 16-bit-per-channel PNG written by pypng (Pillow cannot write 16-bit colour), with an eXIf chunk if given."""
+    import io
+
+    import png
+
+    height, width, planes = values.shape
+    buffer = io.BytesIO()
+    png.Writer(width, height, greyscale=planes < 3, alpha=planes in (2, 4), bitdepth=16).write(
+        buffer, values.reshape(height, width * planes))
+    chunks = list(png.Reader(bytes=buffer.getvalue()).chunks())
+    if exif is not None:
+        chunks.insert(1, (b"eXIf", exif))  # after IHDR, before the image data
+    with open(path, "wb") as out:
+        png.write_chunks(out, chunks)
+
+
+def _deep_ramp(height: int, width: int, planes: int) -> np.ndarray:
+    ramp = np.linspace(0, 65535, height * width * planes).reshape(height, width, planes)
+    return ramp.astype(np.uint16)
+
+
+@pytest.mark.parametrize("planes", [3, 4, 2], ids=["rgb48", "rgba64", "grey-alpha32"])
+def test_16_bit_colour_pngs_keep_their_depth_instead_of_eight_bits(tmp_path, planes):
+    values = _deep_ramp(24, 40, planes)
+    _write_deep_png(tmp_path / "deep.png", values)
+    eight = np.asarray(Image.open(tmp_path / "deep.png").convert("RGB"), dtype=np.float32) / 255
+    pixels = load_image(tmp_path / "deep.png")
+    colour = values[..., :3] if planes >= 3 else np.repeat(values[..., :1], 3, axis=-1)
+    want = torch.from_numpy(colour.astype(np.float32) / 65535).permute(2, 0, 1)[None]
+    assert pixels.shape == (1, 3, 24, 40) and torch.allclose(pixels, want, atol=1e-7)  # alpha dropped
+    assert len(torch.unique(pixels)) > 256  # finer than 8 bits ...
+    assert (pixels - torch.from_numpy(eight).permute(2, 0, 1)[None]).abs().max() > 1 / 512  # ... which Pillow gives
+
+
+def test_a_16_bit_colour_png_is_turned_by_its_exif_orientation(tmp_path):
+    upright = _deep_ramp(32, 48, 3)
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # ROTATE_90 (counter-clockwise), undone by orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = ROTATED
+    _write_deep_png(tmp_path / "phone.png", stored, exif.tobytes())
+    _write_deep_png(tmp_path / "upright.png", upright)
+    assert Image.open(tmp_path / "phone.png").getexif().get(0x0112) == ROTATED  # the premise: Pillow sees the tag
+    pixels = load_image(tmp_path / "phone.png")
+    assert pixels.shape == (1, 3, 32, 48) and torch.equal(pixels, load_image(tmp_path / "upright.png"))
+    assert len(torch.unique(pixels)) > 256  # read at depth, then turned
+
+
+def test_other_16_bit_colour_files_are_refused_not_read_as_8_bits(tmp_path):
+    values = _deep_ramp(16, 16, 3).astype(">u2")
+    (tmp_path / "deep.ppm").write_bytes(b"P6\n16 16\n65535\n" + values.tobytes())
+    assert Image.open(tmp_path / "deep.ppm").mode == "RGB"  # the premise: Pillow would hand over 8 bits
+    with pytest.raises(ValueError, match=r"deep.ppm: 16 bits per colour channel \(PPM\).*save it as a 16-bit PNG"):
+        load_image(tmp_path / "deep.ppm")
+    (tmp_path / "flat.ppm").write_bytes(b"P6\n16 16\n255\n" + bytes(16 * 16 * 3))
+    assert torch.equal(load_image(tmp_path / "flat.ppm"), torch.zeros(1, 3, 16, 16))
