@@ -46,12 +46,18 @@ def test_taef2_default_method_gains_1db_on_every_photo(method, taef2, photos128,
     assert summary.count("image ") == 4
 
 
-@pytest.mark.parametrize("method", ["adam", "forward", "km", "anderson", "gradient", "diis", "hybrid"])
+METHODS = ["adam", "forward", "km", "anderson", "gradient", "diis", "hybrid"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("vae_name", ["taef2", "kl_small"])
 def test_every_method_never_decodes_worse_than_the_encoder(method, vae_name, request, photos64,
                                                            run_node, stock):
+    """As a batch, through stock VAE Decode. Two of the four photos a method (in turn: each VAE meets every photo
+    with 3-4 methods), which halves the ~4.5 minutes these cells took in a CI worker: the default's rival runs per image."""
     vae = request.getfixturevalue(vae_name)
-    image = batch_of(photos64)
+    names = sorted(photos64)[METHODS.index(method) % 2::2]
+    image = torch.cat([photos64[k] for k in names])
     latent, _ = run_node(image, vae, steps=12, method=method)
     plain = psnr(stock.decode(vae, stock.encode(vae, image)), image)
     exact = psnr(stock.decode(vae, latent), image)
