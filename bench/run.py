@@ -1,7 +1,7 @@
 """Benchmark: exact encoding by gradient-free decoder inversion vs the plain encoder and the
 gradient-based baseline, on real ComfyUI VAEs, with the paper's protocol.
 
-    .venv/bin/python -m bench.run --quick                       # < 1 min smoke run, results in a temp dir
+    .venv/bin/python -m bench.run --quick                       # smoke run (~2 min on 2 cores), results in a temp dir
     .venv/bin/python -m bench.run --sizes 128 --models kl_f8_small taef2 --images astronaut
 
 Writes <out>/<YYYY-MM-DD>-<device>[-<tag>].json (summary, rows, meta) and a .md table beside it.
