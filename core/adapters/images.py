@@ -46,11 +46,10 @@ def load_image(path, cell: int = 8) -> torch.Tensor:
         if frames > 1 and img.format != "MPO":
             raise ValueError(f"{Path(path).name}: {frames} frames ({img.format}); the command line encodes still "
                              "images -- extract the frames first (e.g. ffmpeg -i in.gif frame_%04d.png)")
-        deep = _sixteen_bit_colour(img)  # read off the undecoded tiles, before load() drops them
-        img.load()  # decode now: a truncated file fails here, with its own message
-        if deep:
+        if _sixteen_bit_colour(img):  # read off the undecoded tiles: pypng decodes it, Pillow's 8 bits are not needed
             rgb = _oriented(_deep_png_rgb(Path(path), img.format), img)
         else:
+            img.load()  # decode now: a truncated file fails here, with its own message
             rgb = _unit_rgb(ImageOps.exif_transpose(img), Path(path).name)
     pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None]
     return crop_to_cell(pixels.contiguous(), cell)
