@@ -149,14 +149,16 @@ def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int], origin: T
     SETTLED_GAIN_DB over its last SETTLE_STEPS iterations) having gained less than FAITHFUL_GAIN of what its twin
     gained by the twin's pick, in dB: the twin then shows what the method does on an easier problem (kl-f8 texture
     at 64 px: 7.2 of 25.2 dB, ratio 0.28, its pick worse than E(x); 0.60-1.18 on the other 37 paper-protocol runs
-    measured, docs/convergence.md "The rival"). A run still gaining (a short one) is not judged. Gains count from
-    `origin` (2B,) PSNRs where given (a rival that goes on from the first run's pixel-best: from E(x) and E(x_t), the
-    way its start came), else from the run's first iterate.
+    measured, docs/convergence.md "The rival"). A run still gaining (a short one) is not judged, unless its pick is its
+    start and gains count from `origin` (2B,) PSNRs (a rival that goes on from the first run's pixel-best: from E(x)
+    and E(x_t), the way its start came); without `origin` they count from the run's first iterate.
 
     >>> t = torch.tensor([[30.0, 30.0], [37.0, 55.0]] + [[37.0, 56.0]] * 30)  # 31 iterations, 1 real + its twin
     >>> S = lambda last: type("S", (), {"iterations": last})()
     >>> twin_faithful(t, [S(31), None], [1]), twin_faithful(t, [S(10), None], [1])
     ([False], [True])
+    >>> twin_faithful(t[1:], [S(9), None], [0], torch.tensor([30.0, 30.0]))  # short, its pick its start: judged
+    [False]
     """
     b = len(picks)
     base = trace_psnr[0] if origin is None else origin.to(trace_psnr)
@@ -167,7 +169,12 @@ def twin_faithful(trace_psnr: Tensor, samples: list, picks: list[int], origin: T
         twin_gain = (trace_psnr[k, b + i] - base[b + i]).item()
         best = trace_psnr[:n + 1, i].nan_to_num(-math.inf).cummax(0).values
         settled = n >= SETTLE_STEPS and (best[n] - best[n - SETTLE_STEPS]).item() < SETTLED_GAIN_DB
-        out.append(not (settled and twin_gain > 0 and real_gain < FAITHFUL_GAIN * twin_gain))
+        # a pick at the start of a run that goes on from an earlier run's iterate (`origin` given) is judged settled
+        # or not: the gain to it is the earlier run's, whose path ended there (kl-f8 texture at 64 px, 30 steps: the
+        # rival from the first run's pixel-best, still gaining, picked its start, 8.1 of its twin's 25.3 dB, and
+        # replaced the early rival's pick: -10.0 dB from the truth against E(x)'s -15.6)
+        judged = settled or (origin is not None and k == 0)
+        out.append(not (judged and twin_gain > 0 and real_gain < FAITHFUL_GAIN * twin_gain))
     return out
 
 

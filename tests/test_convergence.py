@@ -253,6 +253,25 @@ def test_the_rival_fixes_the_kl_f8_case_where_every_fixed_point_method_is_worse_
     assert s.psnr_best > free.samples[0].psnr_best + 10 and default.trace_psnr[s.best_iteration, 0] == s.psnr_best
 
 
+def test_a_short_rival_from_the_pixel_best_that_picks_its_start_is_judged_along_the_first_runs_path(kl_small, pack):
+    """kl-f8 texture at 64 px, 30 steps (docs/convergence.md, session 28): the second rival starts from the first run's
+    pixel-best (worse than E(x) in the latent), its twin from the twin's own (about -41 dB: nothing left to gain), so
+    its pick is its start. Its run was still gaining, so its twin went unjudged, and on the twins' errors that start
+    replaced the early rival's pick: the first run's pixel-best, -10.0 dB against E(x)'s -15.6. A pick at the start is
+    judged along the path that led there (core.twin.twin_faithful): 8.1 of its twin's 25.3 dB, not stood for, so the
+    early rival's pick stands, no worse than E(x) in the latent and far better in pixels."""
+    adapter, core = pack
+    codec, x, z_gt, z_enc = _protocol(adapter, kl_small, "texture", size=64)
+    free = core.invert(codec, x, steps=STEPS, rival="")
+    default = core.invert(codec, x, steps=STEPS)
+    rival = default.extra["rival"]
+    assert _nmse_db(free.latent, z_gt) > _nmse_db(z_enc, z_gt) + 3  # the first run's pick (its pixel-best)
+    assert rival["from_pixel_best"]["samples"] == [0] and rival["from_pixel_best"]["chosen"] == []
+    assert rival["chosen"] == [0] and default.extra["twin"][0]["faithful"] is True  # the early rival's pick
+    assert _nmse_db(default.latent, z_gt) <= _nmse_db(z_enc, z_gt)
+    assert default.samples[0].psnr_best > free.samples[0].psnr_best + 10
+
+
 @pytest.mark.slow
 def test_where_the_twin_turned_unstable_early_the_rival_from_the_pixel_best_returns_the_closer_latent(kl_small, pack):
     """kl-f8 flat_objects at 128 px (docs/convergence.md, "The rival from the pixel-best"): Anderson turns unstable on
