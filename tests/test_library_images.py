@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.adapters.images import load_image
+from core.adapters.images import load_image, upright_size
 from tests.support.cli_data import smooth_image
 
 ROTATED = 6  # EXIF orientation "rotate 90 CW to view": the pixels are stored sideways
@@ -23,6 +23,18 @@ def test_exif_orientation_is_applied_as_comfyuis_load_image_does(tmp_path):
     pixels = load_image(tmp_path / "phone.png")
     assert pixels.shape == (1, 3, 32, 48)
     assert torch.equal(pixels, load_image(tmp_path / "upright.png"))
+
+
+def test_the_source_size_is_the_upright_one_the_crop_is_cut_from(tmp_path):
+    """The command line's `source_size` metadata: a sideways-stored 37x45 file shows as 45x37, cropped to 40x32."""
+    upright = smooth_image(0, 45, 37)
+    exif = Image.Exif()
+    exif[0x0112] = ROTATED
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    upright.save(tmp_path / "upright.png")
+    assert Image.open(tmp_path / "phone.png").size == (37, 45)
+    assert upright_size(tmp_path / "phone.png") == upright_size(tmp_path / "upright.png") == (45, 37)
+    assert load_image(tmp_path / "phone.png").shape == (1, 3, 32, 40)
 
 
 def test_16_bit_grey_keeps_its_depth_instead_of_clipping_to_white(tmp_path):

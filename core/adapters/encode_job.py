@@ -172,13 +172,10 @@ class Encoder:
         self.cell = 2 ** (len(widths) - 1)
 
     def _load(self, path: Path):
-        from PIL import Image
+        from .images import load_image, upright_size
 
-        from .images import load_image
-
-        with Image.open(path) as img:
-            size = f"{img.size[0]}x{img.size[1]}"
-        return load_image(path, self.cell), sha256_file(path), size
+        width, height = upright_size(path)  # as shown: cropped_size is the crop of this, not of the stored pixels
+        return load_image(path, self.cell), sha256_file(path), f"{width}x{height}"
 
     def _write(self, path: Path, name: str, out_dir, image_hash: str, size: str, pixels, s, latent, seconds,
                rival: str) -> dict:

@@ -55,6 +55,17 @@ def load_image(path, cell: int = 8) -> torch.Tensor:
     return crop_to_cell(pixels.contiguous(), cell)
 
 
+def upright_size(path) -> tuple[int, int]:
+    """(width, height) of the image as load_image reads it, before its crop: a sideways-stored phone photo (EXIF
+    orientations 5-8 turn it by 90 degrees) is as wide as its stored height. Reads the header only."""
+    from PIL import Image
+
+    with Image.open(Path(path)) as img:
+        width, height = img.size
+        turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
 def _unit_rgb(img, name: str):
     """(H, W, 3) float32 in [0, 1]: 8-bit modes through Pillow's RGB conversion, 16-bit and float grey by value."""
     import numpy as np
