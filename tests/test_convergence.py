@@ -272,6 +272,23 @@ def test_a_short_rival_from_the_pixel_best_that_picks_its_start_is_judged_along_
     assert default.samples[0].psnr_best > free.samples[0].psnr_best + 10
 
 
+def test_a_short_first_run_that_settled_over_its_second_half_is_judged(kl_small, pack):
+    """kl-f8 texture at 64 px, 20 steps (docs/convergence.md, session 29): Anderson's pixel error is flat after
+    iteration 10 (+0.12 dB) while its twin goes on to the noise floor; its pick gained 7.1 of its twin's 25.2 dB and is
+    -10.0 dB from the truth, worse than E(x). A run of 20 steps never had the 20 flat iterations `twin_faithful`
+    waited for, so its twin went unjudged and its pick beat the rivals on the twins' errors. A run shorter than twice
+    that settles over its second half: judged, not stood for, the early rival's pick stands, no worse than E(x)."""
+    adapter, core = pack
+    codec, x, z_gt, z_enc = _protocol(adapter, kl_small, "texture", size=64)
+    free = core.invert(codec, x, steps=20, rival="")
+    default = core.invert(codec, x, steps=20)
+    assert _nmse_db(free.latent, z_gt) > _nmse_db(z_enc, z_gt) + 3  # the first run's pick
+    assert free.extra["twin"][0]["faithful"] is False
+    assert default.extra["rival"]["chosen"] == [0] and default.extra["twin"][0]["faithful"] is True
+    assert _nmse_db(default.latent, z_gt) <= _nmse_db(z_enc, z_gt)
+    assert default.samples[0].psnr_best >= default.samples[0].psnr_initial
+
+
 @pytest.mark.slow
 def test_where_the_twin_turned_unstable_early_the_rival_from_the_pixel_best_returns_the_closer_latent(kl_small, pack):
     """kl-f8 flat_objects at 128 px (docs/convergence.md, "The rival from the pixel-best"): Anderson turns unstable on
