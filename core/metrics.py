@@ -65,6 +65,25 @@ def region_error(a: Tensor, b: Tensor, region: Tensor | None = None) -> list[dic
     return out
 
 
+def check_decoded_size(decoded: Tensor, image: Tensor) -> None:
+    """A clear error where the decoder's output is not the image's size: the image's sides are not multiples of the
+    VAE's latent cell, so E(x) decodes to another size and no latent can reproduce x.
+
+    >>> check_decoded_size(torch.zeros(1, 3, 32, 40), torch.zeros(1, 3, 30, 33))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: image is 33x30 px, but this VAE decodes its latent to 40x32 px: crop or resize the image so that ...
+    """
+    def size(t: Tensor) -> str:  # W x H, as image sizes are named
+        return "x".join(str(n) for n in reversed(t.shape[2:]))
+
+    if decoded.shape[2:] != image.shape[2:]:
+        raise ValueError(f"image is {size(image)} px, but this VAE decodes its latent to {size(decoded)} px: crop or "
+                         "resize the image so that its sides are multiples of the VAE's latent cell (8 px for SD, "
+                         "SDXL, SD3 and FLUX; exact_encode.adapters.images.crop_to_cell crops as ComfyUI's VAE Encode "
+                         "does)")
+
+
 class PixelError:
     """per_sample_weighted_mse against a fixed target `x`. With in_place (the solver's loop, every
     iteration) it computes in a buffer allocated once, so no image-sized temporaries; that form is
@@ -79,6 +98,7 @@ class PixelError:
             self.total = self.w.flatten(1).sum(1) * x.shape[1]
 
     def __call__(self, a: Tensor) -> Tensor:
+        check_decoded_size(a, self.x)
         if self.buf is None:
             sq = (a.float() - self.x).square()
         else:

@@ -202,13 +202,26 @@ class InversionOptions:
         return METHOD_REGISTRY[self.method].default_lr if self.lr is None else float(self.lr)
 
 
+# how far outside [0, 1] an image may reach: a resampling filter overshoots at hard edges by a few percent (kept: the
+# decode, in [0, 1], gets as close as it can); a [-1, 1] tensor or 0..255 values, a wrong convention, reach far past it
+RANGE_SLACK = 0.25
+
+
 def _check_image(image: Tensor) -> None:
     if image.ndim not in (4, 5) or image.shape[1] != 3:
         raise ValueError(f"image must be (B, 3, H, W) or a video (B, 3, T, H, W); got shape {tuple(image.shape)}")
     if image.shape[0] == 0:
         raise ValueError("image batch is empty")
+    if not image.is_floating_point():
+        raise ValueError(f"image is {image.dtype}; invert takes float pixels in [0, 1]: for 8-bit values pass "
+                         "image.float() / 255")
     if not torch.isfinite(image).all():
         raise ValueError("image contains NaN or Inf pixels")
+    low, high = (v.item() for v in image.aminmax())
+    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+        raise ValueError(f"image values span {low:.3g}..{high:.3g}; invert takes pixels in [0, 1]: a tensor in "
+                         "[-1, 1] (diffusers' VaeImageProcessor.preprocess) converts with (image + 1) / 2, values "
+                         "in 0..255 with image / 255")
 
 
 def invert(codec: Codec, image: Tensor, options: InversionOptions | None = None,

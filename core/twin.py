@@ -36,7 +36,7 @@ import math
 import torch
 
 from .codec import Codec
-from .metrics import psnr_from_mse
+from .metrics import check_decoded_size, psnr_from_mse
 from .unstable import side_evaluations
 
 Tensor = torch.Tensor
@@ -211,6 +211,7 @@ def twin_of(codec: Codec, image: Tensor, latent: Tensor) -> tuple[Tensor, Tensor
     """(x_t, z_t): the twin images D(E(x)) (rounded to 8 bits where x is) and their truth E(x)."""
     with torch.inference_mode():  # the decode as it is: E(x) must decode exactly to x_t before rounding
         x_t = codec.decode(latent.to(codec.dtype)).float()
+        check_decoded_size(x_t, image)
         view = (image.shape[0],) + (1,) * (image.ndim - 1)
         x_t = torch.where(is_8bit(image).view(view), (x_t.clamp(0, 1) * 255).round() / 255, x_t)
     return x_t, latent

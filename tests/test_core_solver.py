@@ -719,3 +719,29 @@ def test_the_second_rival_is_not_run_where_even_the_first_rivals_pace_could_not_
                                "returned pick's twin did not stand for it") for line in r.notes()), r.notes()
     # the summary has one line per sample that starts "image N:" (a node test counts them); notes say "image(s)"
     assert not any("image " in line for line in r.notes()), r.notes()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda x: x * 255, r"image values span [0-9.]+\.\.2[0-9][0-9]; invert takes pixels in \[0, 1\].* image / 255"),
+    (lambda x: x * 2 - 1, r"image values span -0\.[0-9]+\.\..*\(image \+ 1\) / 2"),
+    (lambda x: (x * 255).round().to(torch.uint8), r"image is torch.uint8; .* image.float\(\) / 255"),
+    (lambda x: x[..., :7, :], r"image is 8x7 px, but this VAE decodes its latent to 8x6 px: crop or resize"),
+])
+@pytest.mark.parametrize("method", ["anderson", "diis"])
+def test_an_image_in_another_convention_or_size_is_a_named_error(make, match, method):
+    """0..255 values, a [-1, 1] tensor (diffusers' preprocessing), 8-bit integers and sides that are not multiples of
+    the latent cell each ran before: a latent for the wrong numbers, or a shape error from deep inside the loop."""
+    codec, _ = linear_codec()
+    x, _ = target()
+    with pytest.raises(ValueError, match=match):
+        invert(codec, make(x), steps=3, method=method)
+
+
+def test_a_resampling_filters_overshoot_is_kept_not_refused():
+    codec, _ = linear_codec()
+    x, _ = target()
+    overshoot = x.clone()
+    overshoot[..., 0, 0] = 1.08
+    overshoot[..., 1, 1] = -0.05
+    r = invert(codec, overshoot, steps=3, method="forward", lr=0.3)
+    assert r.samples[0].psnr_best >= r.samples[0].psnr_initial

@@ -192,7 +192,7 @@ def test_chunked_inversion_equals_the_whole_run(context):
     Full context: equal to 1e-4 relative; context of 1 latent frame (truncated memory): within 2 %."""
     torch.manual_seed(0)
     toy = CausalToy()
-    z_true = torch.rand(1, 3, 6, 4, 4) * 0.5 + 0.25
+    z_true = torch.rand(1, 3, 6, 4, 4) * 0.25 + 0.125  # its decode within [0, 1], as invert requires
     x = toy.decode(z_true)
     whole = invert(toy.codec(), x, method="forward", lr=0.9, steps=300)
     chunked = invert_chunked(toy.codec(), x, method="forward", lr=0.9, steps=300, factor=4, chunk=2,
@@ -206,7 +206,7 @@ def test_chunked_inversion_equals_the_whole_run(context):
 
 def test_chunked_gradient_method_runs():
     toy = CausalToy()
-    x = toy.decode(torch.rand(1, 3, 3, 4, 4))
+    x = toy.decode(torch.rand(1, 3, 3, 4, 4) * 0.5)  # within [0, 1]
     codec = Codec(toy.encode, toy.decode, grad_decode=lambda: toy.decode)
     r = invert_chunked(codec, x, method="gradient", steps=5, factor=4, chunk=1, context=1)
     assert r.latent.shape == (1, 3, 3, 4, 4) and torch.isfinite(r.latent).all()
