@@ -208,6 +208,10 @@ RANGE_SLACK = 0.25
 
 
 def _check_image(image: Tensor) -> None:
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a torch.Tensor (B, 3, H, W) in [0, 1]; got {type(image).__name__}: a file "
+                        "reads with exact_encode.adapters.images.load_image, an (H, W, 3) uint8 array a with "
+                        "torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255")
     if image.ndim not in (4, 5) or image.shape[1] != 3:
         raise ValueError(f"image must be (B, 3, H, W) or a video (B, 3, T, H, W); got shape {tuple(image.shape)}")
     if image.shape[0] == 0:

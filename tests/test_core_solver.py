@@ -745,3 +745,14 @@ def test_a_resampling_filters_overshoot_is_kept_not_refused():
     overshoot[..., 1, 1] = -0.05
     r = invert(codec, overshoot, steps=3, method="forward", lr=0.3)
     assert r.samples[0].psnr_best >= r.samples[0].psnr_initial
+
+
+def test_an_array_or_a_pil_image_is_a_named_error():
+    import numpy as np
+    from PIL import Image
+
+    codec, _ = linear_codec()
+    array = np.zeros((8, 8, 3), dtype=np.uint8)
+    for image in (array, Image.fromarray(array)):
+        with pytest.raises(TypeError, match=r"image must be a torch.Tensor .*load_image.*torch.from_numpy"):
+            invert(codec, image, steps=3)
