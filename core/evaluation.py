@@ -10,7 +10,7 @@ import torch
 from .checkpointing import recomputing
 from .codec import Codec
 from .methods import Method
-from .metrics import PixelError, per_sample_norm, per_sample_weighted_mse, ratio_db
+from .metrics import PixelError, check_decoded_size, per_sample_norm, per_sample_weighted_mse, ratio_db
 
 Tensor = torch.Tensor
 # Hosts that only show the gradient methods' residual (the nodes' plot, the CLI's report) encode every 4th
@@ -105,6 +105,7 @@ def _pixel_gradient(decode: Callable[[Tensor], Tensor], z: Tensor, image: Tensor
     with torch.inference_mode(False), torch.enable_grad():
         zg = z.detach().requires_grad_(True)
         decoded = decode(zg)
+        check_decoded_size(decoded, image)  # where the decode first meets x: a clear error, not a broadcast one
         err = per_sample_weighted_mse(decoded, image, weight)
         grad = torch.autograd.grad(err.sum(), zg)[0] if with_grad else None
     return decoded.detach(), err.detach(), grad
@@ -146,6 +147,8 @@ class FixedPointEvaluator:
                 if self.z_in is not z:
                     self.z_in.copy_(z)
                 image = codec.decode(self.z_in)
+                if k == 0:  # E(x)'s decode, once per run (the twin's runs checked it in core.twin.twin_of)
+                    check_decoded_size(image, self.target.image)
                 err = self.pixel_error(image)
         if self.wants_residual is not None and not self.wants_residual(k):
             return Evaluation(err, torch.full_like(err, float("nan")), None, grad, pixels)

@@ -219,9 +219,9 @@ def _check_image(image: Tensor) -> None:
     if not image.is_floating_point():
         raise ValueError(f"image is {image.dtype}; invert takes float pixels in [0, 1]: for 8-bit values pass "
                          "image.float() / 255")
-    if not torch.isfinite(image).all():
+    low, high = (v.item() for v in image.aminmax())  # one pass: a NaN or Inf pixel shows in them
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("image contains NaN or Inf pixels")
-    low, high = (v.item() for v in image.aminmax())
     if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
         raise ValueError(f"image values span {low:.3g}..{high:.3g}; invert takes pixels in [0, 1]: a tensor in "
                          "[-1, 1] (diffusers' VaeImageProcessor.preprocess) converts with (image + 1) / 2, values "

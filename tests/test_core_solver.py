@@ -756,3 +756,11 @@ def test_an_array_or_a_pil_image_is_a_named_error():
     for image in (array, Image.fromarray(array)):
         with pytest.raises(TypeError, match=r"image must be a torch.Tensor .*load_image.*torch.from_numpy"):
             invert(codec, image, steps=3)
+
+
+def test_sides_off_the_latent_cell_are_a_named_error_without_a_twin_too():
+    """select="pixel" runs no twin: the size is checked at the run's first decode instead (core.evaluation)."""
+    codec, _ = linear_codec()
+    x, _ = target()
+    with pytest.raises(ValueError, match=r"image is 8x7 px, but this VAE decodes its latent to 8x6 px"):
+        invert(codec, x[..., :7, :], steps=3, method="anderson", select="pixel")
